@@ -1,0 +1,150 @@
+"""Configuration of the LSTM language model.
+
+This file is shipped with saved models as remote code: it imports nothing from `lm_lstm`.
+"""
+
+from transformers import PretrainedConfig
+
+_SIZE_ARGUMENTS = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers")
+_DROPOUT_ARGUMENTS = ("embedding_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout")
+
+
+class LSTMConfig(PretrainedConfig):
+    r"""
+    Configuration of an [`LSTMForCausalLM`]: a stack of LSTM layers between a token embedding and a softmax
+    output layer, regularised as in AWD-LSTM (Merity et al., 2017, "Regularizing and Optimizing LSTM Language
+    Models"). The defaults reproduce the AWD-LSTM word-level Penn Treebank model.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 10000):
+            Number of tokens in the vocabulary.
+        embedding_size (`int`, *optional*, defaults to 400):
+            Size of the token embeddings; may differ from `hidden_size`.
+        hidden_size (`int`, *optional*, defaults to 1150):
+            Size of the hidden and cell states of every LSTM layer but the last. The last layer's size is
+            `embedding_size` when `tie_word_embeddings` is set (so that its output feeds the tied softmax, as in
+            AWD-LSTM), `hidden_size` otherwise.
+        num_hidden_layers (`int`, *optional*, defaults to 3):
+            Number of stacked LSTM layers.
+        embedding_dropout (`float`, *optional*, defaults to 0.1):
+            Probability of dropping a whole word type from the embedding matrix during training (every occurrence of
+            a dropped token in the batch gets a zero embedding).
+        input_dropout (`float`, *optional*, defaults to 0.65):
+            Locked (variational) dropout on the embeddings fed to the first layer: one mask per sequence, reused at
+            every time step.
+        hidden_dropout (`float`, *optional*, defaults to 0.3):
+            Locked dropout between LSTM layers.
+        output_dropout (`float`, *optional*, defaults to 0.4):
+            Locked dropout on the output of the last LSTM layer, before the softmax.
+        weight_dropout (`float`, *optional*, defaults to 0.5):
+            DropConnect on the hidden-to-hidden weight matrices: one mask per forward pass, shared by all time steps.
+        tie_word_embeddings (`bool`, *optional*, defaults to `True`):
+            Share the weights of the input embedding and the output layer.
+        initializer_range (`float`, *optional*, defaults to 0.1):
+            Half-width of the uniform distribution used to initialise the embedding and output weights.
+        pad_token_id (`int`, *optional*):
+            Id of the padding token.
+        bos_token_id (`int`, *optional*):
+            Id of the beginning-of-sequence token.
+        eos_token_id (`int`, *optional*):
+            Id of the end-of-sequence token.
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Whether the model returns its recurrent state (`cache`) for fast generation.
+
+    Example:
+
+    ```python
+    >>> from lm_lstm import LSTMConfig, LSTMForCausalLM
+    >>> config = LSTMConfig(vocab_size=65, embedding_size=128, hidden_size=512, num_hidden_layers=2)
+    >>> model = LSTMForCausalLM(config)
+    ```
+    """
+
+    model_type = "lstm"
+    keys_to_ignore_at_inference = ["cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 10000,
+        embedding_size: int = 400,
+        hidden_size: int = 1150,
+        num_hidden_layers: int = 3,
+        embedding_dropout: float = 0.1,
+        input_dropout: float = 0.65,
+        hidden_dropout: float = 0.3,
+        output_dropout: float = 0.4,
+        weight_dropout: float = 0.5,
+        tie_word_embeddings: bool = True,
+        initializer_range: float = 0.1,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.embedding_size = embedding_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.embedding_dropout = embedding_dropout
+        self.input_dropout = input_dropout
+        self.hidden_dropout = hidden_dropout
+        self.output_dropout = output_dropout
+        self.weight_dropout = weight_dropout
+        self.tie_word_embeddings = tie_word_embeddings
+        self.initializer_range = initializer_range
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.use_cache = use_cache
+        self._check_arguments()
+        super().__init__(**kwargs)
+
+    def _check_arguments(self) -> None:
+        for name in _SIZE_ARGUMENTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        for name in _DROPOUT_ARGUMENTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"`{name}` must be a probability in [0, 1), got {value!r}.")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
+            raise ValueError(f"`initializer_range` must be a number > 0, got {self.initializer_range!r}.")
+        if self.tie_word_embeddings and self.num_hidden_layers == 1 and self.hidden_size != self.embedding_size:
+            raise ValueError(
+                "`tie_word_embeddings=True` with a single layer needs `hidden_size == embedding_size` (the last layer's "
+                f"output feeds the tied output layer), got hidden_size={self.hidden_size} and "
+                f"embedding_size={self.embedding_size}. Use more layers, equal sizes, or `tie_word_embeddings=False`."
+            )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+                raise ValueError(f"`{name}` must be None or an id in [0, vocab_size={self.vocab_size}), got {value!r}.")
+
+    @property
+    def layer_sizes(self) -> list[tuple[int, int]]:
+        """(input size, hidden size) of each LSTM layer, bottom to top."""
+        sizes = [self.hidden_size] * self.num_hidden_layers
+        if self.tie_word_embeddings:
+            sizes[-1] = self.embedding_size
+        inputs = [self.embedding_size] + sizes[:-1]
+        return list(zip(inputs, sizes))
+
+    @property
+    def output_size(self) -> int:
+        """Size of the last layer's output, which feeds the output layer."""
+        return self.layer_sizes[-1][1]
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Every layer keeps a recurrent state in transformers' cache (`LinearAttentionLayer`)."""
+        return ["linear_attention"] * self.num_hidden_layers
+
+    @property
+    def number_of_conv_states(self) -> int:
+        """State slots per cache layer: the hidden state h (slot 0) and the cell state c (slot 1)."""
+        return 2
+
+
+__all__ = ["LSTMConfig"]

@@ -1,0 +1,431 @@
+"""The LSTM language model as a `transformers` model.
+
+This file is shipped with saved models as remote code: besides torch and transformers it imports only
+`configuration_lstm`, with a relative import, so `trust_remote_code=True` loads it without `lm_lstm`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.generation.configuration_utils import GenerationMode
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+
+from .configuration_lstm import LSTMConfig
+
+HIDDEN_STATE, CELL_STATE = 0, 1  # state slots of a cache layer
+
+
+class LockedDropout(nn.Module):
+    """Variational dropout: one mask per sequence and feature, reused at every time step."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return hidden_states
+        batch_size, _, features = hidden_states.shape
+        keep = hidden_states.new_empty(batch_size, 1, features).bernoulli_(1 - self.p)
+        return hidden_states * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class PaddingLayout:
+    """Where the real tokens of a padded batch are, and how to move them to the front of each row and back.
+
+    Rows may be left-padded (generation), right-padded (training) or both, but the real tokens of a row must be
+    contiguous. Aligned to the front, the rows can be packed, so the fused LSTM kernels stop each row's state at its
+    last real token and never step through padding.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor):
+        mask = attention_mask.bool()
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        self.mask = mask
+        self.lengths = mask.sum(dim=1)
+        self.starts = torch.where(mask, positions, mask.shape[1]).amin(dim=1).clamp(max=mask.shape[1] - 1)
+        ends = torch.where(mask, positions, -1).amax(dim=1)
+        if bool(((ends - self.starts + 1 != self.lengths) & (self.lengths > 0)).any()):
+            raise ValueError(
+                "`attention_mask` has padding between real tokens; only left or right padding is supported."
+            )
+        self.empty_rows = self.lengths == 0
+        self.packing_lengths = self.lengths.clamp(min=1).cpu()
+        self._to_front = (self.starts[:, None] + positions).clamp(max=mask.shape[1] - 1)
+        self._to_original = (positions - self.starts[:, None]).clamp(min=0)
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor | None, batch_size: int, seq_len: int) -> PaddingLayout | None:
+        """Checks `attention_mask`; returns None when it marks no padding."""
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != (batch_size, seq_len):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch_size, sequence_length) = {(batch_size, seq_len)}, "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (real token).")
+        if bool(attention_mask.all()):
+            return None
+        return cls(attention_mask)
+
+    def _gather(self, sequences: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        index = index[:, :, None].expand(-1, -1, sequences.shape[-1])
+        return sequences.gather(1, index)
+
+    def to_front(self, sequences: torch.Tensor) -> torch.Tensor:
+        """Moves each row's real tokens to the start of the row."""
+        return self._gather(sequences, self._to_front)
+
+    def to_original(self, sequences: torch.Tensor) -> torch.Tensor:
+        """Undoes `to_front`; padding positions become zeros."""
+        return self._gather(sequences, self._to_original) * self.mask[:, :, None]
+
+    def keep_state_of_empty_rows(self, new_state: torch.Tensor, old_state: torch.Tensor | None) -> torch.Tensor:
+        """Rows without a real token must leave the state as it was (packing needs at least one step per row)."""
+        if not bool(self.empty_rows.any()):
+            return new_state
+        old_state = torch.zeros_like(new_state) if old_state is None else old_state.to(new_state.dtype)
+        return torch.where(self.empty_rows[:, None], old_state, new_state)
+
+
+class LSTMLayer(GradientCheckpointingLayer):
+    """One LSTM layer on the fused `nn.LSTM` kernel, with DropConnect on its hidden-to-hidden weights."""
+
+    def __init__(self, config: LSTMConfig, layer_idx: int):
+        super().__init__()
+        input_size, hidden_size = config.layer_sizes[layer_idx]
+        self.layer_idx = layer_idx
+        self.weight_dropout = config.weight_dropout
+        self.rnn = nn.LSTM(input_size, hidden_size, batch_first=True)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        initial_hidden: torch.Tensor | None = None,
+        initial_cell: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Runs the layer over `(batch, time, features)` inputs, from zeros or the given `(batch, hidden)` states.
+
+        With `lengths`, row `i` holds `lengths[i]` real steps at its start: its output past them is zero and its final
+        state is the one after its last real step. Returns the outputs and the final hidden and cell states.
+        """
+        initial_state = None
+        if initial_hidden is not None:
+            dtype = hidden_states.dtype
+            initial_state = (initial_hidden[None].to(dtype), initial_cell[None].to(dtype))
+        inputs = hidden_states
+        if lengths is not None:
+            inputs = pack_padded_sequence(hidden_states, lengths, batch_first=True, enforce_sorted=False)
+        if self.training and self.weight_dropout > 0:
+            dropped = F.dropout(self.rnn.weight_hh_l0, self.weight_dropout, training=True)
+            outputs, (hidden, cell) = torch.func.functional_call(
+                self.rnn, {"weight_hh_l0": dropped}, (inputs, initial_state)
+            )
+        else:
+            outputs, (hidden, cell) = self.rnn(inputs, initial_state)
+        if lengths is not None:
+            outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=hidden_states.shape[1])
+        return outputs, hidden[0], cell[0]
+
+
+class LSTMPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the flags `transformers` reads, shared by the LSTM models."""
+
+    config_class = LSTMConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LSTMLayer"]
+    _is_stateful = True
+    _supported_generation_modes = [
+        GenerationMode.GREEDY_SEARCH,
+        GenerationMode.SAMPLE,
+        GenerationMode.BEAM_SEARCH,
+        GenerationMode.BEAM_SAMPLE,
+    ]
+
+    def _get_deprecated_gen_repo(self, generation_mode, trust_remote_code, custom_generate=None):
+        # Modes moved to Hub repositories (contrastive search, DoLa, group beam search...) would be downloaded and
+        # run against a recurrent cache they do not handle: refuse them before anything is fetched.
+        if custom_generate is None and generation_mode not in self._supported_generation_modes:
+            raise ValueError(
+                f"{type(self).__name__} only supports {[mode.value for mode in self._supported_generation_modes]}, "
+                f"but got generation mode '{generation_mode.value}'."
+            )
+        return super()._get_deprecated_gen_repo(generation_mode, trust_remote_code, custom_generate)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Classic LSTM LM initialisation: uniform embeddings and output weights, zero output bias, and PyTorch's
+        uniform(-1/sqrt(hidden), 1/sqrt(hidden)) for the recurrent weights."""
+        width = self.config.initializer_range
+        if isinstance(module, nn.Embedding):
+            init.uniform_(module.weight, -width, width)
+        elif isinstance(module, nn.Linear):
+            init.uniform_(module.weight, -width, width)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LSTM):
+            bound = module.hidden_size**-0.5
+            for parameter in module.parameters():
+                init.uniform_(parameter, -bound, bound)
+
+
+class LSTMModel(LSTMPreTrainedModel):
+    """The embedding and the stack of LSTM layers, without an output layer."""
+
+    def __init__(self, config: LSTMConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.embedding_size)
+        self.input_dropout = LockedDropout(config.input_dropout)
+        self.layers = nn.ModuleList(LSTMLayer(config, idx) for idx in range(config.num_hidden_layers))
+        self.hidden_dropout = LockedDropout(config.hidden_dropout)
+        self.output_dropout = LockedDropout(config.output_dropout)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.embeddings = new_embeddings
+
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Looks tokens up, dropping whole word types in training (`embedding_dropout`)."""
+        vocab_size = self.embeddings.num_embeddings
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+            raise ValueError(
+                f"`input_ids` must be in [0, {vocab_size}) (the vocabulary size), got values from "
+                f"{int(input_ids.min())} to {int(input_ids.max())}."
+            )
+        embeds = self.embeddings(input_ids)
+        p = self.config.embedding_dropout
+        if self.training and p > 0:
+            keep = embeds.new_empty(vocab_size).bernoulli_(1 - p) / (1 - p)
+            embeds = embeds * keep[input_ids][..., None]
+        return embeds
+
+    def _initial_states(self, cache: Cache | None, batch_size: int) -> list[tuple[torch.Tensor | None, ...]]:
+        """The (h, c) each layer starts from: the cache's, or None (zeros) for a fresh cache."""
+        states = []
+        for layer_idx in range(self.config.num_hidden_layers):
+            layer_cache = cache.layers[layer_idx] if cache is not None else None
+            if layer_cache is None or not layer_cache.is_recurrent_states_initialized[HIDDEN_STATE]:
+                states.append((None, None))
+                continue
+            hidden = layer_cache.recurrent_states[HIDDEN_STATE]
+            if hidden.shape[0] != batch_size:
+                raise ValueError(
+                    f"The `cache` holds states for a batch of {hidden.shape[0]}, but the inputs have a batch of "
+                    f"{batch_size}. Continue from a cache with inputs of the batch it was built with."
+                )
+            states.append((hidden, layer_cache.recurrent_states[CELL_STATE]))
+        return states
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids in `[0, vocab_size)`. Give either these or `inputs_embeds`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding (left or right, not in between). The recurrent state does not
+                move through padding, and outputs at padding positions are zero.
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, embedding_size)`, *optional*):
+                Embeddings to use instead of looking `input_ids` up.
+            cache (`Cache`, *optional*):
+                The recurrent state (h and c of every layer) to continue from; it is updated in place. Feed only the
+                tokens that follow the ones already consumed.
+            use_cache (`bool`, *optional*):
+                Whether to return the cache (a new one when none is given). Defaults to `config.use_cache` in
+                evaluation mode and `False` in training.
+            output_hidden_states (`bool`, *optional*):
+                Whether to return the embeddings and the output of every layer.
+            return_dict (`bool`, *optional*):
+                Whether to return a `BaseModelOutputWithPast` rather than a tuple.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`.")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
+            inputs_embeds = self.embed(input_ids)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                "The inputs must hold at least one time step, with shape (batch_size, sequence_length[, features]); "
+                f"got {tuple(inputs_embeds.shape[:2])}."
+            )
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        layout = PaddingLayout.from_mask(attention_mask, batch_size, seq_len)
+
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        initial_states = self._initial_states(cache, batch_size)
+
+        all_hidden_states = (inputs_embeds,) if output_hidden_states else None
+        hidden_states = self.input_dropout(inputs_embeds)
+        lengths = None
+        if layout is not None:
+            hidden_states = layout.to_front(hidden_states)
+            lengths = layout.packing_lengths
+        for layer_idx, (layer, (hidden, cell)) in enumerate(zip(self.layers, initial_states)):
+            if layer_idx > 0:
+                hidden_states = self.hidden_dropout(hidden_states)
+            hidden_states, new_hidden, new_cell = layer(hidden_states, hidden, cell, lengths)
+            if layout is not None:
+                new_hidden = layout.keep_state_of_empty_rows(new_hidden, hidden)
+                new_cell = layout.keep_state_of_empty_rows(new_cell, cell)
+            if cache is not None:
+                cache.update_recurrent_state(new_hidden, layer_idx, state_idx=HIDDEN_STATE)
+                cache.update_recurrent_state(new_cell, layer_idx, state_idx=CELL_STATE)
+            if output_hidden_states:
+                restored = hidden_states if layout is None else layout.to_original(hidden_states)
+                all_hidden_states += (restored,)
+        hidden_states = self.output_dropout(hidden_states)
+        if layout is not None:
+            hidden_states = layout.to_original(hidden_states)
+
+        returned_cache = cache if use_cache else None
+        if not return_dict:
+            return tuple(v for v in (hidden_states, returned_cache, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=returned_cache, hidden_states=all_hidden_states
+        )
+
+
+class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
+    """The LSTM language model: `LSTMModel` and an output layer over the vocabulary."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: LSTMConfig):
+        super().__init__(config)
+        self.model = LSTMModel(config)
+        self.lm_head = nn.Linear(config.output_size, config.vocab_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.model.set_input_embeddings(new_embeddings)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            cache=cache,
+            attention_mask=attention_mask,
+            use_cache=use_cache,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        model_inputs.pop("position_ids", None)
+        if use_cache and not is_first_iteration:
+            # The state already skipped the prompt's padding; every new token is real.
+            model_inputs["attention_mask"] = None
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> tuple | CausalLMOutputWithPast:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Targets for the causal language-modelling loss, **shifted inside the model** (`labels = input_ids`
+                works). Values in `[0, vocab_size)`, or -100 for positions to ignore. The loss honours
+                `num_items_in_batch` in `kwargs`, so `Trainer`'s gradient accumulation is exact.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+                Compute logits only for the last `logits_to_keep` positions (0: all), or for the given positions.
+
+        The other arguments are those of [`LSTMModel.forward`].
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None:
+            self._check_labels(labels)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.cache, outputs.hidden_states) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        vocab_size = self.config.vocab_size
+        invalid = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+        if bool(invalid.any()):
+            raise ValueError(
+                f"`labels` must be in [0, {vocab_size}) or -100 (ignored), got {int(labels[invalid][0])}."
+            )
+
+
+__all__ = ["LSTMForCausalLM", "LSTMModel", "LSTMPreTrainedModel"]

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models and tokenizers built locally; nothing is ever downloaded."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lm_lstm import LSTMConfig, LSTMForCausalLM  # noqa: E402
+from lm_lstm.data import DEFAULT_CORPUS  # noqa: E402
+from lm_lstm.tokenization import train_char_tokenizer  # noqa: E402
+
+NO_DROPOUT = dict(embedding_dropout=0.0, input_dropout=0.0, hidden_dropout=0.0, output_dropout=0.0, weight_dropout=0.0)
+
+
+def tiny_config(**overrides) -> LSTMConfig:
+    """A two-layer model small enough for any test: untied, distinct sizes at every level."""
+    arguments = dict(
+        vocab_size=40, embedding_size=6, hidden_size=10, num_hidden_layers=2, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **NO_DROPOUT,
+    )
+    arguments.update(overrides)
+    return LSTMConfig(**arguments)
+
+
+def tiny_model(seed: int = 0, **overrides) -> LSTMForCausalLM:
+    torch.manual_seed(seed)
+    return LSTMForCausalLM(tiny_config(**overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    return DEFAULT_CORPUS.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer(shakespeare_text):
+    return train_char_tokenizer([shakespeare_text])

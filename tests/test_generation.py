@@ -1,0 +1,110 @@
+"""`generate()` and `pipeline("text-generation")` in every mode the model serves."""
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import TextIteratorStreamer, TextStreamer, pipeline
+
+MODES = {
+    "greedy": dict(do_sample=False),
+    "sample": dict(do_sample=True, top_k=10),
+    "beam": dict(num_beams=3, do_sample=False),
+    "beam_sample": dict(num_beams=3, do_sample=True),
+    "num_return_sequences": dict(do_sample=True, num_return_sequences=2),
+    "beam_num_return_sequences": dict(num_beams=3, num_return_sequences=2),
+    "no_cache": dict(do_sample=False, use_cache=False),
+    "static_cache": dict(do_sample=False, cache_implementation="static"),
+}
+PROMPT = torch.tensor([[5, 6, 7], [8, 9, 10]])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_respects_max_new_tokens(mode):
+    model = tiny_model(eos_token_id=None)
+    options = MODES[mode]
+    out = model.generate(PROMPT, max_new_tokens=6, **options)
+    copies = options.get("num_return_sequences", 1)
+    assert out.shape == (2 * copies, 3 + 6)
+    assert torch.equal(out[:, :3], PROMPT.repeat_interleave(copies, dim=0))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_stops_at_eos(mode):
+    model = tiny_model(eos_token_id=2)
+    with torch.no_grad():
+        model.lm_head.bias[2] = 100.0  # EOS is by far the likeliest next token
+    out = model.generate(PROMPT, max_new_tokens=6, **MODES[mode])
+    assert out.shape[1] < 3 + 6
+    for row in out[:, 3:].tolist():
+        end = row.index(2)  # every sequence ends at EOS; only padding follows
+        assert all(token == 0 for token in row[end + 1 :])
+    if "num_return_sequences" not in MODES[mode]:
+        assert out.shape[1] == 3 + 1
+
+
+def test_greedy_with_and_without_cache_and_with_static_cache_agree():
+    model = tiny_model(eos_token_id=None)
+    outputs = [model.generate(PROMPT, max_new_tokens=10, **MODES[m]) for m in ("greedy", "no_cache", "static_cache")]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+def test_greedy_stops_after_the_eos_it_would_emit():
+    model = tiny_model(eos_token_id=None)
+    free = model.generate(PROMPT[:1], max_new_tokens=8, do_sample=False)[0, 3:]
+    stop = int(free[4])
+    first = int((free == stop).nonzero()[0])
+    out = model.generate(PROMPT[:1], max_new_tokens=8, do_sample=False, eos_token_id=stop)
+    assert out[0, 3:].tolist() == free[: first + 1].tolist()
+
+
+def test_continuing_from_a_returned_cache():
+    model = tiny_model(eos_token_id=None)
+    first = model.generate(PROMPT, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    whole = model.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    # the cache has consumed everything but the last generated token: feed only that one
+    more = model.generate(first.sequences[:, -1:], cache=first.cache, max_new_tokens=4, do_sample=False)
+    assert torch.equal(more[:, 1:], whole[:, 7:])
+
+
+@pytest.fixture
+def char_model(char_tokenizer):
+    model = tiny_model(
+        vocab_size=len(char_tokenizer), eos_token_id=char_tokenizer.eos_token_id,
+        pad_token_id=char_tokenizer.pad_token_id, bos_token_id=char_tokenizer.bos_token_id,
+    )
+    model.generation_config.pad_token_id = char_tokenizer.pad_token_id
+    return model
+
+
+def test_text_streamer_prints_the_generated_text(char_model, char_tokenizer, capsys):
+    inputs = char_tokenizer("ROMEO:", return_tensors="pt")
+    streamer = TextStreamer(char_tokenizer, skip_prompt=True)
+    out = char_model.generate(**inputs, max_new_tokens=12, do_sample=False, streamer=streamer)
+    printed = capsys.readouterr().out
+    assert printed.strip() == char_tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_text_iterator_streamer_yields_the_generated_text(char_model, char_tokenizer):
+    inputs = char_tokenizer("ROMEO:", return_tensors="pt")
+    streamer = TextIteratorStreamer(char_tokenizer, skip_prompt=True)
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault("ids", char_model.generate(**inputs, max_new_tokens=12, streamer=streamer))
+    )
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    expected = char_tokenizer.decode(result["ids"][0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    assert streamed == expected
+
+
+def test_text_generation_pipeline_with_batched_prompts(char_model, char_tokenizer):
+    generator = pipeline("text-generation", model=char_model, tokenizer=char_tokenizer, device="cpu")
+    prompts = ["ROMEO:", "First Citizen:\nWe are"]
+    batched = generator(prompts, max_new_tokens=10, do_sample=False, batch_size=2)
+    for prompt, result in zip(prompts, batched):
+        text = result[0]["generated_text"]
+        assert text.startswith(prompt) and len(text) > len(prompt)
+        assert text == generator(prompt, max_new_tokens=10, do_sample=False)[0]["generated_text"]

@@ -1,0 +1,314 @@
+"""The model: cache equivalence, padding, save/load, loss and gradients, dropouts, bad inputs."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import NO_DROPOUT, tiny_config, tiny_model
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+
+from lm_lstm import LSTMConfig, LSTMForCausalLM, LSTMModel
+
+
+def random_ids(batch: int, length: int, vocab_size: int = 40, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, length), generator=generator)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_full_forward_equals_stepping_through_the_cache(tied):
+    model = tiny_model(tie_word_embeddings=tied, num_hidden_layers=3)
+    ids = random_ids(3, 9)
+    full = model(ids).logits
+    cache = DynamicCache(config=model.config)
+    steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_chunked_forward_with_returned_cache_equals_full_forward():
+    model = tiny_model()
+    ids = random_ids(2, 10)
+    first = model(ids[:, :4], use_cache=True)
+    second = model(ids[:, 4:], cache=first.cache, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_cache_holds_h_and_c_of_every_layer():
+    model = tiny_model(tie_word_embeddings=True, embedding_size=6, hidden_size=10)
+    cache = model(random_ids(2, 5), use_cache=True).cache
+    assert len(cache.layers) == 2
+    assert cache.layers[0].recurrent_states[0].shape == (2, 10)  # h of layer 0
+    assert cache.layers[1].recurrent_states[1].shape == (2, 6)  # c of the last, embedding-sized layer
+
+
+def test_left_and_right_padding_equal_unpadded_rows():
+    model = tiny_model()
+    ids = random_ids(3, 8)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[1, 6:] = 0  # right padding
+    mask[2, :1] = 0
+    mask[2, 7:] = 0  # both
+    out = model(ids, attention_mask=mask, use_cache=True)
+    for row in range(3):
+        kept = mask[row].bool()
+        alone = model(ids[row : row + 1, kept], use_cache=True)
+        torch.testing.assert_close(out.logits[row, kept], alone.logits[0], atol=1e-5, rtol=0)
+        for layer, layer_alone in zip(out.cache.layers, alone.cache.layers):
+            for slot in (0, 1):
+                torch.testing.assert_close(
+                    layer.recurrent_states[slot][row], layer_alone.recurrent_states[slot][0], atol=1e-5, rtol=0
+                )
+
+
+def test_fully_padded_row_leaves_the_state_unchanged():
+    model = tiny_model()
+    ids = random_ids(2, 4)
+    cache = model(ids, use_cache=True).cache
+    before = cache.layers[0].recurrent_states[0].clone()
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])
+    model(random_ids(2, 4, seed=5), attention_mask=mask, cache=cache, use_cache=True)
+    torch.testing.assert_close(cache.layers[0].recurrent_states[0][1], before[1])
+    assert not torch.allclose(cache.layers[0].recurrent_states[0][0], before[0])
+
+
+def test_right_padded_training_batch_gives_the_unpadded_loss():
+    model = tiny_model()
+    a, b = random_ids(1, 7, seed=2), random_ids(1, 4, seed=3)
+    ids = torch.cat([a, F.pad(b, (0, 3), value=0)])
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    labels = ids.masked_fill(mask == 0, -100)
+    padded_loss = model(ids, attention_mask=mask, labels=labels).loss
+    token_losses = [model(x, labels=x).loss * (x.shape[1] - 1) for x in (a, b)]
+    torch.testing.assert_close(padded_loss, sum(token_losses) / (6 + 3))
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time():
+    model = tiny_model()
+    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 7, 5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([F.pad(p, (width - len(p), 0), value=0) for p in prompts])
+    mask = torch.stack([F.pad(torch.ones_like(p), (width - len(p), 0)) for p in prompts])
+    for options in (dict(do_sample=False), dict(num_beams=3, do_sample=False)):
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, **options)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(prompt[None], max_new_tokens=8, min_new_tokens=8, **options)
+            assert batched[row, width:].tolist() == alone[0, len(prompt) :].tolist(), options
+
+
+def test_save_and_load_in_process_gives_identical_logits(tmp_path):
+    model = tiny_model(tie_word_embeddings=True, embedding_size=10)
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "configuration_lstm.py", "modeling_lstm.py"} <= files
+    ids = random_ids(2, 6)
+    for cls in (LSTMForCausalLM, AutoModelForCausalLM):
+        loaded = cls.from_pretrained(tmp_path).eval()
+        assert isinstance(loaded, LSTMForCausalLM)
+        assert loaded.lm_head.weight is loaded.model.embeddings.weight
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), LSTMConfig)
+
+
+def test_load_in_bfloat16(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert loaded.dtype == torch.bfloat16
+    ids = random_ids(2, 6)
+    logits = loaded(ids).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, model.to(torch.bfloat16)(ids).logits, atol=0, rtol=0)
+    torch.testing.assert_close(logits.float(), model.float()(ids).logits, atol=0.05, rtol=0.05)
+
+
+def test_remote_code_loads_where_lm_lstm_cannot_be_imported(tmp_path):
+    model = tiny_model(tie_word_embeddings=True, embedding_size=10)
+    model.save_pretrained(tmp_path / "model")
+    ids = random_ids(2, 6)
+    torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["lm_lstm"] = None  # any `import lm_lstm` now fails
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], atol=0, rtol=0)
+        out = model.generate(expected["ids"], max_new_tokens=3, do_sample=False)
+        assert out.shape == (2, 9)
+        print("remote ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote ok" in result.stdout
+
+
+def test_loss_equals_hand_computed_shifted_cross_entropy():
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    labels = ids.clone()
+    labels[0, 3] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 40)
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    expected = -logits[keep].log_softmax(-1).gather(1, targets[keep, None]).mean()
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_loss_honours_num_items_in_batch():
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    summed = model(ids, labels=ids, num_items_in_batch=torch.tensor(100)).loss
+    mean = model(ids, labels=ids).loss
+    torch.testing.assert_close(summed, mean * 10 / 100)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = tiny_model(tie_word_embeddings=True, embedding_size=10, **{k: 0.3 for k in NO_DROPOUT}).train()
+    ids = random_ids(4, 8)
+    model(ids, labels=ids).loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_gradcheck_on_float64_micro_model():
+    model = tiny_model(vocab_size=7, embedding_size=3, hidden_size=4).double()
+    ids = random_ids(2, 4, vocab_size=7)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: model(inputs_embeds=x).logits, (embeds,))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = random_ids(2, 6)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(plain, checkpointed)
+
+
+@pytest.mark.parametrize("dropout", list(NO_DROPOUT))
+def test_each_dropout_is_off_in_eval_and_on_in_train(dropout):
+    model = tiny_model(**{dropout: 0.5})
+    ids = random_ids(4, 8)
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(model(ids).logits, model(ids).logits)
+
+
+def test_locked_dropout_uses_one_mask_across_time():
+    model = tiny_model(input_dropout=0.5).train()
+    embeds = torch.ones(3, 12, 6)
+    captured = {}
+    model.model.layers[0].register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    model(inputs_embeds=embeds)
+    dropped = captured["x"]
+    assert (dropped == 0).any() and (dropped == 2).any()
+    assert torch.equal(dropped, dropped[:, :1].expand_as(dropped))  # the same mask at every step
+    assert not torch.equal(dropped[0], dropped[1])  # a different mask per sequence
+
+
+def test_embedding_dropout_drops_whole_word_types():
+    model = tiny_model(embedding_dropout=0.5).train()
+    ids = torch.tensor([[5, 6, 5, 6, 5, 6, 7, 7]] * 4)
+    embeds = model.model.embed(ids)
+    zero = (embeds == 0).all(-1)
+    for token in (5, 6, 7):
+        assert zero[ids == token].all() or not zero[ids == token].any()
+
+
+def test_weight_dropout_changes_recurrent_weights_only_in_training():
+    model = tiny_model(weight_dropout=0.5)
+    layer = model.model.layers[0]
+    stored = {name: p.detach().clone() for name, p in layer.rnn.named_parameters()}
+    x = torch.randn(2, 5, 6)
+    layer.eval()
+    eval_out = layer(x)[0]
+    torch.testing.assert_close(eval_out, layer.rnn(x)[0], atol=0, rtol=0)
+    layer.train()
+    train_out = layer(x)[0]
+    assert not torch.allclose(train_out, eval_out)
+    # dropping only the hidden-to-hidden matrix: the first step (zero state) is unaffected
+    torch.testing.assert_close(train_out[:, 0], eval_out[:, 0])
+    for name, parameter in layer.rnn.named_parameters():
+        torch.testing.assert_close(parameter, stored[name], atol=0, rtol=0)  # stored weights untouched
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [dict(vocab_size=0), dict(hidden_size=-1), dict(num_hidden_layers=0), dict(embedding_size=1.5),
+     dict(input_dropout=1.0), dict(weight_dropout=-0.1), dict(output_dropout=2),
+     dict(num_hidden_layers=1, tie_word_embeddings=True, hidden_size=8, embedding_size=6),
+     dict(eos_token_id=40), dict(initializer_range=0)],
+)
+def test_invalid_config_values_raise_naming_the_argument(arguments):
+    name = next(iter(arguments)) if len(arguments) == 1 else "tie_word_embeddings"
+    with pytest.raises(ValueError, match=name):
+        tiny_config(**arguments)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: m(torch.tensor([[3, 40]])), "input_ids"),
+        (lambda m: m(torch.tensor([[3, -1]])), "input_ids"),
+        (lambda m: m(torch.tensor([[3, 4]]), labels=torch.tensor([[3, 41]])), "labels"),
+        (lambda m: m(torch.tensor([[3, 4]]), attention_mask=torch.ones(1, 3)), "attention_mask"),
+        (lambda m: m(torch.tensor([[3, 4, 5]]), attention_mask=torch.tensor([[1, 0, 1]])), "padding between"),
+        (lambda m: m(torch.tensor([[3, 4]]), attention_mask=torch.tensor([[1, 2]])), "attention_mask"),
+        (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), "at least one time step"),
+        (lambda m: m(), "exactly one"),
+        (lambda m: m(torch.tensor([[3]]), cache=m(torch.tensor([[3], [4]]), use_cache=True).cache), "batch"),
+        (lambda m: m.generate(torch.tensor([[3, 4]]), max_new_tokens=2, penalty_alpha=0.5, top_k=3), "only supports"),
+        (lambda m: m.generate(torch.tensor([[3, 4]]), max_new_tokens=2, penalty_alpha=0.5, top_k=3,
+                              trust_remote_code=True), "only supports"),
+        (lambda m: m.generate(torch.tensor([[3, 4]]), max_new_tokens=2, num_beams=4, num_beam_groups=2,
+                              diversity_penalty=1.0), "only supports"),
+        (lambda m: m.generate(torch.tensor([[3, 4]]), max_new_tokens=2, prompt_lookup_num_tokens=2), "only supports"),
+    ],
+)
+def test_bad_inputs_raise_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tiny_model())
+
+
+def test_embedding_accessors_and_resize_keep_the_tie():
+    model = tiny_model(tie_word_embeddings=True, embedding_size=10)
+    assert model.get_input_embeddings() is model.model.embeddings
+    assert model.get_output_embeddings() is model.lm_head
+    model.resize_token_embeddings(48)
+    assert model.config.vocab_size == 48
+    assert model.lm_head.weight is model.model.embeddings.weight
+    assert model.lm_head.weight.shape == (48, 10) and model.lm_head.bias.shape == (48,)
+    assert model(torch.tensor([[47, 3]])).logits.shape == (1, 2, 48)
+
+
+def test_headless_model_and_auto_classes():
+    config = tiny_config()
+    assert isinstance(AutoModel.from_config(config), LSTMModel)
+    assert isinstance(AutoModelForCausalLM.from_config(config), LSTMForCausalLM)
+    out = LSTMModel(config)(random_ids(2, 5), output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 5, 10)
+    assert len(out.hidden_states) == 3  # embeddings and each layer
+
+
+def test_logits_to_keep_and_tuple_outputs():
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    full = model(ids).logits
+    torch.testing.assert_close(model(ids, logits_to_keep=1).logits, full[:, -1:])
+    loss, logits, cache = model(ids, labels=ids, use_cache=True, return_dict=False)
+    torch.testing.assert_close(logits, full)
