@@ -7,6 +7,7 @@ Importing the package registers `LSTMConfig` and the LSTM models with the Auto c
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_lstm import LSTMConfig
+from .evaluation import PERPLEXITY_METRIC
 from .modeling_lstm import LSTMForCausalLM, LSTMModel, LSTMPreTrainedModel
 
 __version__ = "0.1.0"
@@ -18,4 +19,4 @@ LSTMConfig.register_for_auto_class()
 LSTMModel.register_for_auto_class("AutoModel")
 LSTMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["LSTMConfig", "LSTMForCausalLM", "LSTMModel", "LSTMPreTrainedModel", "__version__"]
+__all__ = ["PERPLEXITY_METRIC", "LSTMConfig", "LSTMForCausalLM", "LSTMModel", "LSTMPreTrainedModel", "__version__"]

@@ -1,5 +1,226 @@
-"""Text data for training and evaluation."""
+"""Text data for training and evaluation: files or Hub datasets -> token blocks, through `datasets`.
 
+A `.txt` file is one document; each record of a `.json`/`.jsonl`/`.csv`/`.parquet` file or Hub dataset is one
+document. Documents are cut into pieces at line boundaries (so tokenisation runs in parallel and in bounded memory),
+tokenised, joined with the EOS token after each document, and grouped into blocks of `block_size` tokens. Every
+step is a `Dataset.map`, so the `datasets` cache lets a second run skip the work.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
 DEFAULT_CORPUS = Path(__file__).with_name("corpus") / "tiny_shakespeare.txt"
+BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+PIECE_CHARS = 1 << 16  # documents are tokenised in pieces of about this many characters
+_SNIFF_BYTES = 1 << 20
+
+
+class DataError(ValueError):
+    """A data file or dataset that cannot be used; the message names it and says why."""
+
+
+def check_text_file(path: str | Path) -> Path:
+    """Returns `path` if it is a readable, non-empty UTF-8 file with some non-whitespace text; raises `DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file.")
+    suffix = path.suffix.lower()
+    if suffix not in BUILDERS:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(BUILDERS)}.")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty.")
+    if suffix == ".parquet":
+        return path
+    has_text = False
+    with path.open("rb") as handle:
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        offset = 0
+        while chunk := handle.read(_SNIFF_BYTES):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {offset + error.start}).") from None
+            if "\x00" in text:
+                raise DataError(f"{path}: not a text file (it contains NUL bytes).")
+            has_text = has_text or not text.isspace() and text != ""
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text (it ends inside a multi-byte character).") from None
+    if not has_text:
+        raise DataError(f"{path}: the file holds only whitespace.")
+    return path
+
+
+@dataclass
+class DataSource:
+    """Where the text comes from: local files or a Hub dataset, and how to carve a validation split."""
+
+    train_files: list[str] | None = None
+    validation_files: list[str] | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    text_column: str = "text"
+    validation_split_percentage: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.train_files and not self.dataset_name:
+            self.train_files = [str(DEFAULT_CORPUS)]
+        if not 0 < self.validation_split_percentage < 100:
+            raise DataError(
+                f"--validation_split_percentage must be between 0 and 100, got {self.validation_split_percentage}."
+            )
+
+
+def load_documents(files: list[str], text_column: str = "text") -> Dataset:
+    """Loads local files (all of one kind) as a dataset of documents with a single `text` column."""
+    for path in files:
+        check_text_file(path)
+    suffixes = sorted({Path(p).suffix.lower() for p in files})
+    builders = {BUILDERS[s] for s in suffixes}
+    if len(builders) > 1:
+        raise DataError(f"All data files must be of one kind, got {', '.join(suffixes)}.")
+    builder = builders.pop()
+    options = {"sample_by": "document"} if builder == "text" else {}
+    return _text_column_only(load_dataset(builder, data_files={"train": files}, split="train", **options), text_column)
+
+
+def load_text_datasets(source: DataSource) -> DatasetDict:
+    """Loads the documents as a `DatasetDict` with `train` and `validation` splits and a single `text` column."""
+    if source.dataset_name:
+        raw = load_dataset(source.dataset_name, source.dataset_config_name)
+        raw = DatasetDict({split: _text_column_only(ds, source.text_column) for split, ds in raw.items()})
+    else:
+        raw = DatasetDict(train=load_documents(source.train_files, source.text_column))
+        if source.validation_files:
+            raw["validation"] = load_documents(source.validation_files, source.text_column)
+    if "validation" not in raw:
+        raw = carve_validation(raw["train"], source.validation_split_percentage)
+    return DatasetDict(train=raw["train"], validation=raw["validation"])
+
+
+def _text_column_only(dataset: Dataset, column: str) -> Dataset:
+    if column not in dataset.column_names:
+        raise DataError(f"The data has no column {column!r} (it has {dataset.column_names}); name it with --text_column.")
+    dataset = dataset.select_columns([column])
+    return dataset if column == "text" else dataset.rename_column(column, "text")
+
+
+def carve_validation(train: Dataset, percentage: float) -> DatasetDict:
+    """Splits off the last `percentage` % by position as validation text.
+
+    With a single document (one text file), the cut falls inside it, at a character position; with several, the
+    last documents go to validation. Either way validation text is never seen in training.
+    """
+    if len(train) == 1:
+        text = train[0]["text"]
+        cut = int(len(text) * (1 - percentage / 100))
+        if cut == 0 or cut == len(text):
+            raise DataError(f"The training text ({len(text)} characters) is too short to split off a validation part.")
+        # Maps rather than new in-memory datasets, so the `datasets` cache still covers what follows.
+        return DatasetDict(
+            train=train.map(lambda batch: {"text": [batch["text"][0][:cut]]}, batched=True, desc="Carving train"),
+            validation=train.map(
+                lambda batch: {"text": [batch["text"][0][cut:]]}, batched=True, desc="Carving validation"
+            ),
+        )
+    cut = len(train) - max(1, math.ceil(len(train) * percentage / 100))
+    if cut < 1:
+        raise DataError(f"The training data ({len(train)} documents) is too small to split off a validation part.")
+    return DatasetDict(train=train.select(range(cut)), validation=train.select(range(cut, len(train))))
+
+
+def split_into_pieces(batch: dict[str, list]) -> dict[str, list]:
+    """Cuts documents into pieces of about `PIECE_CHARS` characters at line ends; marks each document's last piece."""
+    pieces, ends = [], []
+    for text in batch["text"]:
+        if not text:
+            continue
+        start = 0
+        while start < len(text):
+            stop = text.find("\n", start + PIECE_CHARS)
+            stop = len(text) if stop == -1 else stop + 1
+            pieces.append(text[start:stop])
+            ends.append(stop == len(text))
+            start = stop
+    return {"text": pieces, "ends_document": ends}
+
+
+def tokenize_documents(raw, tokenizer: PreTrainedTokenizerBase, num_proc: int | None = None):
+    """Tokenises a `Dataset` or `DatasetDict` of documents into pieces of `input_ids`, each document ending in EOS."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [piece + [eos] if end else piece for piece, end in zip(ids, batch["ends_document"])]}
+
+    pieces = raw.map(split_into_pieces, batched=True, remove_columns=["text"], desc="Cutting documents")
+    return pieces.map(
+        tokenize, batched=True, num_proc=num_proc, remove_columns=["text", "ends_document"], desc="Tokenizing"
+    )
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size < 2:
+        raise DataError(f"--block_size must be at least 2 (a token and the one it predicts), got {block_size}.")
+
+
+def group_blocks(tokens, block_size: int, num_proc: int | None = None):
+    """Joins token pieces and cuts them into blocks of `block_size` with `input_ids` and `labels`.
+
+    The tokens left over at the end of each map batch (fewer than `block_size`) are dropped, as in `run_clm.py`:
+    at most `block_size - 1` tokens per 1,000 pieces of text (per process).
+    """
+    check_block_size(block_size)
+
+    def group(batch: dict[str, list]) -> dict[str, list]:
+        stream = [token for piece in batch["input_ids"] for token in piece]
+        usable = len(stream) - len(stream) % block_size
+        blocks = [stream[i : i + block_size] for i in range(0, usable, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    return tokens.map(group, batched=True, batch_size=1000, num_proc=num_proc, desc=f"Grouping in blocks of {block_size}")
+
+
+def tokenize_dataset(
+    raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, block_size: int, num_proc: int | None = None
+) -> DatasetDict:
+    """Tokenises every split of `raw` and groups it into blocks; each split must fill at least one block."""
+    check_block_size(block_size)
+    blocks = group_blocks(tokenize_documents(raw, tokenizer, num_proc), block_size, num_proc)
+    for split, dataset in blocks.items():
+        if len(dataset) == 0:
+            raise DataError(
+                f"The {split} text is shorter than one block of {block_size} tokens; give more text or a smaller "
+                "--block_size."
+            )
+    return blocks
+
+
+def collate_blocks(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Stacks blocks into a batch; blocks of unequal length are right-padded (mask 0, label -100)."""
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.zeros(len(features), width, dtype=torch.long)
+    labels = torch.full((len(features), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros(len(features), width, dtype=torch.long)
+    for row, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        input_ids[row, :n] = torch.tensor(feature["input_ids"])
+        labels[row, :n] = torch.tensor(feature.get("labels", feature["input_ids"]))
+        attention_mask[row, :n] = 1
+    batch = {"input_ids": input_ids, "labels": labels}
+    if not attention_mask.all():
+        batch["attention_mask"] = attention_mask
+    return batch

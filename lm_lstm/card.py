@@ -1,0 +1,164 @@
+"""Model cards: the Hub README of a trained model, with every number taken from the run that produced it."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from huggingface_hub import EvalResult, ModelCard, ModelCardData  # noqa: E402
+
+TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
+CURVE_FILE = "training_curve.png"
+TAGS = ["lstm", "rnn", "awd-lstm", "lm-lstm", "text-generation", "causal-lm"]
+
+
+@dataclass
+class RunSummary:
+    """What the card reports about a training run."""
+
+    model_name: str
+    repo_id: str
+    metrics: dict[str, float]
+    log_history: list[dict]
+    hyperparameters: dict[str, object]
+    train_blocks: int
+    eval_blocks: int
+    block_size: int
+    validation_bytes: int
+    wall_time_seconds: float
+    data_description: str
+    dataset_ids: list[str] = field(default_factory=list)
+    language: str | None = None
+    license: str = "apache-2.0"
+    example_prompt: str = "The"
+
+    @property
+    def bits_per_byte(self) -> float:
+        predicted_tokens = self.eval_blocks * (self.block_size - 1)
+        return self.metrics["eval_loss"] * predicted_tokens / self.validation_bytes / 0.6931471805599453
+
+
+def hardware_description() -> str:
+    """The accelerator, or the CPU model and core count."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} cores"
+
+
+def plot_training_curve(log_history: list[dict], path: Path) -> None:
+    """Training and validation loss against steps, as a PNG."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    for points, label, style in ((train, "training loss", "-"), (evals, "validation loss", "o-")):
+        if points:
+            steps, losses = zip(*points)
+            axes.plot(steps, losses, style, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats per token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _tokenizer_kind(tokenizer) -> str:
+    model_type = type(tokenizer.backend_tokenizer.model).__name__ if hasattr(tokenizer, "backend_tokenizer") else ""
+    return {"WordLevel": "character-level", "BPE": "byte-level BPE"}.get(model_type, model_type or "custom")
+
+
+def _format(value: float, digits: int = 4) -> str:
+    return f"{value:.{digits}f}"
+
+
+def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) -> Path:
+    """Writes `README.md` and the training-curve PNG into `output_dir`; returns the card's path."""
+    output_dir = Path(output_dir)
+    plot_training_curve(run.log_history, output_dir / CURVE_FILE)
+    config = model.config
+    perplexity = run.metrics["eval_perplexity"]
+    dataset_name = run.dataset_ids[0] if run.dataset_ids else "validation text"
+    card_data = ModelCardData(
+        model_name=run.model_name,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=TAGS,
+        license=run.license,
+        language=run.language,
+        datasets=run.dataset_ids or None,
+        eval_results=[
+            EvalResult(
+                task_type="text-generation", dataset_type=run.dataset_ids[0] if run.dataset_ids else "text",
+                dataset_name=dataset_name, dataset_split="validation", metric_type=metric, metric_name=name,
+                metric_value=round(value, 6),
+            )
+            for metric, name, value in (
+                ("perplexity", "Validation perplexity", perplexity),
+                ("bits_per_byte", "Validation bits per byte", run.bits_per_byte),
+                ("loss", "Validation loss (nats per token)", run.metrics["eval_loss"]),
+            )
+        ],
+    )
+    h = run.hyperparameters
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=run.model_name,
+        repo_id=run.repo_id,
+        example_prompt=repr(run.example_prompt),
+        num_layers=config.num_hidden_layers,
+        vocab_size=config.vocab_size,
+        tokenizer_kind=_tokenizer_kind(tokenizer),
+        parameters=f"{model.num_parameters():,}",
+        embedding_size=config.embedding_size,
+        layer_sizes=", ".join(str(size) for _, size in config.layer_sizes),
+        tied="yes" if config.tie_word_embeddings else "no",
+        dropouts=" / ".join(
+            str(getattr(config, name))
+            for name in ("embedding_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout")
+        ),
+        data_description=run.data_description,
+        block_size=run.block_size,
+        train_blocks=f"{run.train_blocks:,}",
+        eval_blocks=f"{run.eval_blocks:,}",
+        train_tokens=f"{run.train_blocks * run.block_size:,}",
+        eval_tokens=f"{run.eval_blocks * run.block_size:,}",
+        steps=h["steps"],
+        epochs=_format(h["epochs"], 2),
+        batch_size=h["batch_size"],
+        optimizer=h["optimizer"],
+        learning_rate=h["learning_rate"],
+        weight_decay=h["weight_decay"],
+        scheduler=h["scheduler"],
+        warmup_steps=h["warmup_steps"],
+        max_grad_norm=h["max_grad_norm"],
+        precision=h["precision"],
+        seed=h["seed"],
+        hardware=hardware_description(),
+        wall_time=f"{run.wall_time_seconds / 60:.1f} minutes",
+        curve_file=CURVE_FILE,
+        eval_loss=_format(run.metrics["eval_loss"]),
+        perplexity=_format(perplexity, 3),
+        bits_per_byte=_format(run.bits_per_byte),
+        data_caveat="" if run.dataset_ids else "The training text is described above; judge its contents before use.",
+    )
+    path = output_dir / "README.md"
+    card.save(path)
+    return path

@@ -1,0 +1,160 @@
+"""The `lm-lstm` command: train, generate, evaluate.
+
+Every failure the user can fix (a bad file, a bad option value, a missing model) ends with a one-line message on
+stderr and a non-zero exit status; set LM_LSTM_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from transformers import HfArgumentParser, TextStreamer, set_seed
+
+from .evaluation import CONTEXT_POLICIES, evaluate_file, load_model_and_tokenizer
+from .evaluation import __doc__ as CONTEXT_POLICIES_HELP
+from .training import CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments, train
+
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
+
+
+class UsageError(ValueError):
+    """A bad command line; the message says what to change."""
+
+
+def command(name: str, summary: str):
+    def register(function: Callable[[list[str]], int]):
+        COMMANDS[name] = (summary, function)
+        return function
+
+    return register
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Makes the parser report bad arguments as one line (no usage block) by raising `UsageError`."""
+
+    def error(message: str):
+        raise UsageError(f"{parser.prog}: {message} (see --help)")
+
+    parser.error = error
+    return parser
+
+
+@command("train", "train a model on text files (default: the bundled Tiny Shakespeare corpus)")
+def train_command(argv: list[str]) -> int:
+    parser = one_line_errors(
+        HfArgumentParser(
+            (ModelArguments, DataArguments, LSTMTrainingArguments, CardArguments),
+            prog="lm-lstm train",
+            description="Train an LSTM language model; option names follow TrainingArguments and run_clm.py.",
+        )
+    )
+    model_args, data_args, training_args, card_args = parser.parse_args_into_dataclasses(args=argv)
+    result = train(model_args, data_args, training_args, card_args)
+    print(f"\nValidation perplexity: {result.metrics['eval_perplexity']:.3f} (loss {result.metrics['eval_loss']:.4f})")
+    print(f"Model, tokenizer and card written to {result.output_dir}\n\nSample:\n{result.sample}")
+    return 0
+
+
+def _generation_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lm-lstm generate", description="Generate text from a trained model.")
+    parser.add_argument("--model", required=True, help="Model folder (or Hub name).")
+    parser.add_argument("--prompt", default="\n", help="Text to continue (default: a new line).")
+    parser.add_argument("--max_new_tokens", type=int, default=200, help="Tokens to generate.")
+    parser.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=None,
+                        help="Sample (default: as in the model's generation_config.json); --no-do_sample is greedy.")
+    parser.add_argument("--temperature", type=float, help="Sampling temperature.")
+    parser.add_argument("--top_k", type=int, help="Sample among the k likeliest tokens.")
+    parser.add_argument("--top_p", type=float, help="Nucleus sampling probability mass.")
+    parser.add_argument("--num_beams", type=int, help="Beam search width.")
+    parser.add_argument("--repetition_penalty", type=float, help="Penalty for repeated tokens (> 1 discourages).")
+    parser.add_argument("--num_return_sequences", type=int, default=1, help="Independent continuations.")
+    parser.add_argument("--seed", type=int, default=None, help="Random seed for sampling.")
+    parser.add_argument("--trust_remote_code", action="store_true", help="Allow the model folder's code.")
+    return one_line_errors(parser)
+
+
+@command("generate", "continue a prompt with a trained model (streamed)")
+def generate_command(argv: list[str]) -> int:
+    args = _generation_parser().parse_args(argv)
+    if args.seed is not None:
+        set_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    options = {
+        name: getattr(args, name)
+        for name in ("do_sample", "temperature", "top_k", "top_p", "num_beams", "repetition_penalty")
+        if getattr(args, name) is not None
+    }
+    inputs = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False)
+    streams = options.get("num_beams", 1) == 1 and args.num_return_sequences == 1
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if streams else None
+    output = model.generate(
+        **inputs,
+        max_new_tokens=args.max_new_tokens,
+        num_return_sequences=args.num_return_sequences,
+        streamer=streamer,
+        **options,
+    )
+    if not streams:
+        for sequence in output:
+            print(tokenizer.decode(sequence, skip_special_tokens=True), end="\n\n")
+    return 0
+
+
+@command("evaluate", "perplexity and bits per byte of a model on a text file")
+def evaluate_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lm-lstm evaluate", description=CONTEXT_POLICIES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="Model folder (or Hub name).")
+    parser.add_argument("--file", required=True, help="Text file to score.")
+    parser.add_argument("--block_size", type=int, default=512, help="Tokens per forward pass (carry) or per block.")
+    parser.add_argument("--context", choices=CONTEXT_POLICIES, default="carry", help="Context policy (see above).")
+    parser.add_argument("--batch_size", type=int, default=16, help="Blocks per forward pass (blocks policy).")
+    parser.add_argument("--trust_remote_code", action="store_true", help="Allow the model folder's code.")
+    args = one_line_errors(parser).parse_args(argv)
+    if args.block_size < 2 or args.batch_size < 1:
+        raise UsageError("lm-lstm evaluate: --block_size must be >= 2 and --batch_size >= 1.")
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    score = evaluate_file(model, tokenizer, args.file, args.block_size, args.context, args.batch_size)
+    print(f"file            {args.file}")
+    print(f"context         {args.context} (block_size {args.block_size})")
+    print(f"tokens scored   {score.tokens}")
+    print(f"loss (nats/tok) {score.loss:.6f}")
+    print(f"perplexity      {score.perplexity:.4f}")
+    print(f"bits per byte   {score.bits_per_byte:.4f}")
+    return 0
+
+
+def _usage() -> str:
+    lines = ["usage: lm-lstm COMMAND [options]   (lm-lstm COMMAND --help for a command's options)", "", "commands:"]
+    lines += [f"  {name:<10} {summary}" for name, (summary, _) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lm-lstm: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[name][1](rest)
+    except (ValueError, OSError) as error:  # UsageError and DataError are ValueErrors
+        if os.environ.get("LM_LSTM_DEBUG"):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"lm-lstm {name}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lm-lstm {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Perplexity and bits per byte of a model on text.
+
+Two context policies over a file:
+- `carry` (the default): the whole file is one token stream, preceded by EOS (a document start, as in training);
+  it is fed in chunks of `block_size` with the recurrent state carried from chunk to chunk, so every token is
+  predicted with its full left context, and every token of the file is predicted exactly once.
+- `blocks`: the file is cut into independent blocks exactly as training data is (`lm_lstm.data`), each starting
+  from a zero state; this reproduces `Trainer`'s `eval_loss` on those blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+
+from .data import group_blocks, load_documents, tokenize_documents
+
+PERPLEXITY_METRIC = str(Path(__file__).with_name("metrics") / "perplexity")
+CONTEXT_POLICIES = ("carry", "blocks")
+
+
+@dataclass
+class Score:
+    """Summed negative log-likelihood (nats) of `tokens` predicted tokens spanning `bytes` bytes of text."""
+
+    nll: float
+    tokens: int
+    bytes: int
+
+    @property
+    def loss(self) -> float:
+        """Mean negative log-likelihood per token (nats), as `eval_loss` reports it."""
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / math.log(2) / self.bytes
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """Loads a saved model and its tokenizer in evaluation mode."""
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position negative log-likelihood; targets of -100 give 0."""
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
+@torch.no_grad()
+def score_stream(model, token_ids: list[int], block_size: int) -> tuple[float, int]:
+    """Sums the NLL of `token_ids[1:]`, each predicted from everything before it (state carried across chunks)."""
+    ids = torch.tensor(token_ids, device=model.device)[None]
+    cache = DynamicCache(config=model.config)
+    total = 0.0
+    for start in range(0, ids.shape[1] - 1, block_size):
+        chunk = ids[:, start : start + block_size + 1]
+        logits = model(chunk[:, :-1], cache=cache, use_cache=True).logits
+        total += float(_token_nll(logits, chunk[:, 1:]).sum())
+    return total, ids.shape[1] - 1
+
+
+@torch.no_grad()
+def score_blocks(model, blocks: list[list[int]], batch_size: int) -> tuple[float, int]:
+    """Sums the NLL of every block's tokens after the first, each block on its own from a zero state."""
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = torch.tensor(blocks[start : start + batch_size], device=model.device)
+        logits = model(batch[:, :-1], use_cache=False).logits
+        total += float(_token_nll(logits, batch[:, 1:]).sum())
+        count += batch[:, 1:].numel()
+    return total, count
+
+
+def evaluate_file(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    block_size: int = 512,
+    context: Literal["carry", "blocks"] = "carry",
+    batch_size: int = 16,
+) -> Score:
+    """Scores a text file (see the module docstring for the context policies)."""
+    if context not in CONTEXT_POLICIES:
+        raise ValueError(f"`context` must be one of {CONTEXT_POLICIES}, got {context!r}.")
+    documents = load_documents([str(path)])
+    pieces = tokenize_documents(documents, tokenizer)
+    if context == "carry":
+        stream = [tokenizer.eos_token_id] + [t for piece in pieces["input_ids"] for t in piece][:-1]
+        nll, count = score_stream(model, stream, block_size)
+        num_bytes = sum(len(text.encode("utf-8")) for text in documents["text"])
+        return Score(nll=nll, tokens=count, bytes=num_bytes)
+    blocks = group_blocks(pieces, block_size)["input_ids"]
+    if not blocks:
+        raise ValueError(f"{path}: shorter than one block of {block_size} tokens; use a smaller --block_size.")
+    nll, count = score_blocks(model, blocks, batch_size)
+    return Score(nll=nll, tokens=count, bytes=predicted_bytes(tokenizer, blocks))
+
+
+def predicted_bytes(tokenizer: PreTrainedTokenizerBase, blocks: list[list[int]]) -> int:
+    """UTF-8 bytes of the text that blocks' scored tokens (all but each block's first) stand for."""
+    return max(1, sum(len(tokenizer.decode(block[1:], skip_special_tokens=True).encode("utf-8")) for block in blocks))
+
+
+@torch.no_grad()
+def text_perplexities(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    batch_size: int = 16,
+    add_start_token: bool = True,
+    max_length: int | None = None,
+) -> list[float]:
+    """Perplexity of each text on its own (as the Hub's `perplexity` metric computes it), batched with padding.
+
+    With `add_start_token`, the BOS token is prepended so that the first token is predicted too. `max_length`
+    truncates each text's tokens (only when given).
+    """
+    start = [tokenizer.bos_token_id] if add_start_token else []
+    if add_start_token and tokenizer.bos_token_id is None:
+        raise ValueError("`add_start_token=True` needs a tokenizer with a BOS token.")
+    encoded = [start + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    if max_length is not None:
+        encoded = [ids[:max_length] for ids in encoded]
+    for text, ids in zip(texts, encoded):
+        if len(ids) < 2:
+            raise ValueError(
+                f"Each text needs at least two tokens to score (one with add_start_token=True); got {text!r}."
+            )
+    perplexities = []
+    for begin in range(0, len(encoded), batch_size):
+        batch = encoded[begin : begin + batch_size]
+        width = max(len(ids) for ids in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, tokens in enumerate(batch):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        logits = model(ids, attention_mask=mask, use_cache=False).logits
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        nll = _token_nll(logits[:, :-1], targets).sum(1) / mask[:, 1:].sum(1)
+        perplexities.extend(torch.exp(nll).tolist())
+    return perplexities

@@ -1,0 +1,345 @@
+"""Training with `transformers.Trainer`: text files in; model, tokenizer, results and card out.
+
+The three argument dataclasses are what `lm-lstm train` and `examples/run_clm.py` parse (with `HfArgumentParser`);
+`train()` runs the whole job from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.utils import is_torch_bf16_gpu_available
+
+from .card import RunSummary, write_model_card
+from .configuration_lstm import LSTMConfig
+from .data import DEFAULT_CORPUS, DataSource, check_block_size, collate_blocks, load_text_datasets, tokenize_dataset
+from .modeling_lstm import LSTMForCausalLM
+from .evaluation import predicted_bytes
+from .tokenization import TOKENIZER_KINDS, load_tokenizer, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def fast_bf16_available() -> bool:
+    """Whether bf16 autocast is fast here: a GPU with bf16 support, or a CPU with AVX-512 BF16 / AMX instructions."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+@dataclass
+class ModelArguments:
+    """The model to train: a new one of the given sizes, or an existing one to fine-tune."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Fine-tune this model (a folder or Hub name) instead of training a new one."}
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Use this tokenizer (a folder or Hub name) instead of training one.", "aliases": ["--tokenizer"]},
+    )
+    tokenizer_type: str = field(
+        default="auto",
+        metadata={
+            "help": "Kind of tokenizer to train: 'bpe' (byte-level BPE), 'char' (one token per character), or "
+            "'auto' (char for the bundled Tiny Shakespeare corpus, bpe otherwise).",
+            "choices": ["auto", *TOKENIZER_KINDS],
+        },
+    )
+    tokenizer_vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size of a trained BPE tokenizer."})
+    embedding_size: int = field(default=128, metadata={"help": "Size of the token embeddings."})
+    hidden_size: int = field(default=512, metadata={"help": "Size of the LSTM hidden and cell states."})
+    num_hidden_layers: int = field(default=2, metadata={"help": "Number of stacked LSTM layers."})
+    tie_word_embeddings: bool = field(
+        default=False, metadata={"help": "Share input embedding and output weights (the last layer is then embedding-sized)."}
+    )
+    embedding_dropout: float = field(default=0.0, metadata={"help": "Probability of dropping a whole word type."})
+    input_dropout: float = field(default=0.1, metadata={"help": "Locked dropout on the embeddings."})
+    hidden_dropout: float = field(default=0.1, metadata={"help": "Locked dropout between LSTM layers."})
+    output_dropout: float = field(default=0.2, metadata={"help": "Locked dropout before the output layer."})
+    weight_dropout: float = field(default=0.1, metadata={"help": "DropConnect on the hidden-to-hidden weights."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code from the model's folder or repository (other architectures)."}
+    )
+
+    def new_config(self, tokenizer: PreTrainedTokenizerBase) -> LSTMConfig:
+        return LSTMConfig(
+            vocab_size=len(tokenizer),
+            embedding_size=self.embedding_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            tie_word_embeddings=self.tie_word_embeddings,
+            embedding_dropout=self.embedding_dropout,
+            input_dropout=self.input_dropout,
+            hidden_dropout=self.hidden_dropout,
+            output_dropout=self.output_dropout,
+            weight_dropout=self.weight_dropout,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+
+
+@dataclass
+class DataArguments:
+    """The text to train and validate on."""
+
+    train_file: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Training files (.txt, .json, .jsonl, .csv, .parquet). Default: {DEFAULT_CORPUS.name}, "
+                  "the bundled Tiny Shakespeare corpus."},
+    )
+    validation_file: list[str] | None = field(
+        default=None, metadata={"help": "Validation files. Default: the last part of the training text."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub, instead of files."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    text_column: str = field(default="text", metadata={"help": "The column holding the text in tabular data."})
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Percentage of the training text (the end, by position) used for validation "
+                                "when no validation file is given."}
+    )
+    block_size: int = field(default=128, metadata={"help": "Tokens per training sequence (the BPTT length)."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation blocks."})
+
+    def __post_init__(self) -> None:
+        check_block_size(self.block_size)
+        self.source()  # checks the split percentage before any work
+
+    def source(self) -> DataSource:
+        return DataSource(
+            train_files=self.train_file,
+            validation_files=self.validation_file,
+            dataset_name=self.dataset_name,
+            dataset_config_name=self.dataset_config_name,
+            text_column=self.text_column,
+            validation_split_percentage=self.validation_split_percentage,
+        )
+
+    @property
+    def uses_default_corpus(self) -> bool:
+        return not self.train_file and not self.dataset_name
+
+
+@dataclass
+class CardArguments:
+    """Metadata for the model card that is not in the run itself."""
+
+    license: str = field(default="apache-2.0", metadata={"help": "License of the trained model (Hub identifier)."})
+    language: str | None = field(
+        default=None, metadata={"help": "Language code of the training text (default: en for the bundled corpus)."}
+    )
+
+
+@dataclass
+class LSTMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with defaults suited to LSTM language models on a CPU."""
+
+    output_dir: str | None = field(default="lm-lstm-model", metadata={"help": "Where the trained model is written."})
+    max_steps: int = field(default=750, metadata={"help": "Total optimisation steps (overrides num_train_epochs)."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Training blocks per batch and device."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Validation blocks per batch and device."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
+    warmup_steps: float = field(default=50, metadata={"help": "Linear warm-up steps (or a fraction if < 1)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping norm: LSTMs need it."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast. Default: on where it is fast (AMX / AVX-512 BF16 CPUs, bf16 GPUs)."},
+    )
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
+    eval_steps: float | None = field(default=125, metadata={"help": "Evaluate every N steps."})
+    save_steps: float = field(default=125, metadata={"help": "Save a checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best is always kept)."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Finish with the best checkpoint."})
+    metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "Metric choosing the best."})
+    logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N steps."})
+    logging_first_step: bool = field(default=True, metadata={"help": "Log the first step's loss too."})
+    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate before training (step 0)."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = fast_bf16_available()
+        if self.bf16 and not is_torch_bf16_gpu_available():
+            self.use_cpu = True  # Trainer runs bf16 on a CPU only when told to use it
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for
+        super().__post_init__()
+
+
+class LSTMTrainer(Trainer):
+    """`Trainer` that reports validation perplexity beside the loss."""
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", "eval")
+        loss = output.metrics.get(f"{prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 700.0))
+        return output
+
+
+@dataclass
+class TrainingResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    metrics: dict[str, float]
+    sample: str
+
+
+def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_texts) -> PreTrainedTokenizerBase:
+    """The named tokenizer, the fine-tuned model's, or a new one trained on the training text."""
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    if name:
+        return load_tokenizer(name)
+    kind = model_args.tokenizer_type
+    if kind == "auto":
+        kind = "char" if data_args.uses_default_corpus else "bpe"
+    return train_tokenizer(train_texts, kind=kind, vocab_size=model_args.tokenizer_vocab_size)
+
+
+def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> LSTMForCausalLM:
+    """A new model sized for the tokenizer, or the model to fine-tune (its vocabulary grown to fit if needed)."""
+    if model_args.model_name_or_path is None:
+        return LSTMForCausalLM(model_args.new_config(tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def _limit(dataset, count: int | None):
+    return dataset if count is None else dataset.select(range(min(count, len(dataset))))
+
+
+def configure_generation(model, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Sampling defaults for `generate()`, saved as `generation_config.json`."""
+    config = model.generation_config
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.do_sample = True
+    config.temperature = 0.8
+    config.top_k = 50
+    config.max_new_tokens = 200
+
+
+def sample_text(model, tokenizer: PreTrainedTokenizerBase, prompt: str = "\n", max_new_tokens: int = 200) -> str:
+    """A short sample from the model, for the end-of-training report."""
+    model.eval()
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def describe_data(data_args: DataArguments) -> tuple[str, list[str], str | None]:
+    """A sentence on the training data for the card, the Hub dataset ids, and the language if known."""
+    if data_args.dataset_name:
+        config = f" (configuration {data_args.dataset_config_name})" if data_args.dataset_config_name else ""
+        return f"The Hub dataset `{data_args.dataset_name}`{config}.", [data_args.dataset_name], None
+    split = (
+        f"validation files {', '.join(Path(f).name for f in data_args.validation_file)}"
+        if data_args.validation_file
+        else f"the last {data_args.validation_split_percentage:g}% of the text by position held out for validation"
+    )
+    if data_args.uses_default_corpus:
+        return (
+            "Tiny Shakespeare (1.1 MB of plays by William Shakespeare, public domain; the corpus of char-rnn and "
+            f"nanoGPT), bundled with lm-lstm, with {split}.",
+            ["karpathy/tiny_shakespeare"],
+            "en",
+        )
+    return f"Local files {', '.join(Path(f).name for f in data_args.train_file)}, with {split}.", [], None
+
+
+def summarize_run(trainer: Trainer, data_args: DataArguments, card_args: CardArguments, metrics, wall_time) -> RunSummary:
+    args, state = trainer.args, trainer.state
+    description, dataset_ids, language = describe_data(data_args)
+    output_dir = Path(args.output_dir)
+    return RunSummary(
+        model_name=args.hub_model_id.split("/")[-1] if args.hub_model_id else output_dir.name,
+        repo_id=args.hub_model_id or str(output_dir),
+        metrics=metrics,
+        log_history=state.log_history,
+        hyperparameters={
+            "steps": state.global_step,
+            "epochs": state.epoch or 0.0,
+            "batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+            "optimizer": str(getattr(args.optim, "value", args.optim)),
+            "learning_rate": args.learning_rate,
+            "weight_decay": args.weight_decay,
+            "scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps,
+            "max_grad_norm": args.max_grad_norm,
+            "precision": "bf16 autocast" if args.bf16 else ("fp16 autocast" if args.fp16 else "fp32"),
+            "seed": args.seed,
+        },
+        train_blocks=len(trainer.train_dataset),
+        eval_blocks=len(trainer.eval_dataset),
+        block_size=data_args.block_size,
+        validation_bytes=predicted_bytes(trainer.processing_class, trainer.eval_dataset["input_ids"]),
+        wall_time_seconds=wall_time,
+        data_description=description,
+        dataset_ids=dataset_ids,
+        language=card_args.language or language,
+        license=card_args.license,
+        example_prompt="ROMEO:" if data_args.uses_default_corpus else "The",
+    )
+
+
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    card_args: CardArguments | None = None,
+    callbacks: list | None = None,
+) -> TrainingResult:
+    """Trains (or fine-tunes) a model and writes it, its tokenizer, results and card to `output_dir`."""
+    start = time.time()
+    set_seed(training_args.seed)
+    raw = load_text_datasets(data_args.source())
+    tokenizer = build_tokenizer(model_args, data_args, (row["text"] for row in raw["train"]))
+    blocks = tokenize_dataset(raw, tokenizer, data_args.block_size, data_args.preprocessing_num_workers)
+    model = build_model(model_args, tokenizer)
+    configure_generation(model, tokenizer)
+
+    trainer = LSTMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=_limit(blocks["train"], data_args.max_train_samples),
+        eval_dataset=_limit(blocks["validation"], data_args.max_eval_samples),
+        data_collator=collate_blocks,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = dict(train_output.metrics)
+    metrics.update(trainer.evaluate())
+    output_dir = Path(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(output_dir))
+        trainer.save_metrics("train", train_output.metrics)
+        trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
+        trainer.save_metrics("all", metrics)
+        trainer.save_state()
+        run = summarize_run(trainer, data_args, card_args or CardArguments(), metrics, time.time() - start)
+        write_model_card(output_dir, trainer.model, tokenizer, run)
+    sample = sample_text(trainer.model, tokenizer)
+    return TrainingResult(output_dir=output_dir, metrics=metrics, sample=sample)

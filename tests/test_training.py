@@ -1,0 +1,211 @@
+"""`lm-lstm train / evaluate / generate` end to end, the perplexity metric, resuming, and bad inputs."""
+
+import json
+import math
+import subprocess
+import sys
+
+import evaluate
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lm_lstm
+from lm_lstm.evaluation import evaluate_file, load_model_and_tokenizer
+from lm_lstm.training import DataArguments, LSTMTrainingArguments, ModelArguments, train
+
+TINY_MODEL = ["--embedding_size", "24", "--hidden_size", "48", "--num_hidden_layers", "2"]
+BLOCK = 64
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "lm_lstm.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shakespeare_text):
+    folder = tmp_path_factory.mktemp("corpus")
+    text = shakespeare_text[:60_000]
+    (folder / "train.txt").write_text(text, encoding="utf-8")
+    (folder / "validation.txt").write_text(text[int(len(text) * 0.9) :], encoding="utf-8")  # what training holds out
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run") / "model"
+    result = run_cli(
+        "train", "--train_file", corpus / "train.txt", "--output_dir", output, "--tokenizer_type", "char",
+        *TINY_MODEL, "--block_size", BLOCK, "--per_device_train_batch_size", 16, "--max_steps", 40,
+        "--eval_steps", 20, "--save_steps", 20, "--logging_steps", 10, "--warmup_steps", 5, "--bf16", "False",
+        "--report_to", "tensorboard", "--seed", 7,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result.stdout
+
+
+def test_training_lowers_validation_perplexity(trained):
+    output, stdout = trained
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    evals = [entry for entry in history if "eval_loss" in entry]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 40
+    assert math.exp(evals[-1]["eval_loss"]) < 0.6 * math.exp(evals[0]["eval_loss"])
+    assert all("eval_perplexity" in entry for entry in evals)
+    final = json.loads((output / "eval_results.json").read_text())
+    assert final["eval_perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
+    assert f"Validation perplexity: {final['eval_perplexity']:.3f}" in stdout
+    assert "Sample:" in stdout
+    assert list((output / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+
+
+def test_output_folder_loads_with_auto_classes_and_generates(trained):
+    output, _ = trained
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
+                 "train_results.json", "eval_results.json", "all_results.json", "training_curve.png"):
+        assert (output / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert isinstance(model, lm_lstm.LSTMForCausalLM)
+    assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "<pad>"
+    inputs = tokenizer("ROMEO:", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    assert out.shape == (1, inputs.input_ids.shape[1] + 20)
+
+
+def test_model_card_parses_and_reports_the_run(trained):
+    output, _ = trained
+    card = ModelCard.load(output / "README.md")
+    card.validate = None  # validation calls the Hub; check the metadata locally instead
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert "lstm" in data["tags"] and data["license"] == "apache-2.0"
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    final = json.loads((output / "eval_results.json").read_text())
+    assert results["perplexity"] == pytest.approx(final["eval_perplexity"], rel=1e-6)
+    assert results["loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
+    assert "training_curve.png" in card.text and "{{" not in card.text
+
+
+def validation_blocks(output, corpus):
+    """The validation blocks exactly as training built them: the file holds the held-out text."""
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    ids = tokenizer((corpus / "validation.txt").read_text(), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return [ids[i : i + BLOCK] for i in range(0, len(ids) - len(ids) % BLOCK, BLOCK)], tokenizer
+
+
+def test_perplexity_metric_equals_trainer_eval_loss(trained, corpus):
+    output, _ = trained
+    blocks, tokenizer = validation_blocks(output, corpus)
+    texts = [tokenizer.decode(block) for block in blocks]
+    metric = evaluate.load(lm_lstm.PERPLEXITY_METRIC)
+    result = metric.compute(model_id=str(output), predictions=texts, batch_size=8, add_start_token=False)
+    assert len(result["perplexities"]) == len(blocks)
+    assert result["mean_perplexity"] == pytest.approx(sum(result["perplexities"]) / len(blocks))
+    eval_loss = json.loads((output / "eval_results.json").read_text())["eval_loss"]
+    mean_log_perplexity = sum(math.log(p) for p in result["perplexities"]) / len(blocks)
+    assert math.exp(mean_log_perplexity) == pytest.approx(math.exp(eval_loss), rel=1e-4)
+
+
+def test_perplexity_metric_batched_equals_one_by_one(trained):
+    output, _ = trained
+    metric = evaluate.load(lm_lstm.PERPLEXITY_METRIC)
+    texts = ["ROMEO:\nWhat light", "O", "First Citizen:\nBefore we proceed any further, hear me speak."]
+    batched = metric.compute(model_id=str(output), predictions=texts, batch_size=3)["perplexities"]
+    alone = [metric.compute(model_id=str(output), predictions=[t])["perplexities"][0] for t in texts]
+    assert batched == pytest.approx(alone, rel=1e-5)
+
+
+def test_evaluate_command_agrees_with_trainer(trained, corpus):
+    output, _ = trained
+    eval_loss = json.loads((output / "eval_results.json").read_text())["eval_loss"]
+    result = run_cli("evaluate", "--model", output, "--file", corpus / "validation.txt", "--context", "blocks",
+                     "--block_size", BLOCK)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reported = dict(line.rsplit(None, 1) for line in result.stdout.splitlines() if line.startswith("perplexity"))
+    assert float(reported["perplexity"]) == pytest.approx(math.exp(eval_loss), rel=1e-4)
+
+
+def test_carried_context_scores_every_character(trained, corpus):
+    output, _ = trained
+    model, tokenizer = load_model_and_tokenizer(str(output))
+    text = (corpus / "validation.txt").read_text()
+    carried = evaluate_file(model, tokenizer, corpus / "validation.txt", block_size=100, context="carry")
+    assert carried.tokens == len(text) and carried.bytes == len(text.encode())
+    # the chunk size changes nothing when the state is carried
+    other = evaluate_file(model, tokenizer, corpus / "validation.txt", block_size=37, context="carry")
+    assert other.nll == pytest.approx(carried.nll, rel=1e-5)
+    # ... and equals one pass over the whole stream
+    ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        whole = model(ids, labels=ids).loss.item()
+    assert carried.loss == pytest.approx(whole, rel=1e-5)
+    assert carried.bits_per_byte == pytest.approx(carried.nll / math.log(2) / len(text.encode()))
+
+
+def test_generate_command_streams_text(trained):
+    output, _ = trained
+    result = run_cli("generate", "--model", output, "--prompt", "ROMEO:", "--max_new_tokens", 30, "--seed", 1)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ROMEO:") and len(result.stdout) > len("ROMEO:") + 10
+    greedy = [run_cli("generate", "--model", output, "--prompt", "KING", "--no-do_sample", "--max_new_tokens", 20)
+              for _ in range(2)]
+    assert greedy[0].stdout == greedy[1].stdout
+
+
+def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path):
+    def run(output, resume=None):
+        training_args = LSTMTrainingArguments(
+            output_dir=str(output), max_steps=8, save_steps=4, eval_steps=4, logging_steps=4, bf16=False,
+            per_device_train_batch_size=8, warmup_steps=2, seed=3, load_best_model_at_end=False,
+            save_total_limit=None, eval_on_start=False, resume_from_checkpoint=resume, report_to="none",
+            disable_tqdm=True,
+        )
+        model_args = ModelArguments(tokenizer_type="char", embedding_size=16, hidden_size=32)
+        data_args = DataArguments(train_file=[str(corpus / "train.txt")], block_size=32)
+        train(model_args, data_args, training_args)
+        return load_file(output / "model.safetensors")
+
+    uninterrupted = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-4"))
+    assert uninterrupted.keys() == resumed.keys()
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda d: ["--train_file", d / "missing.txt"], "missing.txt: no such file"),
+        (lambda d: ["--train_file", d / "empty.txt"], "empty.txt: the file is empty"),
+        (lambda d: ["--train_file", d / "blank.txt"], "blank.txt: the file holds only whitespace"),
+        (lambda d: ["--train_file", d / "binary.txt"], "binary.txt: not UTF-8"),
+        (lambda d: ["--train_file", d / "data.xml"], "unsupported file type"),
+        (lambda d: ["--block_size", 1], "--block_size must be at least 2"),
+        (lambda d: ["--tokenizer_type", "words"], "invalid choice"),
+        (lambda d: ["--lr_scheduler_type", "sometimes"], "sometimes"),
+        (lambda d: ["--max_stepz", 3], "--max_stepz"),
+        (lambda d: ["--validation_split_percentage", 0], "validation_split_percentage"),
+        (lambda d: ["--input_dropout", 1.5], "input_dropout"),
+    ],
+)
+def test_bad_training_inputs_fail_with_one_line(tmp_path, make_args, message):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_text(" \n\t\n")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "data.xml").write_text("<a/>")
+    result = run_cli("train", "--output_dir", tmp_path / "out", "--max_steps", 1, *make_args(tmp_path), cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_command_and_evaluate_errors(tmp_path):
+    assert run_cli("fly").returncode == 2
+    result = run_cli("evaluate", "--model", tmp_path / "nothing", "--file", tmp_path / "x.txt")
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
