@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from transformers import HfArgumentParser, TextStreamer, set_seed
 
+from .hub import files_to_upload, push_folder
 from .evaluation import CONTEXT_POLICIES, evaluate_file, load_model_and_tokenizer
 from .evaluation import __doc__ as CONTEXT_POLICIES_HELP
 from .training import CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments, train
@@ -125,6 +126,26 @@ def evaluate_command(argv: list[str]) -> int:
     print(f"loss (nats/tok) {score.loss:.6f}")
     print(f"perplexity      {score.perplexity:.4f}")
     print(f"bits per byte   {score.bits_per_byte:.4f}")
+    return 0
+
+
+@command("push", "upload a trained model folder to the Hugging Face Hub")
+def push_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lm-lstm push", description="Upload a trained model folder to the Hub.")
+    parser.add_argument("folder", help="The model folder written by `lm-lstm train`.")
+    parser.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="USER/NAME on the Hub.")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument("--revision", help="Branch to push to (created if needed; default: main).")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`).")
+    parser.add_argument("--include_checkpoints", action="store_true", help="Upload checkpoint-* folders too.")
+    parser.add_argument("--include_logs", action="store_true", help="Upload TensorBoard logs and trainer state too.")
+    args = one_line_errors(parser).parse_args(argv)
+    files = files_to_upload(args.folder, args.include_checkpoints, args.include_logs)
+    url = push_folder(
+        args.folder, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+        include_checkpoints=args.include_checkpoints, include_logs=args.include_logs,
+    )
+    print(f"Uploaded {len(files)} files to {args.repo_id}: {', '.join(files)}\n{url}")
     return 0
 
 

@@ -21,6 +21,7 @@ from .configuration_lstm import LSTMConfig
 from .data import DEFAULT_CORPUS, DataSource, check_block_size, collate_blocks, load_text_datasets, tokenize_dataset
 from .modeling_lstm import LSTMForCausalLM
 from .evaluation import predicted_bytes
+from .hub import push_folder
 from .tokenization import TOKENIZER_KINDS, load_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -72,21 +73,23 @@ class ModelArguments:
         default=False, metadata={"help": "Allow code from the model's folder or repository (other architectures)."}
     )
 
+    def __post_init__(self) -> None:
+        if self.model_name_or_path is None:
+            LSTMConfig(**self.architecture())  # rejects bad sizes and dropouts before any work
+
+    def architecture(self) -> dict:
+        """The `LSTMConfig` arguments these options set."""
+        names = ("embedding_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings", "embedding_dropout",
+                 "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout")
+        return {name: getattr(self, name) for name in names}
+
     def new_config(self, tokenizer: PreTrainedTokenizerBase) -> LSTMConfig:
         return LSTMConfig(
             vocab_size=len(tokenizer),
-            embedding_size=self.embedding_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            tie_word_embeddings=self.tie_word_embeddings,
-            embedding_dropout=self.embedding_dropout,
-            input_dropout=self.input_dropout,
-            hidden_dropout=self.hidden_dropout,
-            output_dropout=self.output_dropout,
-            weight_dropout=self.weight_dropout,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            **self.architecture(),
         )
 
 
@@ -169,6 +172,9 @@ class LSTMTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N steps."})
     logging_first_step: bool = field(default=True, metadata={"help": "Log the first step's loss too."})
     eval_on_start: bool = field(default=True, metadata={"help": "Evaluate before training (step 0)."})
+    hub_strategy: str = field(
+        default="end", metadata={"help": "With --push_to_hub: 'end' pushes the finished folder with its card once."}
+    )
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -181,7 +187,27 @@ class LSTMTrainingArguments(TrainingArguments):
 
 
 class LSTMTrainer(Trainer):
-    """`Trainer` that reports validation perplexity beside the loss."""
+    """`Trainer` that reports validation perplexity beside the loss, and pushes Hub-complete folders."""
+
+    def push_to_hub(self, commit_message: str = "End of training", blocking: bool = True, token=None, revision=None,
+                    **kwargs):
+        """Uploads `output_dir` as `lm-lstm push` does: model, code, tokenizer and card; no checkpoints or pickles.
+
+        The card is the one `train()` wrote; call this after it.
+        """
+        if not self.is_world_process_zero():
+            return None
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token)
+        self._finish_current_push()
+        return push_folder(
+            self.args.output_dir,
+            self.hub_model_id,
+            private=bool(self.args.hub_private_repo),
+            revision=revision or self.args.hub_revision,
+            token=token or self.args.hub_token,
+            commit_message=commit_message,
+        )
 
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
@@ -334,12 +360,15 @@ def train(
     metrics.update(trainer.evaluate())
     output_dir = Path(training_args.output_dir)
     if trainer.is_world_process_zero():
-        trainer.save_model(str(output_dir))
+        # `_internal_call` keeps `save_model` from pushing now, before the card is written; the push comes last.
+        trainer.save_model(str(output_dir), _internal_call=True)
         trainer.save_metrics("train", train_output.metrics)
         trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
         trainer.save_metrics("all", metrics)
         trainer.save_state()
         run = summarize_run(trainer, data_args, card_args or CardArguments(), metrics, time.time() - start)
         write_model_card(output_dir, trainer.model, tokenizer, run)
+        if training_args.push_to_hub:
+            trainer.push_to_hub()
     sample = sample_text(trainer.model, tokenizer)
     return TrainingResult(output_dir=output_dir, metrics=metrics, sample=sample)
