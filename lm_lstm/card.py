@@ -157,7 +157,7 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
         eval_loss=_format(run.metrics["eval_loss"]),
         perplexity=_format(perplexity, 3),
         bits_per_byte=_format(run.bits_per_byte),
-        data_caveat="" if run.dataset_ids else "The training text is described above; judge its contents before use.",
+        data_caveat="" if run.dataset_ids else " The training text is described above; judge its contents before use.",
     )
     path = output_dir / "README.md"
     card.save(path)

@@ -54,6 +54,8 @@ def train_command(argv: list[str]) -> int:
     )
     model_args, data_args, training_args, card_args = parser.parse_args_into_dataclasses(args=argv)
     result = train(model_args, data_args, training_args, card_args)
+    if not result.is_main_process:
+        return 0
     print(f"\nValidation perplexity: {result.metrics['eval_perplexity']:.3f} (loss {result.metrics['eval_loss']:.4f})")
     print(f"Model, tokenizer and card written to {result.output_dir}\n\nSample:\n{result.sample}")
     return 0

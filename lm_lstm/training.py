@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
-from transformers.utils import is_torch_bf16_gpu_available
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
 from .card import RunSummary, write_model_card
 from .configuration_lstm import LSTMConfig
@@ -45,6 +44,13 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Fine-tune this model (a folder or Hub name) instead of training a new one."}
     )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Start a new model from this config (a folder or Hub name) instead of the "
+                                "size options below."}
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Override config values of a new model, e.g. 'hidden_size=256,num_hidden_layers=3'."}
+    )
     tokenizer_name: str | None = field(
         default=None,
         metadata={"help": "Use this tokenizer (a folder or Hub name) instead of training one.", "aliases": ["--tokenizer"]},
@@ -74,8 +80,10 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.model_name_or_path is None:
-            LSTMConfig(**self.architecture())  # rejects bad sizes and dropouts before any work
+        if self.model_name_or_path is not None and (self.config_name or self.config_overrides):
+            raise ValueError("--config_name and --config_overrides build a new model; drop --model_name_or_path.")
+        if self.model_name_or_path is None and self.config_name is None:
+            self._apply_overrides(LSTMConfig(**self.architecture()))  # rejects bad values before any work
 
     def architecture(self) -> dict:
         """The `LSTMConfig` arguments these options set."""
@@ -84,13 +92,25 @@ class ModelArguments:
         return {name: getattr(self, name) for name in names}
 
     def new_config(self, tokenizer: PreTrainedTokenizerBase) -> LSTMConfig:
-        return LSTMConfig(
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **self.architecture(),
-        )
+        """The config of a new model for `tokenizer`: from --config_name or the size options, then the overrides."""
+        tokens = {
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        if self.config_name:
+            base = AutoConfig.from_pretrained(self.config_name, trust_remote_code=self.trust_remote_code).to_dict()
+            config = LSTMConfig(**{**base, **tokens})
+        else:
+            config = LSTMConfig(**self.architecture(), **tokens)
+        return self._apply_overrides(config)
+
+    def _apply_overrides(self, config: LSTMConfig) -> LSTMConfig:
+        if not self.config_overrides:
+            return config
+        config.update_from_string(self.config_overrides)
+        return LSTMConfig(**config.to_dict())  # validates the overridden values
 
 
 @dataclass
@@ -179,9 +199,9 @@ class LSTMTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = fast_bf16_available()
-        if self.bf16 and not is_torch_bf16_gpu_available():
-            self.use_cpu = True  # Trainer runs bf16 on a CPU only when told to use it
-        if not torch.cuda.is_available():
+        if not torch.accelerator.is_available():
+            # Trainer runs bf16, and DDP over gloo (torchrun, accelerate launch), on a CPU only when told to use it.
+            self.use_cpu = True
             self.dataloader_pin_memory = False  # nothing to pin for
         super().__post_init__()
 
@@ -225,6 +245,7 @@ class TrainingResult:
     output_dir: Path
     metrics: dict[str, float]
     sample: str
+    is_main_process: bool = True
 
 
 def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_texts) -> PreTrainedTokenizerBase:
@@ -336,8 +357,13 @@ def train(
     training_args: TrainingArguments,
     card_args: CardArguments | None = None,
     callbacks: list | None = None,
+    do_train: bool = True,
+    do_eval: bool = True,
 ) -> TrainingResult:
-    """Trains (or fine-tunes) a model and writes it, its tokenizer, results and card to `output_dir`."""
+    """Trains (or fine-tunes) a model and writes it, its tokenizer, results and card to `output_dir`.
+
+    With `do_train=False` only the evaluation runs; the card (which reports the evaluation) needs both.
+    """
     start = time.time()
     set_seed(training_args.seed)
     raw = load_text_datasets(data_args.source())
@@ -355,20 +381,32 @@ def train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = dict(train_output.metrics)
-    metrics.update(trainer.evaluate())
     output_dir = Path(training_args.output_dir)
-    if trainer.is_world_process_zero():
+    metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    if do_train:
+        train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        metrics.update(train_output.metrics)
         # `_internal_call` keeps `save_model` from pushing now, before the card is written; the push comes last.
         trainer.save_model(str(output_dir), _internal_call=True)
-        trainer.save_metrics("train", train_output.metrics)
-        trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
+    if do_eval:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["perplexity"] = eval_metrics["eval_perplexity"]  # the key run_clm.py writes
+        metrics.update(eval_metrics)
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if do_train:
+            trainer.save_metrics("train", train_output.metrics)
+            trainer.save_state()
+        if do_eval:
+            trainer.save_metrics("eval", eval_metrics)
         trainer.save_metrics("all", metrics)
-        trainer.save_state()
-        run = summarize_run(trainer, data_args, card_args or CardArguments(), metrics, time.time() - start)
-        write_model_card(output_dir, trainer.model, tokenizer, run)
-        if training_args.push_to_hub:
-            trainer.push_to_hub()
+        if do_train and do_eval:
+            run = summarize_run(trainer, data_args, card_args or CardArguments(), metrics, time.time() - start)
+            write_model_card(output_dir, trainer.model, tokenizer, run)
+    if do_train and training_args.push_to_hub:
+        trainer.push_to_hub()
     sample = sample_text(trainer.model, tokenizer)
-    return TrainingResult(output_dir=output_dir, metrics=metrics, sample=sample)
+    return TrainingResult(
+        output_dir=output_dir, metrics=metrics, sample=sample, is_main_process=trainer.is_world_process_zero()
+    )
