@@ -209,3 +209,14 @@ def test_unknown_command_and_evaluate_errors(tmp_path):
     assert run_cli("fly").returncode == 2
     result = run_cli("evaluate", "--model", tmp_path / "nothing", "--file", tmp_path / "x.txt")
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_named_tokenizer_and_config_are_reused(trained, corpus, tmp_path):
+    output, _ = trained
+    training_args = LSTMTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, eval_steps=2, save_steps=2,
+                                          bf16=False, report_to="none", disable_tqdm=True, eval_on_start=False)
+    model_args = ModelArguments(tokenizer_name=str(output), config_name=str(output), config_overrides="hidden_size=40")
+    result = train(model_args, DataArguments(train_file=[str(corpus / "train.txt")], block_size=32), training_args)
+    assert (result.output_dir / "tokenizer.json").read_text() == (output / "tokenizer.json").read_text()
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert config["hidden_size"] == 40 and config["embedding_size"] == 24  # from the named config, then overridden

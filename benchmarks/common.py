@@ -1,0 +1,89 @@
+"""Shared pieces of the benchmarks: timing, the machine's matmul peak, FLOP counts, and writing results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("results")
+
+
+def median_seconds(step: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `step()` over `repeats` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 5) -> float:
+    """The best FLOP/s of square matmuls in `dtype` on this machine, now (the ceiling the other numbers are read
+    against)."""
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        best = max(best, 2 * size**3 / median_seconds(lambda: a @ b, repeats, warmup=2))
+    return best
+
+
+def lstm_lm_forward_flops(vocab: int, embedding: int, hidden: int, layers: int, tied: bool) -> float:
+    """Matmul FLOPs of one token's forward pass through embedding -> LSTM layers -> output layer."""
+    sizes = [hidden] * layers
+    if tied:
+        sizes[-1] = embedding
+    inputs = [embedding] + sizes[:-1]
+    recurrent = sum(2 * 4 * h * (i + h) for i, h in zip(inputs, sizes))
+    return recurrent + 2 * vocab * sizes[-1]
+
+
+def machine() -> dict[str, object]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def markdown_table(rows: list[dict[str, object]], columns: list[str]) -> str:
+    def cell(value: object) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(args: argparse.Namespace, name: str, rows: list[dict[str, object]], columns: list[str],
+                  extra: dict | None = None) -> str:
+    """Prints the table and writes `NAME.json` and `NAME.md` (`NAME-quick.*` in quick mode) to --results_dir."""
+    table = markdown_table(rows, columns)
+    print(table)
+    stem = f"{name}-quick" if args.quick else name
+    folder = Path(args.results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "machine": machine(), "rows": rows, **(extra or {})}
+    (folder / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
+    header = f"# {name}\n\nMachine: {machine()}\n\n"
+    notes = "".join(f"- {k}: {v}\n" for k, v in (extra or {}).items())
+    (folder / f"{stem}.md").write_text(header + (notes + "\n" if notes else "") + table + "\n")
+    return table
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes and few repeats: checks that it runs.")
+    parser.add_argument("--results_dir", default=str(RESULTS), help="Where the JSON and Markdown results go.")
+    return parser

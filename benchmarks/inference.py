@@ -1,0 +1,85 @@
+"""CPU inference options: fp32, bf16 weights, and dynamic int8 quantisation of the LSTM and output layers.
+
+For each: greedy generation speed (batch 1) and the validation perplexity on Tiny Shakespeare (last 10% by
+position, every character scored with its full left context), so the speed-up is read beside what it costs.
+
+    python benchmarks/inference.py --model lm-lstm-model    # a model trained by `lm-lstm train`
+    python benchmarks/inference.py                          # trains a small one first (about a minute)
+    python benchmarks/inference.py --quick
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import argument_parser, write_results  # noqa: E402
+
+from lm_lstm.data import DEFAULT_CORPUS  # noqa: E402
+from lm_lstm.evaluation import evaluate_file, load_model_and_tokenizer  # noqa: E402
+from lm_lstm.training import DataArguments, LSTMTrainingArguments, ModelArguments, train  # noqa: E402
+
+
+def train_small_model(output_dir: str, quick: bool) -> str:
+    train(
+        ModelArguments(tokenizer_type="char", embedding_size=32 if quick else 128, hidden_size=64 if quick else 512),
+        DataArguments(block_size=64 if quick else 128, max_train_samples=64 if quick else None),
+        LSTMTrainingArguments(output_dir=output_dir, max_steps=4 if quick else 200, eval_strategy="no",
+                              save_strategy="no", load_best_model_at_end=False, eval_on_start=False,
+                              report_to="none", disable_tqdm=True),
+    )
+    return output_dir
+
+
+def variants(model) -> dict[str, nn.Module]:
+    return {
+        "fp32": model,
+        "bf16 weights": copy.deepcopy(model).to(torch.bfloat16),
+        "int8 dynamic (LSTM + output)": torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), {nn.LSTM, nn.Linear}, dtype=torch.qint8
+        ),
+    }
+
+
+def generation_speed(model, tokenizer, new_tokens: int) -> float:
+    inputs = tokenizer("ROMEO:", return_tensors="pt")
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--model", help="A trained lm-lstm folder (default: train a small one).")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.model or train_small_model(str(Path(scratch) / "model"), args.quick)
+        model, tokenizer = load_model_and_tokenizer(folder)
+        text = DEFAULT_CORPUS.read_text(encoding="utf-8")
+        validation = Path(scratch) / "validation.txt"
+        validation.write_text(text[int(len(text) * 0.9) :][: 2000 if args.quick else None], encoding="utf-8")
+        rows = []
+        for name, variant in variants(model).items():
+            score = evaluate_file(variant, tokenizer, validation, block_size=512)
+            rows.append({"variant": name, "tokens/s (batch 1)": generation_speed(variant, tokenizer, 32 if args.quick else 512),
+                         "validation loss (nats/char)": score.loss, "perplexity": score.perplexity})
+            print(rows[-1], flush=True)
+    for row in rows:
+        row["speed vs fp32"] = row["tokens/s (batch 1)"] / rows[0]["tokens/s (batch 1)"]
+        row["perplexity change"] = f"{100 * (row['perplexity'] / rows[0]['perplexity'] - 1):+.2f}%"
+    columns = ["variant", "tokens/s (batch 1)", "speed vs fp32", "validation loss (nats/char)", "perplexity",
+               "perplexity change"]
+    write_results(args, "inference", rows, columns, extra={"model": args.model or "small model trained here"})
+
+
+if __name__ == "__main__":
+    main()

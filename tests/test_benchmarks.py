@@ -1,0 +1,24 @@
+"""Each benchmark runs end to end in its tiny --quick mode and writes its table (the numbers are not tests)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("name, ratio", [
+    ("train_speed", "Trainer / plain"),
+    ("generation", "lm-lstm / this"),
+    ("inference", "speed vs fp32"),
+])
+def test_benchmark_runs_in_quick_mode(name, ratio, tmp_path):
+    result = subprocess.run([sys.executable, BENCHMARKS / f"{name}.py", "--quick", "--results_dir", tmp_path],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / f"{name}-quick.json").read_text())
+    assert results["rows"] and all(row[ratio] > 0 for row in results["rows"])
+    assert (tmp_path / f"{name}-quick.md").read_text().count("|") > 10

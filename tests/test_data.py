@@ -1,0 +1,85 @@
+"""Data loading: file kinds, text columns, validation carving, tokenisation into blocks, caching, bad files."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from lm_lstm.data import (
+    DataError, DataSource, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset,
+)
+
+DOCUMENTS = [f"Document {i}: " + "words " * (5 + i) for i in range(20)]
+
+
+def write_tabular(folder, kind):
+    records = [{"body": text, "id": i} for i, text in enumerate(DOCUMENTS)]
+    path = folder / f"docs.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif kind == "json":
+        path.write_text(json.dumps(records))
+    elif kind == "csv":
+        pd.DataFrame(records).to_csv(path, index=False)
+    else:
+        pd.DataFrame(records).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "parquet"])
+def test_tabular_files_with_a_text_column(tmp_path, kind):
+    path = write_tabular(tmp_path, kind)
+    raw = load_text_datasets(DataSource(train_files=[str(path)], text_column="body", validation_split_percentage=10))
+    assert raw["train"]["text"] == DOCUMENTS[:18] and raw["validation"]["text"] == DOCUMENTS[18:]  # last by position
+    with pytest.raises(DataError, match="no column 'text'"):
+        load_text_datasets(DataSource(train_files=[str(path)]))
+
+
+def test_single_text_file_is_split_by_character_position(tmp_path, shakespeare_text):
+    path = tmp_path / "play.txt"
+    path.write_text(shakespeare_text[:10_000])
+    raw = load_text_datasets(DataSource(train_files=[str(path)], validation_split_percentage=10))
+    assert raw["train"]["text"][0] + raw["validation"]["text"][0] == shakespeare_text[:10_000]
+    assert len(raw["validation"]["text"][0]) == 1000
+
+
+def test_documents_end_with_eos_and_fill_blocks(tmp_path, char_tokenizer):
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    files[0].write_text("abc\n" * 30)
+    files[1].write_text("xyz\n" * 30)
+    raw = load_text_datasets(DataSource(train_files=[str(files[0])], validation_files=[str(files[1])]))
+    blocks = tokenize_dataset(raw, char_tokenizer, block_size=16)
+    stream = [t for block in blocks["train"]["input_ids"] for t in block]
+    expected = char_tokenizer("abc\n" * 30, add_special_tokens=False).input_ids + [char_tokenizer.eos_token_id]
+    assert stream == expected[: len(expected) - len(expected) % 16]
+    assert all(block == labels for block, labels in zip(blocks["train"]["input_ids"], blocks["train"]["labels"]))
+
+
+def test_second_run_reuses_the_datasets_cache(tmp_path, char_tokenizer, shakespeare_text):
+    path = tmp_path / "play.txt"
+    path.write_text(shakespeare_text[:20_000])
+    first = tokenize_dataset(load_text_datasets(DataSource(train_files=[str(path)])), char_tokenizer, 32)
+    second = tokenize_dataset(load_text_datasets(DataSource(train_files=[str(path)])), char_tokenizer, 32)
+    assert first["train"]._fingerprint == second["train"]._fingerprint
+    assert first["train"].cache_files and first["train"].cache_files == second["train"].cache_files
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"), (b"", "the file is empty"), (b" \n\t ", "only whitespace"),
+    (b"ok\xff\xfe", "not UTF-8"), (b"abc\x00def", "NUL bytes"), (b"caf\xc3", "ends inside"),
+])
+def test_bad_files_are_named_in_a_one_line_error(tmp_path, content, message):
+    path = tmp_path / "input.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as error:
+        check_text_file(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_collate_pads_short_blocks_on_the_right():
+    batch = collate_blocks([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert "attention_mask" not in collate_blocks([{"input_ids": [5, 6], "labels": [5, 6]}])
