@@ -179,8 +179,8 @@ class LSTMTrainingArguments(TrainingArguments):
     warmup_steps: float = field(default=50, metadata={"help": "Linear warm-up steps (or a fraction if < 1)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping norm: LSTMs need it."})
-    bf16: bool | None = field(
-        default=None,
+    bf16: bool = field(
+        default=fast_bf16_available(),  # decided once, when the module is imported
         metadata={"help": "bf16 autocast. Default: on where it is fast (AMX / AVX-512 BF16 CPUs, bf16 GPUs)."},
     )
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
@@ -197,8 +197,6 @@ class LSTMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = fast_bf16_available()
         if not torch.accelerator.is_available():
             # Trainer runs bf16, and DDP over gloo (torchrun, accelerate launch), on a CPU only when told to use it.
             self.use_cpu = True

@@ -14,6 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("train_speed", "Trainer / plain"),
     ("generation", "lm-lstm / this"),
     ("inference", "speed vs fp32"),
+    ("bf16_quality", "loss vs fp32"),
 ])
 def test_benchmark_runs_in_quick_mode(name, ratio, tmp_path):
     result = subprocess.run([sys.executable, BENCHMARKS / f"{name}.py", "--quick", "--results_dir", tmp_path],
