@@ -9,7 +9,6 @@ step is a `Dataset.map`, so the `datasets` cache lets a second run skip the work
 from __future__ import annotations
 
 import codecs
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,6 @@ from pathlib import Path
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import PreTrainedTokenizerBase
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = Path(__file__).with_name("corpus") / "tiny_shakespeare.txt"
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}

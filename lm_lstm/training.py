@@ -1,12 +1,11 @@
 """Training with `transformers.Trainer`: text files in; model, tokenizer, results and card out.
 
-The three argument dataclasses are what `lm-lstm train` and `examples/run_clm.py` parse (with `HfArgumentParser`);
-`train()` runs the whole job from them.
+The argument dataclasses (model, data, training, card) are what `lm-lstm train` and `examples/run_clm.py` parse
+with `HfArgumentParser`; `train()` runs the whole job from them.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,13 +17,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from .card import RunSummary, write_model_card
 from .configuration_lstm import LSTMConfig
 from .data import DEFAULT_CORPUS, DataSource, check_block_size, collate_blocks, load_text_datasets, tokenize_dataset
-from .modeling_lstm import LSTMForCausalLM
 from .evaluation import predicted_bytes
 from .hub import push_folder
+from .modeling_lstm import LSTMForCausalLM
 from .tokenization import TOKENIZER_KINDS, load_tokenizer, train_tokenizer
-
-logger = logging.getLogger(__name__)
-
 
 def fast_bf16_available() -> bool:
     """Whether bf16 autocast is fast here: a GPU with bf16 support, or a CPU with AVX-512 BF16 / AMX instructions."""
