@@ -224,11 +224,12 @@ class LSTMModel(LSTMPreTrainedModel):
     def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Looks tokens up, dropping whole word types in training (`embedding_dropout`)."""
         vocab_size = self.embeddings.num_embeddings
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-            raise ValueError(
-                f"`input_ids` must be in [0, {vocab_size}) (the vocabulary size), got values from "
-                f"{int(input_ids.min())} to {int(input_ids.max())}."
-            )
+        if input_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(input_ids))
+            if low < 0 or high >= vocab_size:
+                raise ValueError(
+                    f"`input_ids` must be in [0, {vocab_size}) (the vocabulary size), got values from {low} to {high}."
+                )
         embeds = self.embeddings(input_ids)
         p = self.config.embedding_dropout
         if self.training and p > 0:
