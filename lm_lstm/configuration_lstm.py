@@ -7,6 +7,7 @@ from transformers import PretrainedConfig
 
 _SIZE_ARGUMENTS = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers")
 _DROPOUT_ARGUMENTS = ("embedding_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout")
+_PENALTY_ARGUMENTS = ("activation_regularization", "temporal_activation_regularization")
 
 
 class LSTMConfig(PretrainedConfig):
@@ -38,6 +39,12 @@ class LSTMConfig(PretrainedConfig):
             Locked dropout on the output of the last LSTM layer, before the softmax.
         weight_dropout (`float`, *optional*, defaults to 0.5):
             DropConnect on the hidden-to-hidden weight matrices: one mask per forward pass, shared by all time steps.
+        activation_regularization (`float`, *optional*, defaults to 0.0):
+            AR: in training, this coefficient times the mean square of the last layer's dropped-out output is added
+            to the loss (AWD-LSTM uses 2.0).
+        temporal_activation_regularization (`float`, *optional*, defaults to 0.0):
+            TAR: in training, this coefficient times the mean square of the change of the last layer's output from
+            one time step to the next (before dropout) is added to the loss (AWD-LSTM uses 1.0).
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Share the weights of the input embedding and the output layer.
         initializer_range (`float`, *optional*, defaults to 0.1):
@@ -74,6 +81,8 @@ class LSTMConfig(PretrainedConfig):
         hidden_dropout: float = 0.3,
         output_dropout: float = 0.4,
         weight_dropout: float = 0.5,
+        activation_regularization: float = 0.0,
+        temporal_activation_regularization: float = 0.0,
         tie_word_embeddings: bool = True,
         initializer_range: float = 0.1,
         pad_token_id: int | None = None,
@@ -91,6 +100,8 @@ class LSTMConfig(PretrainedConfig):
         self.hidden_dropout = hidden_dropout
         self.output_dropout = output_dropout
         self.weight_dropout = weight_dropout
+        self.activation_regularization = activation_regularization
+        self.temporal_activation_regularization = temporal_activation_regularization
         self.tie_word_embeddings = tie_word_embeddings
         self.initializer_range = initializer_range
         self.pad_token_id = pad_token_id
@@ -109,6 +120,10 @@ class LSTMConfig(PretrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ValueError(f"`{name}` must be a probability in [0, 1), got {value!r}.")
+        for name in _PENALTY_ARGUMENTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
         if not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
             raise ValueError(f"`initializer_range` must be a number > 0, got {self.initializer_range!r}.")
         if self.tie_word_embeddings and self.num_hidden_layers == 1 and self.hidden_size != self.embedding_size:

@@ -251,7 +251,11 @@ class LSTMModel(LSTMPreTrainedModel):
                     f"The `cache` holds states for a batch of {hidden.shape[0]}, but the inputs have a batch of "
                     f"{batch_size}. Continue from a cache with inputs of the batch it was built with."
                 )
-            states.append((hidden, layer_cache.recurrent_states[CELL_STATE]))
+            cell = layer_cache.recurrent_states[CELL_STATE]
+            if torch.is_grad_enabled():
+                # The cache is updated in place after the layer ran; autograd needs the states it started from.
+                hidden, cell = hidden.clone(), cell.clone()
+            states.append((hidden, cell))
         return states
 
     def forward(
@@ -406,37 +410,71 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Targets for the causal language-modelling loss, **shifted inside the model** (`labels = input_ids`
                 works). Values in `[0, vocab_size)`, or -100 for positions to ignore. The loss honours
-                `num_items_in_batch` in `kwargs`, so `Trainer`'s gradient accumulation is exact.
+                `num_items_in_batch` in `kwargs`, so `Trainer`'s gradient accumulation is exact. Instead of
+                `labels`, `shift_labels` in `kwargs` gives the target of every position itself (no shift), as when
+                the next block continues the sequence and the state is carried.
+                In training, the AR and TAR penalties of the config are added to the loss.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 Compute logits only for the last `logits_to_keep` positions (0: all), or for the given positions.
 
         The other arguments are those of [`LSTMModel.forward`].
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if labels is not None:
-            self._check_labels(labels)
+        for targets in (labels, kwargs.get("shift_labels")):
+            if targets is not None:
+                self._check_labels(targets)
+        has_targets = labels is not None or kwargs.get("shift_labels") is not None
+        penalize = has_targets and self.training and self._has_activation_penalties
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             cache=cache,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states or penalize,
             return_dict=True,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
 
         loss = None
-        if labels is not None:
+        if has_targets:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if penalize:
+            loss = loss + self._activation_penalties(
+                outputs.last_hidden_state, outputs.hidden_states[-1], attention_mask, kwargs.get("num_items_in_batch")
+            )
+        all_hidden_states = outputs.hidden_states if output_hidden_states else None
 
         if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.cache, outputs.hidden_states) if v is not None)
+            output = (logits,) + tuple(v for v in (outputs.cache, all_hidden_states) if v is not None)
             return ((loss,) + output) if loss is not None else output
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
-        )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=all_hidden_states)
+
+    @property
+    def _has_activation_penalties(self) -> bool:
+        return self.config.activation_regularization > 0 or self.config.temporal_activation_regularization > 0
+
+    def _activation_penalties(
+        self,
+        dropped_output: torch.Tensor,
+        raw_output: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """AR + TAR (AWD-LSTM) on the last layer's output: mean squares over the features, averaged over the real
+        (unpadded) positions, or over `num_items_in_batch` as the loss is (exact under gradient accumulation)."""
+        if attention_mask is None:
+            attention_mask = torch.ones(raw_output.shape[:2], dtype=torch.bool, device=raw_output.device)
+        real = attention_mask.bool()
+        real_pairs = real[:, 1:] & real[:, :-1]
+        activation = dropped_output.float().pow(2).mean(-1)[real].sum()
+        temporal = (raw_output[:, 1:] - raw_output[:, :-1]).float().pow(2).mean(-1)[real_pairs].sum()
+        count = num_items_in_batch if num_items_in_batch is not None else real.sum().clamp(min=1)
+        config = self.config
+        return (
+            config.activation_regularization * activation + config.temporal_activation_regularization * temporal
+        ) / count
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         vocab_size = self.config.vocab_size

@@ -171,6 +171,37 @@ def test_loss_honours_num_items_in_batch():
     torch.testing.assert_close(summed, mean * 10 / 100)
 
 
+def test_shift_labels_give_the_unshifted_targets():
+    model = tiny_model()
+    ids, targets = random_ids(2, 6), random_ids(2, 6, seed=2)
+    targets[1, 4] = -100
+    out = model(ids, shift_labels=targets)
+    keep = targets != -100
+    expected = -out.logits[keep].log_softmax(-1).gather(1, targets[keep][:, None]).mean()
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_activation_penalties_add_ar_and_tar_over_real_positions_in_training_only():
+    ids = random_ids(2, 7)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # right padding
+    plain = tiny_model(seed=3).train()
+    penalised = tiny_model(seed=3, activation_regularization=2.0, temporal_activation_regularization=0.5).train()
+    out = penalised(ids, attention_mask=mask, labels=ids, output_hidden_states=True)
+    base = plain(ids, attention_mask=mask, labels=ids).loss
+    top = out.hidden_states[-1]  # no dropout: the dropped-out output is the raw one
+    real, pairs = mask.bool(), (mask[:, 1:] & mask[:, :-1]).bool()
+    ar = top.pow(2).mean(-1)[real]
+    tar = (top[:, 1:] - top[:, :-1]).pow(2).mean(-1)[pairs]
+    torch.testing.assert_close(out.loss, base + 2.0 * ar.mean() + 0.5 * tar.mean())
+    # Normalised like the loss under gradient accumulation: sums over `num_items_in_batch`.
+    items = torch.tensor(50)
+    summed = penalised(ids, attention_mask=mask, labels=ids, num_items_in_batch=items).loss
+    expected = plain(ids, attention_mask=mask, labels=ids, num_items_in_batch=items).loss
+    torch.testing.assert_close(summed, expected + (2.0 * ar.sum() + 0.5 * tar.sum()) / 50)
+    torch.testing.assert_close(penalised.eval()(ids, labels=ids).loss, plain.eval()(ids, labels=ids).loss)
+
+
 def test_every_parameter_gets_a_gradient():
     model = tiny_model(tie_word_embeddings=True, embedding_size=10, **{k: 0.3 for k in NO_DROPOUT}).train()
     ids = random_ids(4, 8)
@@ -252,7 +283,8 @@ def test_weight_dropout_changes_recurrent_weights_only_in_training():
     [dict(vocab_size=0), dict(hidden_size=-1), dict(num_hidden_layers=0), dict(embedding_size=1.5),
      dict(input_dropout=1.0), dict(weight_dropout=-0.1), dict(output_dropout=2),
      dict(num_hidden_layers=1, tie_word_embeddings=True, hidden_size=8, embedding_size=6),
-     dict(eos_token_id=40), dict(initializer_range=0)],
+     dict(eos_token_id=40), dict(initializer_range=0), dict(activation_regularization=-1.0),
+     dict(temporal_activation_regularization="1")],
 )
 def test_invalid_config_values_raise_naming_the_argument(arguments):
     name = next(iter(arguments)) if len(arguments) == 1 else "tie_word_embeddings"
