@@ -31,7 +31,11 @@ class RunSummary:
     train_blocks: int
     eval_blocks: int
     block_size: int
-    validation_bytes: int
+    train_tokens: int
+    eval_tokens: int
+    scored_tokens: int  # validation tokens the loss averages over
+    validation_bytes: int  # bytes of text those tokens stand for
+    evaluation_method: str
     wall_time_seconds: float
     data_description: str
     dataset_ids: list[str] = field(default_factory=list)
@@ -41,8 +45,7 @@ class RunSummary:
 
     @property
     def bits_per_byte(self) -> float:
-        predicted_tokens = self.eval_blocks * (self.block_size - 1)
-        return self.metrics["eval_loss"] * predicted_tokens / self.validation_bytes / 0.6931471805599453
+        return self.metrics["eval_loss"] * self.scored_tokens / self.validation_bytes / 0.6931471805599453
 
 
 def hardware_description() -> str:
@@ -138,8 +141,10 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
         block_size=run.block_size,
         train_blocks=f"{run.train_blocks:,}",
         eval_blocks=f"{run.eval_blocks:,}",
-        train_tokens=f"{run.train_blocks * run.block_size:,}",
-        eval_tokens=f"{run.eval_blocks * run.block_size:,}",
+        train_tokens=f"{run.train_tokens:,}",
+        eval_tokens=f"{run.eval_tokens:,}",
+        evaluation_method=run.evaluation_method,
+        bptt=h["bptt"],
         steps=h["steps"],
         epochs=_format(h["epochs"], 2),
         batch_size=h["batch_size"],

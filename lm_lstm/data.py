@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import PreTrainedTokenizerBase
@@ -220,4 +221,116 @@ def collate_blocks(features: list[dict[str, list[int]]]) -> dict[str, torch.Tens
     batch = {"input_ids": input_ids, "labels": labels}
     if not attention_mask.all():
         batch["attention_mask"] = attention_mask
+    return batch
+
+
+class StreamBlocks(torch.utils.data.Dataset):
+    """Token streams for stateful truncated BPTT: the text laid out as `num_streams` contiguous streams per process.
+
+    Every document is preceded by the EOS token (a document start, as in training on blocks) and every one of its
+    tokens is a target exactly once: row `i` of a stream holds `block_size` inputs and the `block_size` tokens that
+    follow them (`shift_labels`, unshifted targets), so the next block continues where this one stopped. A document
+    starts at the beginning of a block (the end of the previous one is padding) and that block has `reset=True`:
+    the carried state is zeroed there. The block sequence is cut into equal streams (a stream starting inside a
+    document resets too, as in AWD-LSTM's batchify); the last streams are filled up with empty blocks.
+
+    Rows are ordered so that a sequential loader with batch size `num_streams`, split across `world_size`
+    processes batch by batch in turn (as Accelerate does), gives each process its own streams and, batch after
+    batch, the next block of each of them.
+    """
+
+    def __init__(
+        self,
+        documents: list[list[int]],
+        block_size: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        num_streams: int,
+        world_size: int = 1,
+        max_blocks: int | None = None,
+    ):
+        check_block_size(block_size)
+        if num_streams < 1 or world_size < 1:
+            raise ValueError(f"num_streams and world_size must be >= 1, got {num_streams} and {world_size}.")
+        inputs, targets, starts = [], [], []
+        for document in documents:
+            if not document:
+                continue
+            padding = -len(document) % block_size
+            inputs.append(np.array([eos_token_id, *document[:-1]] + [pad_token_id] * padding, dtype=np.int64))
+            targets.append(np.array(document + [-100] * padding, dtype=np.int64))
+            first_blocks = np.zeros((len(document) + padding) // block_size, dtype=bool)
+            first_blocks[0] = True
+            starts.append(first_blocks)
+        if not inputs:
+            raise DataError("No text to lay out in streams.")
+        inputs, targets = np.concatenate(inputs).reshape(-1, block_size), np.concatenate(targets).reshape(-1, block_size)
+        starts = np.concatenate(starts)
+        if max_blocks is not None:
+            inputs, targets, starts = inputs[:max_blocks], targets[:max_blocks], starts[:max_blocks]
+        total_streams = num_streams * world_size
+        self.blocks_per_stream = math.ceil(len(inputs) / total_streams)
+        empty = total_streams * self.blocks_per_stream - len(inputs)
+        shape = (total_streams, self.blocks_per_stream, block_size)
+        self.inputs = np.concatenate([inputs, np.full((empty, block_size), pad_token_id)]).reshape(shape)
+        self.targets = np.concatenate([targets, np.full((empty, block_size), -100)]).reshape(shape)
+        self.resets = np.concatenate([starts, np.zeros(empty, dtype=bool)]).reshape(shape[:2])
+        self.resets[:, 0] = True
+        self.num_streams, self.world_size = num_streams, world_size
+
+    @classmethod
+    def from_pieces(cls, pieces, tokenizer: PreTrainedTokenizerBase, block_size: int, num_streams: int, **kwargs):
+        """Lays out the documents of a `tokenize_documents` result (pieces, each document's last ending in EOS)."""
+        return cls(
+            list(join_documents(pieces["input_ids"], tokenizer.eos_token_id)),
+            block_size,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            num_streams=num_streams,
+            **kwargs,
+        )
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0] * self.inputs.shape[1]
+
+    def _position(self, row: int) -> tuple[int, int]:
+        batch, slot = divmod(row, self.num_streams)
+        block, process = divmod(batch, self.world_size)
+        return process * self.num_streams + slot, block
+
+    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} blocks")
+        stream, block = self._position(row)
+        targets = torch.from_numpy(self.targets[stream, block])
+        return {
+            "input_ids": torch.from_numpy(self.inputs[stream, block]),
+            "shift_labels": targets,
+            "attention_mask": (targets != -100).long(),
+            "reset": torch.tensor(bool(self.resets[stream, block])),
+        }
+
+    def target_ids(self) -> list[int]:
+        """All targets in text order (every token of the text once)."""
+        flat = self.targets.reshape(-1)
+        return flat[flat != -100].tolist()
+
+
+def join_documents(pieces: list[list[int]], eos_token_id: int):
+    """Joins consecutive token pieces into documents, each ending at a piece that ends in EOS."""
+    document: list[int] = []
+    for piece in pieces:
+        document.extend(piece)
+        if piece and piece[-1] == eos_token_id:
+            yield document
+            document = []
+    if document:
+        yield document
+
+
+def collate_stream_blocks(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stacks `StreamBlocks` rows into a batch; the attention mask is left out when nothing is padded."""
+    batch = {key: torch.stack([f[key] for f in features]) for key in features[0]}
+    if bool(batch["attention_mask"].all()):
+        del batch["attention_mask"]
     return batch

@@ -6,20 +6,42 @@ with `HfArgumentParser`; `train()` runs the whole job from them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from torch.utils.data import SequentialSampler
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import EvalLoopOutput
 
+from .averaging import NonMonotonicAveraging
 from .card import RunSummary, write_model_card
 from .configuration_lstm import LSTMConfig
-from .data import DEFAULT_CORPUS, DataSource, check_block_size, collate_blocks, load_text_datasets, tokenize_dataset
+from .data import (
+    DEFAULT_CORPUS,
+    DataSource,
+    StreamBlocks,
+    check_block_size,
+    collate_blocks,
+    collate_stream_blocks,
+    load_text_datasets,
+    tokenize_dataset,
+    tokenize_documents,
+)
 from .evaluation import predicted_bytes
 from .hub import push_folder
-from .modeling_lstm import LSTMForCausalLM
+from .modeling_lstm import CELL_STATE, HIDDEN_STATE, LSTMForCausalLM
 from .tokenization import TOKENIZER_KINDS, load_tokenizer, train_tokenizer
 
 def fast_bf16_available() -> bool:
@@ -71,6 +93,12 @@ class ModelArguments:
     hidden_dropout: float = field(default=0.1, metadata={"help": "Locked dropout between LSTM layers."})
     output_dropout: float = field(default=0.2, metadata={"help": "Locked dropout before the output layer."})
     weight_dropout: float = field(default=0.1, metadata={"help": "DropConnect on the hidden-to-hidden weights."})
+    activation_regularization: float = field(
+        default=0.0, metadata={"help": "AR: weight of the mean squared (dropped-out) last-layer output in the loss."}
+    )
+    temporal_activation_regularization: float = field(
+        default=0.0, metadata={"help": "TAR: weight of the mean squared step-to-step change of the last-layer output."}
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the model's folder or repository (other architectures)."}
     )
@@ -84,7 +112,8 @@ class ModelArguments:
     def architecture(self) -> dict:
         """The `LSTMConfig` arguments these options set."""
         names = ("embedding_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings", "embedding_dropout",
-                 "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout")
+                 "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout", "activation_regularization",
+                 "temporal_activation_regularization")
         return {name: getattr(self, name) for name in names}
 
     def new_config(self, tokenizer: PreTrainedTokenizerBase) -> LSTMConfig:
@@ -191,6 +220,18 @@ class LSTMTrainingArguments(TrainingArguments):
     hub_strategy: str = field(
         default="end", metadata={"help": "With --push_to_hub: 'end' pushes the finished folder with its card once."}
     )
+    weight_averaging_patience: int | None = field(
+        default=None,
+        metadata={"help": "NT-ASGD-style weight averaging: once the validation loss is worse than the best of the "
+                  "evaluations more than N evaluations ago, average the weights of every later step, and evaluate "
+                  "and save the average. Off by default."},
+    )
+    stateful: bool = field(
+        default=False,
+        metadata={"help": "Stateful truncated BPTT: lay the text out as batch-size contiguous streams per process and "
+                  "carry the (detached) recurrent state from batch to batch, reset at document starts; evaluation "
+                  "runs the same way, so every token is predicted with its left context."},
+    )
 
     def __post_init__(self):
         if not torch.accelerator.is_available():
@@ -198,10 +239,35 @@ class LSTMTrainingArguments(TrainingArguments):
             self.use_cpu = True
             self.dataloader_pin_memory = False  # nothing to pin for
         super().__post_init__()
+        if self.stateful:
+            check_stateful_arguments(self)
+        if self.weight_averaging_patience is not None:
+            NonMonotonicAveraging(self.weight_averaging_patience)  # checks the value before any work
+
+
+def check_stateful_arguments(args: TrainingArguments) -> None:
+    """Raises `ValueError` for training options that stateful BPTT cannot honour."""
+    if args.activation_checkpointing:
+        raise ValueError(
+            "--stateful needs the state of every batch; it cannot be used with activation (gradient) checkpointing."
+        )
+
+
+STREAM_COLUMNS = ("shift_labels", "reset")
 
 
 class LSTMTrainer(Trainer):
-    """`Trainer` that reports validation perplexity beside the loss, and pushes Hub-complete folders."""
+    """`Trainer` that reports validation perplexity beside the loss, pushes Hub-complete folders, and runs stateful
+    truncated BPTT when given `StreamBlocks` datasets (`--stateful`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._carried_states: dict[str, list[tuple[torch.Tensor, torch.Tensor]] | None] = {"train": None, "eval": None}
+        streams = [d for d in (self.train_dataset, self.eval_dataset) if isinstance(d, StreamBlocks)]
+        if streams and not isinstance(self.model, LSTMForCausalLM):
+            raise ValueError(f"--stateful carries an LSTM's state; {type(self.model).__name__} has none.")
+        if streams:
+            check_stateful_arguments(self.args)
 
     def push_to_hub(self, commit_message: str = "End of training", blocking: bool = True, token=None, revision=None,
                     **kwargs):
@@ -223,13 +289,92 @@ class LSTMTrainer(Trainer):
             commit_message=commit_message,
         )
 
-    def evaluation_loop(self, *args, **kwargs):
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", "eval")
-        loss = output.metrics.get(f"{prefix}_loss")
+    def _averaged_weights(self) -> contextlib.AbstractContextManager:
+        """The averaged weights in place (see `NonMonotonicAveraging`) once averaging has started."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, NonMonotonicAveraging) and callback.average is not None:
+                return callback.average.applied()
+        return contextlib.nullcontext()
+
+    def evaluate(self, *args, **kwargs):
+        with self._averaged_weights():
+            return super().evaluate(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with self._averaged_weights():
+            super().save_model(output_dir, _internal_call)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if isinstance(dataset, StreamBlocks):
+            return SequentialSampler(dataset)  # the rows are already in stream order
+        return super()._get_train_sampler(train_dataset)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        for column in STREAM_COLUMNS:  # read by `compute_loss` (`reset`) and the loss (`shift_labels`)
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def _with_carried_state(self, key: str, inputs: dict) -> dict:
+        """`inputs` (without `reset`) with a cache holding the state the previous batch of these streams ended with,
+        zeroed where a stream starts a document."""
+        inputs = dict(inputs)
+        reset = inputs.pop("reset")
+        cache = DynamicCache(config=self.model.config)
+        states = self._carried_states[key]
+        if states is not None:
+            keep = (~reset.to(states[0][0].device))[:, None]
+            for layer_idx, layer_states in enumerate(states):
+                for slot, state in zip((HIDDEN_STATE, CELL_STATE), layer_states):
+                    cache.update_recurrent_state(state * keep, layer_idx, state_idx=slot)
+        return {**inputs, "cache": cache, "use_cache": True}
+
+    def _carry(self, key: str, cache: DynamicCache) -> None:
+        self._carried_states[key] = [
+            tuple(layer.recurrent_states[slot].detach() for slot in (HIDDEN_STATE, CELL_STATE)) for layer in cache.layers
+        ]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "reset" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        key = "train" if model.training else "eval"
+        loss, outputs = super().compute_loss(
+            model, self._with_carried_state(key, inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        self._carry(key, outputs.cache)
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        if isinstance(dataloader.dataset, StreamBlocks):
+            output = self._stream_evaluation_loop(dataloader, metric_key_prefix)
+        else:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
-            output.metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 700.0))
+            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 700.0))
         return output
+
+    @torch.no_grad()
+    def _stream_evaluation_loop(self, dataloader, metric_key_prefix: str) -> EvalLoopOutput:
+        """Exact mean NLL per token over the streams, the state carried through each (summed over processes)."""
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        model.eval()
+        self._carried_states["eval"] = None
+        total = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # summed NLL, targets
+        for inputs in dataloader:
+            inputs = self._prepare_inputs(inputs)
+            with self.autocast_smart_context_manager():
+                # With `num_items_in_batch=1` the loss is the summed NLL of the batch.
+                outputs = model(**self._with_carried_state("eval", inputs), num_items_in_batch=1)
+            self._carry("eval", outputs.cache)
+            total += torch.stack([outputs.loss.double(), inputs["shift_labels"].ne(-100).sum().double()])
+        self._carried_states["eval"] = None
+        nll, count = self.accelerator.reduce(total, reduction="sum").tolist()
+        metrics = {f"{metric_key_prefix}_loss": nll / max(count, 1)}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(dataloader.dataset))
 
 
 @dataclass
@@ -267,6 +412,26 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) 
 
 def _limit(dataset, count: int | None):
     return dataset if count is None else dataset.select(range(min(count, len(dataset))))
+
+
+def build_datasets(raw, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, training_args):
+    """The training and validation datasets and their collator: independent blocks, or streams with `--stateful`."""
+    if not getattr(training_args, "stateful", False):
+        blocks = tokenize_dataset(raw, tokenizer, data_args.block_size, data_args.preprocessing_num_workers)
+        train = _limit(blocks["train"], data_args.max_train_samples)
+        return train, _limit(blocks["validation"], data_args.max_eval_samples), collate_blocks
+    pieces = tokenize_documents(raw, tokenizer, data_args.preprocessing_num_workers)
+    train, validation = (
+        StreamBlocks.from_pieces(
+            pieces[split], tokenizer, data_args.block_size, num_streams=batch_size,
+            world_size=training_args.world_size, max_blocks=limit,
+        )
+        for split, batch_size, limit in (
+            ("train", training_args.per_device_train_batch_size, data_args.max_train_samples),
+            ("validation", training_args.per_device_eval_batch_size, data_args.max_eval_samples),
+        )
+    )
+    return train, validation, collate_stream_blocks
 
 
 def configure_generation(model, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -310,6 +475,33 @@ def describe_data(data_args: DataArguments) -> tuple[str, list[str], str | None]
     return f"Local files {', '.join(Path(f).name for f in data_args.train_file)}, with {split}.", [], None
 
 
+def _data_counts(trainer: Trainer, block_size: int) -> dict:
+    """Block and token counts of the run's data, and how the validation loss was measured, for `RunSummary`."""
+    train, validation, tokenizer = trainer.train_dataset, trainer.eval_dataset, trainer.processing_class
+    counts = {"train_blocks": len(train), "eval_blocks": len(validation), "block_size": block_size}
+    if isinstance(validation, StreamBlocks):
+        targets = validation.target_ids()
+        text = tokenizer.decode(targets, skip_special_tokens=True)
+        return {
+            **counts,
+            "train_tokens": len(train.target_ids()),
+            "eval_tokens": len(targets),
+            "scored_tokens": len(targets),
+            "validation_bytes": max(1, len(text.encode("utf-8"))),
+            "evaluation_method": f"as {validation.num_streams * validation.world_size} contiguous streams with the "
+            "state carried from block to block (reset at document starts): every token is scored once",
+        }
+    return {
+        **counts,
+        "train_tokens": len(train) * block_size,
+        "eval_tokens": len(validation) * block_size,
+        "scored_tokens": len(validation) * (block_size - 1),
+        "validation_bytes": predicted_bytes(tokenizer, validation["input_ids"]),
+        "evaluation_method": f"in independent blocks of {block_size} tokens (each block starts from a zero state; "
+        "its first token is not scored)",
+    }
+
+
 def summarize_run(trainer: Trainer, data_args: DataArguments, card_args: CardArguments, metrics, wall_time) -> RunSummary:
     args, state = trainer.args, trainer.state
     description, dataset_ids, language = describe_data(data_args)
@@ -331,11 +523,14 @@ def summarize_run(trainer: Trainer, data_args: DataArguments, card_args: CardArg
             "max_grad_norm": args.max_grad_norm,
             "precision": "bf16 autocast" if args.bf16 else ("fp16 autocast" if args.fp16 else "fp32"),
             "seed": args.seed,
+            "bptt": (
+                f"stateful: {args.per_device_train_batch_size * args.world_size} streams, the state carried from batch "
+                "to batch (reset at document starts)"
+                if isinstance(trainer.train_dataset, StreamBlocks)
+                else "truncated at each block (every block starts from a zero state)"
+            ),
         },
-        train_blocks=len(trainer.train_dataset),
-        eval_blocks=len(trainer.eval_dataset),
-        block_size=data_args.block_size,
-        validation_bytes=predicted_bytes(trainer.processing_class, trainer.eval_dataset["input_ids"]),
+        **_data_counts(trainer, data_args.block_size),
         wall_time_seconds=wall_time,
         data_description=description,
         dataset_ids=dataset_ids,
@@ -362,16 +557,19 @@ def train(
     set_seed(training_args.seed)
     raw = load_text_datasets(data_args.source())
     tokenizer = build_tokenizer(model_args, data_args, (row["text"] for row in raw["train"]))
-    blocks = tokenize_dataset(raw, tokenizer, data_args.block_size, data_args.preprocessing_num_workers)
+    train_dataset, eval_dataset, collator = build_datasets(raw, tokenizer, data_args, training_args)
     model = build_model(model_args, tokenizer)
     configure_generation(model, tokenizer)
 
+    patience = getattr(training_args, "weight_averaging_patience", None)
+    if patience is not None:
+        callbacks = [*(callbacks or []), NonMonotonicAveraging(patience)]
     trainer = LSTMTrainer(
         model=model,
         args=training_args,
-        train_dataset=_limit(blocks["train"], data_args.max_train_samples),
-        eval_dataset=_limit(blocks["validation"], data_args.max_eval_samples),
-        data_collator=collate_blocks,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
     )

@@ -88,9 +88,9 @@ def test_accelerate_loop_resumed_from_a_checkpoint_ends_with_the_same_weights(co
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=0, rtol=0)
 
 
-def logged_losses(folder: Path) -> list[float]:
+def logged_losses(folder: Path, key: str = "loss") -> list[float]:
     history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
-    return [entry["loss"] for entry in history if "loss" in entry]
+    return [entry[key] for entry in history if key in entry]
 
 
 # Eight training blocks and a global batch of eight: every step sees all of them, whatever order each sampler picks.
@@ -119,6 +119,23 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, 
     for folder in (torchrun, accelerate):
         assert logged_losses(folder) == pytest.approx(expected, abs=1e-5)
         assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
+
+
+def test_stateful_ddp_gives_each_process_its_own_streams(corpus, tmp_path):
+    """--stateful under DDP (2 x 4 streams) sees the same streams, batch after batch, as one process with 8: the
+    per-step training losses and the validation losses agree."""
+    stateful = [*TRAIN_ARGS, "--stateful", "--max_train_samples", 48, "--max_eval_samples", 16]
+    single = tmp_path / "single"
+    run(sys.executable, "-m", "lm_lstm.cli", *stateful, "--train_file", corpus, "--output_dir", single,
+        "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 4)
+    ddp = tmp_path / "ddp"
+    run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29520, "-m",
+        "lm_lstm.cli", *stateful, "--train_file", corpus, "--output_dir", ddp, "--per_device_train_batch_size", 4,
+        "--per_device_eval_batch_size", 2)
+    expected = logged_losses(single)
+    assert len(expected) == 6
+    assert logged_losses(ddp) == pytest.approx(expected, abs=1e-5)
+    assert logged_losses(ddp, "eval_loss") == pytest.approx(logged_losses(single, "eval_loss"), abs=1e-5)
 
 
 def test_accelerate_loop_under_two_processes(corpus, tmp_path):

@@ -156,6 +156,29 @@ def test_generate_command_streams_text(trained):
     assert greedy[0].stdout == greedy[1].stdout
 
 
+def test_stateful_training_on_documents_end_to_end(shakespeare_text, tmp_path):
+    """--stateful on a JSON Lines file of documents: validation perplexity falls, every validation token is scored,
+    and the card says how the model was trained and evaluated."""
+    documents = [shakespeare_text[start : start + 1500] for start in range(0, 45_000, 1500)]
+    data = tmp_path / "plays.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    output = tmp_path / "model"
+    result = run_cli(
+        "train", "--train_file", data, "--output_dir", output, "--tokenizer_type", "char", *TINY_MODEL, "--stateful",
+        "--block_size", 32, "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 3, "--max_steps", 40,
+        "--eval_steps", 20, "--save_steps", 20, "--warmup_steps", 5, "--bf16", "False", "--report_to", "none",
+        "--activation_regularization", 1, "--temporal_activation_regularization", 1,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [e for e in json.loads((output / "trainer_state.json").read_text())["log_history"] if "eval_loss" in e]
+    assert math.exp(evals[-1]["eval_loss"]) < 0.7 * math.exp(evals[0]["eval_loss"])
+    card = (output / "README.md").read_text()
+    validation_characters = sum(len(text) + 1 for text in documents[-3:])  # the last 10%: 3 documents, and EOS each
+    assert "| validation | " in card and f"{validation_characters:,} |" in card
+    assert "stateful: 8 streams" in card and "as 3 contiguous streams" in card
+    assert json.loads((output / "config.json").read_text())["temporal_activation_regularization"] == 1
+
+
 def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path):
     def run(output, resume=None):
         training_args = LSTMTrainingArguments(
@@ -190,6 +213,9 @@ def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path):
         (lambda d: ["--max_stepz", 3], "--max_stepz"),
         (lambda d: ["--validation_split_percentage", 0], "validation_split_percentage"),
         (lambda d: ["--input_dropout", 1.5], "input_dropout"),
+        (lambda d: ["--activation_regularization", -1], "activation_regularization"),
+        (lambda d: ["--weight_averaging_patience", 0], "weight_averaging_patience"),
+        (lambda d: ["--stateful", "--activation_checkpointing"], "activation (gradient) checkpointing"),
     ],
 )
 def test_bad_training_inputs_fail_with_one_line(tmp_path, make_args, message):
