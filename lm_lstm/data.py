@@ -237,6 +237,10 @@ class StreamBlocks(torch.utils.data.Dataset):
     Rows are ordered so that a sequential loader with batch size `num_streams`, split across `world_size`
     processes batch by batch in turn (as Accelerate does), gives each process its own streams and, batch after
     batch, the next block of each of them.
+
+    Rows carry no attention mask: padding only ever ends the last block of a document or of a stream, and the state
+    after such a block is reset (or never used), so the LSTM may run through the padding (targets -100) on its fast
+    unpacked kernel; an attention mask would make it pack every batch holding a padded row.
     """
 
     def __init__(
@@ -302,11 +306,9 @@ class StreamBlocks(torch.utils.data.Dataset):
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} out of range for {len(self)} blocks")
         stream, block = self._position(row)
-        targets = torch.from_numpy(self.targets[stream, block])
         return {
             "input_ids": torch.from_numpy(self.inputs[stream, block]),
-            "shift_labels": targets,
-            "attention_mask": (targets != -100).long(),
+            "shift_labels": torch.from_numpy(self.targets[stream, block]),
             "reset": torch.tensor(bool(self.resets[stream, block])),
         }
 
@@ -329,8 +331,5 @@ def join_documents(pieces: list[list[int]], eos_token_id: int):
 
 
 def collate_stream_blocks(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stacks `StreamBlocks` rows into a batch; the attention mask is left out when nothing is padded."""
-    batch = {key: torch.stack([f[key] for f in features]) for key in features[0]}
-    if bool(batch["attention_mask"].all()):
-        del batch["attention_mask"]
-    return batch
+    """Stacks `StreamBlocks` rows into a batch."""
+    return {key: torch.stack([f[key] for f in features]) for key in features[0]}

@@ -441,8 +441,11 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         if has_targets:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if penalize:
+            real = attention_mask
+            if real is None and kwargs.get("shift_labels") is not None:
+                real = kwargs["shift_labels"] != -100  # a position with a target is a real input
             loss = loss + self._activation_penalties(
-                outputs.last_hidden_state, outputs.hidden_states[-1], attention_mask, kwargs.get("num_items_in_batch")
+                outputs.last_hidden_state, outputs.hidden_states[-1], real, kwargs.get("num_items_in_batch")
             )
         all_hidden_states = outputs.hidden_states if output_hidden_states else None
 
@@ -463,7 +466,8 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """AR + TAR (AWD-LSTM) on the last layer's output: mean squares over the features, averaged over the real
-        (unpadded) positions, or over `num_items_in_batch` as the loss is (exact under gradient accumulation)."""
+        positions (`attention_mask`), or over `num_items_in_batch` as the loss is (exact under gradient
+        accumulation)."""
         if attention_mask is None:
             attention_mask = torch.ones(raw_output.shape[:2], dtype=torch.bool, device=raw_output.device)
         real = attention_mask.bool()

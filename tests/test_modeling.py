@@ -199,6 +199,12 @@ def test_activation_penalties_add_ar_and_tar_over_real_positions_in_training_onl
     summed = penalised(ids, attention_mask=mask, labels=ids, num_items_in_batch=items).loss
     expected = plain(ids, attention_mask=mask, labels=ids, num_items_in_batch=items).loss
     torch.testing.assert_close(summed, expected + (2.0 * ar.sum() + 0.5 * tar.sum()) / 50)
+    # Without a mask, the positions with a target (`shift_labels`) are the real ones.
+    targets = ids.masked_fill(mask == 0, -100)
+    unmasked = penalised(ids, shift_labels=targets, output_hidden_states=True)
+    top = unmasked.hidden_states[-1]
+    ar, tar = top.pow(2).mean(-1)[real].mean(), (top[:, 1:] - top[:, :-1]).pow(2).mean(-1)[pairs].mean()
+    torch.testing.assert_close(unmasked.loss, plain(ids, shift_labels=targets).loss + 2.0 * ar + 0.5 * tar)
     torch.testing.assert_close(penalised.eval()(ids, labels=ids).loss, plain.eval()(ids, labels=ids).loss)
 
 
