@@ -59,7 +59,7 @@ def machine() -> dict[str, object]:
 
 def markdown_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     def cell(value: object) -> str:
-        return f"{value:.3g}" if isinstance(value, float) else str(value)
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
@@ -67,8 +67,9 @@ def markdown_table(rows: list[dict[str, object]], columns: list[str]) -> str:
 
 
 def write_results(args: argparse.Namespace, name: str, rows: list[dict[str, object]], columns: list[str],
-                  extra: dict | None = None) -> str:
-    """Prints the table and writes `NAME.json` and `NAME.md` (`NAME-quick.*` in quick mode) to --results_dir."""
+                  extra: dict | None = None, appendix: str = "") -> str:
+    """Prints the table and writes `NAME.json` and `NAME.md` (`NAME-quick.*` in quick mode) to --results_dir; the
+    Markdown ends with `appendix`."""
     table = markdown_table(rows, columns)
     print(table)
     stem = f"{name}-quick" if args.quick else name
@@ -78,7 +79,7 @@ def write_results(args: argparse.Namespace, name: str, rows: list[dict[str, obje
     (folder / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
     header = f"# {name}\n\nMachine: {machine()}\n\n"
     notes = "".join(f"- {k}: {v}\n" for k, v in (extra or {}).items())
-    (folder / f"{stem}.md").write_text(header + (notes + "\n" if notes else "") + table + "\n")
+    (folder / f"{stem}.md").write_text(header + (notes + "\n" if notes else "") + table + "\n" + appendix)
     return table
 
 

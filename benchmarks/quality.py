@@ -1,0 +1,259 @@
+"""Model quality at equal wall-clock: lm-lstm's default recipe against a GPT of similar size, on Tiny Shakespeare.
+
+Both models are trained by the same `Trainer` (`LSTMTrainer`) on the same character-level data (the last 10% of the
+text by position held out) for the same training time (`--minutes`; evaluation is not counted). The learning rate
+follows a cosine over the time budget after a linear warm-up, and training stops when the budget is spent. The metric
+is the exact mean negative log-likelihood per character over the entire validation text, every character predicted
+with its full left context within that text: the LSTM reads the text as one stream with its state carried; the GPT
+reads it through sliding windows of its context length moved by a quarter of it (every character has at least 3/4
+of a full context).
+
+    python benchmarks/quality.py --minutes 5 10              # one result file per budget
+    python benchmarks/quality.py --minutes 10 --variants lstm lstm-blocks
+    python benchmarks/quality.py --quick
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import argument_parser, write_results  # noqa: E402
+
+import torch  # noqa: E402
+from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, set_seed  # noqa: E402
+
+from lm_lstm.data import DataSource, load_text_datasets  # noqa: E402
+from lm_lstm.evaluation import score_stream  # noqa: E402
+from lm_lstm.tokenization import train_char_tokenizer  # noqa: E402
+from lm_lstm.training import (  # noqa: E402
+    DataArguments,
+    LSTMTrainer,
+    LSTMTrainingArguments,
+    ModelArguments,
+    build_datasets,
+    build_model,
+    sample_text,
+)
+
+VARIANTS = ("lstm", "lstm-blocks", "gpt")
+GPT_RECIPE = dict(n_layer=4, n_head=4, n_embd=256, n_positions=128, dropout=0.1, learning_rate=2e-3, batch_size=16,
+                  weight_decay=0.1, max_grad_norm=1.0)
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training after `minutes` of training time and drives a warm-up + cosine schedule over that time."""
+
+    def __init__(self, minutes: float, warmup_steps: int):
+        self.seconds = minutes * 60
+        self.warmup_steps = warmup_steps
+        self.start: float | None = None
+
+    def fraction(self) -> float:
+        return 0.0 if self.start is None else min(1.0, (time.perf_counter() - self.start) / self.seconds)
+
+    def learning_rate_factor(self, step: int) -> float:
+        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        return warmup * 0.5 * (1 + math.cos(math.pi * self.fraction()))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.fraction() >= 1.0:
+            control.should_training_stop = True
+
+
+@dataclass
+class Setup:
+    """The shared data of every run."""
+
+    tokenizer: object
+    raw: object
+    validation_ids: list[int]  # EOS, then every validation character
+    sample_length: int
+
+
+def prepare(quick: bool) -> Setup:
+    raw = load_text_datasets(DataSource())
+    tokenizer = train_char_tokenizer(raw["train"]["text"])
+    text = raw["validation"][0]["text"]
+    if quick:
+        text = text[:2000]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Setup(tokenizer=tokenizer, raw=raw, validation_ids=[tokenizer.eos_token_id, *ids],
+                 sample_length=20 if quick else 200)
+
+
+def training_arguments(output_dir: str, quick: bool, **overrides) -> LSTMTrainingArguments:
+    """The default recipe's arguments with evaluation and checkpoints off (the budget is training time)."""
+    arguments = dict(
+        output_dir=output_dir, max_steps=10**7, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+        eval_on_start=False, report_to="none", disable_tqdm=True, logging_steps=50,
+    )
+    if quick:
+        arguments.update(per_device_train_batch_size=4, per_device_eval_batch_size=4)
+    return LSTMTrainingArguments(**{**arguments, **overrides})
+
+
+def train_for(model, args, train_dataset, collator, tokenizer, minutes: float) -> tuple[int, float]:
+    """Trains under the time budget; returns the steps taken and the training seconds."""
+    budget = TimeBudget(minutes, int(args.warmup_steps))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    trainer = LSTMTrainer(
+        model=model, args=args, train_dataset=train_dataset, data_collator=collator, processing_class=tokenizer,
+        callbacks=[budget], optimizers=(optimizer, LambdaLR(optimizer, budget.learning_rate_factor)),
+    )
+    trainer.train()
+    return trainer.state.global_step, time.perf_counter() - budget.start
+
+
+def recipe_overrides(assignments: list[str]) -> dict[str, dict[str, object]]:
+    """`NAME=VALUE` changes to the default recipe, sorted into model, data and training arguments."""
+    groups = {"model": ModelArguments, "data": DataArguments, "training": LSTMTrainingArguments}
+    overrides: dict[str, dict[str, object]] = {group: {} for group in groups}
+    for assignment in assignments:
+        name, _, value = assignment.partition("=")
+        group = next((g for g, cls in groups.items() if name in cls.__dataclass_fields__), None)
+        if group is None or not value:
+            raise SystemExit(f"--set {assignment!r}: expected NAME=VALUE with NAME an argument of `lm-lstm train`.")
+        default = groups[group].__dataclass_fields__[name].default
+        overrides[group][name] = value.lower() == "true" if isinstance(default, bool) else type(default)(value)
+    return overrides
+
+
+def run_lstm(setup: Setup, minutes: float, stateful: bool, quick: bool, output_dir: str,
+             overrides: dict[str, dict[str, object]]) -> dict[str, object]:
+    sizes = {"embedding_size": 16, "hidden_size": 32} if quick else {}
+    model_args = ModelArguments(tokenizer_type="char", **{**sizes, **overrides["model"]})
+    data_args = DataArguments(**overrides["data"])
+    args = training_arguments(output_dir, quick, **{"stateful": stateful, **overrides["training"]})
+    train_dataset, _, collator = build_datasets(setup.raw, setup.tokenizer, data_args, args)
+    model = build_model(model_args, setup.tokenizer)
+    steps, seconds = train_for(model, args, train_dataset, collator, setup.tokenizer, minutes)
+    model.eval()
+    nll, count = score_stream(model, setup.validation_ids, block_size=1024)
+    tokens = steps * args.per_device_train_batch_size * data_args.block_size
+    return result_row("lstm" if stateful else "lstm-blocks", model, setup, steps, tokens, seconds, nll / count)
+
+
+@torch.no_grad()
+def score_windows(model, ids: list[int], context: int, stride: int, batch_size: int = 32) -> tuple[float, int]:
+    """Summed NLL of `ids[1:]` through sliding windows of `context` tokens moved by `stride`: each window scores the
+    `stride` tokens at its end, predicted from everything in the window before them."""
+    stream = torch.tensor(ids, device=model.device)
+    total, windows = 0.0, []
+    for end in range(1, len(ids), stride):
+        stop = min(end + stride, len(ids))
+        windows.append((max(0, stop - 1 - context), end, stop))  # inputs stream[first:stop-1]; targets [end, stop)
+    for begin in range(0, len(windows), batch_size):
+        batch = windows[begin : begin + batch_size]
+        width = max(stop - 1 - first for first, _, stop in batch)
+        inputs = torch.zeros(len(batch), width, dtype=torch.long, device=model.device)
+        targets = torch.full((len(batch), width), -100, dtype=torch.long, device=model.device)
+        mask = torch.zeros_like(inputs)
+        for row, (first, end, stop) in enumerate(batch):
+            length = stop - 1 - first
+            inputs[row, :length] = stream[first : stop - 1]
+            mask[row, :length] = 1
+            targets[row, end - 1 - first : length] = stream[end:stop]
+        logits = model(inputs, attention_mask=mask).logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
+    return total, len(ids) - 1
+
+
+def run_gpt(setup: Setup, minutes: float, quick: bool, output_dir: str, recipe: dict[str, object]) -> dict[str, object]:
+    if quick:
+        recipe = dict(recipe, n_layer=1, n_embd=16, n_head=2, n_positions=32)
+    tokenizer = setup.tokenizer
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=recipe["n_positions"], n_embd=recipe["n_embd"],
+        n_layer=recipe["n_layer"], n_head=recipe["n_head"], resid_pdrop=recipe["dropout"],
+        embd_pdrop=recipe["dropout"], attn_pdrop=recipe["dropout"], bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    data_args = DataArguments(block_size=recipe["n_positions"])
+    args = training_arguments(
+        output_dir, quick, stateful=False, learning_rate=recipe["learning_rate"], weight_decay=recipe["weight_decay"],
+        max_grad_norm=recipe["max_grad_norm"],
+        **({} if quick else {"per_device_train_batch_size": recipe["batch_size"]}),
+    )
+    train_dataset, _, collator = build_datasets(setup.raw, tokenizer, data_args, args)
+    steps, seconds = train_for(model, args, train_dataset, collator, tokenizer, minutes)
+    model.eval()
+    context = recipe["n_positions"]
+    nll, count = score_windows(model, setup.validation_ids, context, stride=context // 4)
+    tokens = steps * args.per_device_train_batch_size * context
+    return result_row("gpt", model, setup, steps, tokens, seconds, nll / count)
+
+
+@torch.no_grad()
+def sample_in_window(model, tokenizer, length: int, context: int) -> str:
+    """Samples as `sample_text` does (temperature 0.8, top-k 50), feeding a GPT only the last `context` tokens."""
+    ids = tokenizer("\n", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    for _ in range(length):
+        logits = model(ids[:, -context:]).logits[0, -1] / 0.8
+        logits[logits < logits.topk(min(50, logits.numel())).values[-1]] = -float("inf")
+        ids = torch.cat([ids, torch.multinomial(logits.softmax(-1), 1)[None]], dim=1)
+    return tokenizer.decode(ids[0], skip_special_tokens=True)
+
+
+def result_row(name, model, setup, steps, tokens, seconds, loss) -> dict[str, object]:
+    set_seed(0)
+    if isinstance(model, GPT2LMHeadModel):
+        sample = sample_in_window(model, setup.tokenizer, setup.sample_length, model.config.n_positions)
+    else:
+        sample = sample_text(model, setup.tokenizer, max_new_tokens=setup.sample_length)
+    print(f"\n{name}: {loss:.4f} nats/char after {steps} steps\n{sample}\n", flush=True)
+    return {
+        "model": name, "parameters": model.num_parameters(), "steps": steps, "tokens seen": tokens,
+        "training minutes": seconds / 60, "nats/char": loss, "bits/char": loss / math.log(2), "sample": sample,
+    }
+
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--minutes", type=float, nargs="+", default=[10.0], help="Training-time budgets, one run each.")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["lstm", "gpt"],
+                        help="lstm: the default recipe (stateful); lstm-blocks: the same on independent blocks; gpt.")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="Change the LSTM's recipe (arguments of `lm-lstm train`), to compare recipes.")
+    parser.add_argument("--gpt_set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help=f"Change the GPT's recipe: {', '.join(GPT_RECIPE)}.")
+    args = parser.parse_args()
+    overrides = recipe_overrides(args.set)
+    gpt_recipe = dict(GPT_RECIPE)
+    for assignment in args.gpt_set:
+        name, _, value = assignment.partition("=")
+        if name not in GPT_RECIPE:
+            raise SystemExit(f"--gpt_set {assignment!r}: expected NAME=VALUE with NAME one of {', '.join(GPT_RECIPE)}.")
+        gpt_recipe[name] = type(GPT_RECIPE[name])(value)
+    setup = prepare(args.quick)
+    for minutes in [0.05] if args.quick else args.minutes:
+        rows = []
+        for variant in args.variants:
+            set_seed(args.seed)
+            with tempfile.TemporaryDirectory() as scratch:
+                if variant == "gpt":
+                    rows.append(run_gpt(setup, minutes, args.quick, scratch, gpt_recipe))
+                else:
+                    rows.append(run_lstm(setup, minutes, variant == "lstm", args.quick, scratch, overrides))
+        reference = next((row for row in rows if row["model"] == "gpt"), rows[-1])
+        for row in rows:
+            row["vs " + reference["model"]] = row["nats/char"] / reference["nats/char"]
+        columns = [column for column in rows[0] if column != "sample"]
+        samples = "".join(f"\n## Sample: {row['model']}\n\n```\n{row['sample']}\n```\n" for row in rows)
+        extra = {"budget minutes": minutes, "seed": args.seed, "gpt recipe": gpt_recipe, "lstm recipe changes": args.set}
+        name = f"quality_{minutes:g}min" + "".join(f"_{assignment}" for assignment in args.set + args.gpt_set)
+        write_results(args, name, rows, columns, extra, appendix=samples)
+
+if __name__ == "__main__":
+    main()
