@@ -196,9 +196,13 @@ class LSTMTrainingArguments(TrainingArguments):
     """`TrainingArguments` with defaults suited to LSTM language models on a CPU."""
 
     output_dir: str | None = field(default="lm-lstm-model", metadata={"help": "Where the trained model is written."})
-    max_steps: int = field(default=750, metadata={"help": "Total optimisation steps (overrides num_train_epochs)."})
-    per_device_train_batch_size: int = field(default=64, metadata={"help": "Training blocks per batch and device."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Validation blocks per batch and device."})
+    max_steps: int = field(default=2500, metadata={"help": "Total optimisation steps (overrides num_train_epochs)."})
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Training blocks per batch and device (with --stateful: streams per device)."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=16, metadata={"help": "Validation blocks per batch and device (with --stateful: streams per device)."}
+    )
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
     warmup_steps: float = field(default=50, metadata={"help": "Linear warm-up steps (or a fraction if < 1)."})
@@ -209,8 +213,8 @@ class LSTMTrainingArguments(TrainingArguments):
         metadata={"help": "bf16 autocast. Default: on where it is fast (AMX / AVX-512 BF16 CPUs, bf16 GPUs)."},
     )
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
-    eval_steps: float | None = field(default=125, metadata={"help": "Evaluate every N steps."})
-    save_steps: float = field(default=125, metadata={"help": "Save a checkpoint every N steps."})
+    eval_steps: float | None = field(default=250, metadata={"help": "Evaluate every N steps."})
+    save_steps: float = field(default=250, metadata={"help": "Save a checkpoint every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best is always kept)."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Finish with the best checkpoint."})
     metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "Metric choosing the best."})
@@ -227,7 +231,7 @@ class LSTMTrainingArguments(TrainingArguments):
                   "and save the average. Off by default."},
     )
     stateful: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Stateful truncated BPTT: lay the text out as batch-size contiguous streams per process and "
                   "carry the (detached) recurrent state from batch to batch, reset at document starts; evaluation "
                   "runs the same way, so every token is predicted with its left context."},
@@ -265,7 +269,9 @@ class LSTMTrainer(Trainer):
         self._carried_states: dict[str, list[tuple[torch.Tensor, torch.Tensor]] | None] = {"train": None, "eval": None}
         streams = [d for d in (self.train_dataset, self.eval_dataset) if isinstance(d, StreamBlocks)]
         if streams and not isinstance(self.model, LSTMForCausalLM):
-            raise ValueError(f"--stateful carries an LSTM's state; {type(self.model).__name__} has none.")
+            raise ValueError(
+                f"--stateful carries an LSTM's state; {type(self.model).__name__} has none: use --stateful False."
+            )
         if streams:
             check_stateful_arguments(self.args)
 

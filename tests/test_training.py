@@ -42,7 +42,7 @@ def trained(corpus, tmp_path_factory):
         "train", "--train_file", corpus / "train.txt", "--output_dir", output, "--tokenizer_type", "char",
         *TINY_MODEL, "--block_size", BLOCK, "--per_device_train_batch_size", 16, "--max_steps", 40,
         "--eval_steps", 20, "--save_steps", 20, "--logging_steps", 10, "--warmup_steps", 5, "--bf16", "False",
-        "--report_to", "tensorboard", "--seed", 7,
+        "--report_to", "tensorboard", "--seed", 7, "--stateful", "False",  # independent blocks, as `--context blocks`
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return output, result.stdout
@@ -185,7 +185,7 @@ def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path):
             output_dir=str(output), max_steps=8, save_steps=4, eval_steps=4, logging_steps=4, bf16=False,
             per_device_train_batch_size=8, warmup_steps=2, seed=3, load_best_model_at_end=False,
             save_total_limit=None, eval_on_start=False, resume_from_checkpoint=resume, report_to="none",
-            disable_tqdm=True,
+            disable_tqdm=True, stateful=False,  # a resumed stateful run restarts its carried state from zeros
         )
         model_args = ModelArguments(tokenizer_type="char", embedding_size=16, hidden_size=32)
         data_args = DataArguments(train_file=[str(corpus / "train.txt")], block_size=32)
