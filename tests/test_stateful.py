@@ -132,3 +132,25 @@ def test_stateful_training_refuses_models_without_a_state_and_gradient_checkpoin
     with pytest.raises(ValueError, match="has none"):
         LSTMTrainer(model=torch.nn.Linear(2, 2), train_dataset=layout, data_collator=collate_stream_blocks,
                     args=arguments(tmp_path))
+
+
+def test_gradient_accumulation_continues_the_streams_micro_batch_after_micro_batch(char_model, char_tokenizer,
+                                                                                   shakespeare_text, tmp_path):
+    """With the weights frozen (learning rate 0), two accumulated micro-batches see exactly what two steps do."""
+    layout = StreamBlocks([text_ids(char_tokenizer, shakespeare_text[:2047])], block_size=16,
+                          eos_token_id=char_tokenizer.eos_token_id, pad_token_id=char_tokenizer.pad_token_id,
+                          num_streams=4)
+
+    def logged_losses(accumulation: int, steps: int) -> list[float]:
+        args = arguments(tmp_path / str(accumulation), learning_rate=0.0, max_steps=steps, logging_steps=1,
+                         per_device_train_batch_size=4, gradient_accumulation_steps=accumulation, save_strategy="no")
+        trainer = LSTMTrainer(model=char_model.train(), args=args, train_dataset=layout,
+                              data_collator=collate_stream_blocks)
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    single = logged_losses(1, 8)
+    accumulated = logged_losses(2, 4)
+    pairs = [(a + b) / 2 for a, b in zip(single[::2], single[1::2])]
+    assert accumulated == pytest.approx(pairs, rel=1e-5)
+    assert len(set(single)) == len(single)  # the blocks differ: equal losses are not a coincidence
