@@ -39,6 +39,7 @@ from lm_lstm.training import (  # noqa: E402
     ModelArguments,
     build_datasets,
     build_model,
+    configure_generation,
     sample_text,
 )
 
@@ -136,6 +137,7 @@ def run_lstm(setup: Setup, minutes: float, stateful: bool, quick: bool, output_d
     args = training_arguments(output_dir, quick, **{"stateful": stateful, **overrides["training"]})
     train_dataset, _, collator = build_datasets(setup.raw, setup.tokenizer, data_args, args)
     model = build_model(model_args, setup.tokenizer)
+    configure_generation(model, setup.tokenizer)  # samples as `lm-lstm generate` does (and as the GPT's below)
     steps, seconds = train_for(model, args, train_dataset, collator, setup.tokenizer, minutes)
     model.eval()
     nll, count = score_stream(model, setup.validation_ids, block_size=1024)
