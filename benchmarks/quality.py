@@ -44,6 +44,7 @@ from lm_lstm.training import (  # noqa: E402
 )
 
 VARIANTS = ("lstm", "lstm-blocks", "gpt")
+DEFAULT_SEED = 42
 GPT_RECIPE = dict(n_layer=4, n_head=4, n_embd=256, n_positions=128, dropout=0.1, learning_rate=2e-3, batch_size=16,
                   weight_decay=0.1, max_grad_norm=1.0)
 
@@ -92,11 +93,11 @@ def prepare(quick: bool) -> Setup:
                  sample_length=20 if quick else 200)
 
 
-def training_arguments(output_dir: str, quick: bool, **overrides) -> LSTMTrainingArguments:
+def training_arguments(output_dir: str, quick: bool, seed: int, **overrides) -> LSTMTrainingArguments:
     """The default recipe's arguments with evaluation and checkpoints off (the budget is training time)."""
     arguments = dict(
-        output_dir=output_dir, max_steps=10**7, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
-        eval_on_start=False, report_to="none", disable_tqdm=True, logging_steps=50,
+        output_dir=output_dir, seed=seed, max_steps=10**7, eval_strategy="no", save_strategy="no",
+        load_best_model_at_end=False, eval_on_start=False, report_to="none", disable_tqdm=True, logging_steps=50,
     )
     if quick:
         arguments.update(per_device_train_batch_size=4, per_device_eval_batch_size=4)
@@ -130,11 +131,11 @@ def recipe_overrides(assignments: list[str]) -> dict[str, dict[str, object]]:
 
 
 def run_lstm(setup: Setup, minutes: float, stateful: bool, quick: bool, output_dir: str,
-             overrides: dict[str, dict[str, object]]) -> dict[str, object]:
+             overrides: dict[str, dict[str, object]], seed: int) -> dict[str, object]:
     sizes = {"embedding_size": 16, "hidden_size": 32} if quick else {}
     model_args = ModelArguments(tokenizer_type="char", **{**sizes, **overrides["model"]})
     data_args = DataArguments(**overrides["data"])
-    args = training_arguments(output_dir, quick, **{"stateful": stateful, **overrides["training"]})
+    args = training_arguments(output_dir, quick, seed, **{"stateful": stateful, **overrides["training"]})
     train_dataset, _, collator = build_datasets(setup.raw, setup.tokenizer, data_args, args)
     model = build_model(model_args, setup.tokenizer)
     configure_generation(model, setup.tokenizer)  # samples as `lm-lstm generate` does (and as the GPT's below)
@@ -170,7 +171,8 @@ def score_windows(model, ids: list[int], context: int, stride: int, batch_size: 
     return total, len(ids) - 1
 
 
-def run_gpt(setup: Setup, minutes: float, quick: bool, output_dir: str, recipe: dict[str, object]) -> dict[str, object]:
+def run_gpt(setup: Setup, minutes: float, quick: bool, output_dir: str, recipe: dict[str, object],
+            seed: int) -> dict[str, object]:
     if quick:
         recipe = dict(recipe, n_layer=1, n_embd=16, n_head=2, n_positions=32)
     tokenizer = setup.tokenizer
@@ -183,8 +185,8 @@ def run_gpt(setup: Setup, minutes: float, quick: bool, output_dir: str, recipe: 
     model = GPT2LMHeadModel(config)
     data_args = DataArguments(block_size=recipe["n_positions"])
     args = training_arguments(
-        output_dir, quick, stateful=False, learning_rate=recipe["learning_rate"], weight_decay=recipe["weight_decay"],
-        max_grad_norm=recipe["max_grad_norm"],
+        output_dir, quick, seed, stateful=False, learning_rate=recipe["learning_rate"],
+        weight_decay=recipe["weight_decay"], max_grad_norm=recipe["max_grad_norm"],
         **({} if quick else {"per_device_train_batch_size": recipe["batch_size"]}),
     )
     train_dataset, _, collator = build_datasets(setup.raw, tokenizer, data_args, args)
@@ -225,7 +227,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0], help="Training-time budgets, one run each.")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["lstm", "gpt"],
                         help="lstm: the default recipe (stateful); lstm-blocks: the same on independent blocks; gpt.")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="Seeds the models' initialisation, the data order and dropout.")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                         help="Change the LSTM's recipe (arguments of `lm-lstm train`), to compare recipes.")
     parser.add_argument("--gpt_set", nargs="*", default=[], metavar="NAME=VALUE",
@@ -245,9 +248,9 @@ def main() -> None:
             set_seed(args.seed)
             with tempfile.TemporaryDirectory() as scratch:
                 if variant == "gpt":
-                    rows.append(run_gpt(setup, minutes, args.quick, scratch, gpt_recipe))
+                    rows.append(run_gpt(setup, minutes, args.quick, scratch, gpt_recipe, args.seed))
                 else:
-                    rows.append(run_lstm(setup, minutes, variant == "lstm", args.quick, scratch, overrides))
+                    rows.append(run_lstm(setup, minutes, variant == "lstm", args.quick, scratch, overrides, args.seed))
         reference = next((row for row in rows if row["model"] == "gpt"), rows[-1])
         for row in rows:
             row["vs " + reference["model"]] = row["nats/char"] / reference["nats/char"]
@@ -255,6 +258,8 @@ def main() -> None:
         samples = "".join(f"\n## Sample: {row['model']}\n\n```\n{row['sample']}\n```\n" for row in rows)
         extra = {"budget minutes": minutes, "seed": args.seed, "gpt recipe": gpt_recipe, "lstm recipe changes": args.set}
         name = f"quality_{minutes:g}min" + "".join(f"_{assignment}" for assignment in args.set + args.gpt_set)
+        if args.seed != DEFAULT_SEED:
+            name += f"_seed{args.seed}"
         write_results(args, name, rows, columns, extra, appendix=samples)
 
 if __name__ == "__main__":
