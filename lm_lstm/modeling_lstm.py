@@ -21,6 +21,32 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from .configuration_lstm import LSTMConfig
 
 HIDDEN_STATE, CELL_STATE = 0, 1  # state slots of a cache layer
+STEP_MATMUL_MAX_ROWS = 256  # measured faster than `F.linear` up to here, slower at 1024 rows
+
+
+def has_step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `step_matmul` beats `F.linear` for these operands (the rows first): a few fp32 rows on CPU, outside
+    autocast."""
+    return (
+        rows.device.type == "cpu"
+        and rows.dtype == weight.dtype == torch.float32
+        and rows.shape[0] <= STEP_MATMUL_MAX_ROWS
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(rows, weight)` for the few rows of a one-token step, computed as `(weight @ rows.T).T`.
+
+    A one-token step is bound by reading the weights. On CPU, MKL computes `F.linear` on a few rows with a
+    matrix-vector or small-batch kernel that reads the weight at a fifth to half of the memory bandwidth of the
+    matrix-matrix product `weight @ rows.T` with at least two columns: 1.5-5x slower for 1 to 8 rows (see
+    benchmarks/README.md). Returns a transposed view.
+    """
+    batch_size = rows.shape[0]
+    # Row-major rows (`rows.T` a transposed view: MKL's fast case), at least two (one would be a matrix-vector product).
+    rows = rows.expand(2, -1).contiguous() if batch_size == 1 else rows.contiguous()
+    return torch.mm(weight, rows.t())[:, :batch_size].t()
 
 
 class LockedDropout(nn.Module):
@@ -147,16 +173,24 @@ class LSTMLayer(GradientCheckpointingLayer):
     def _step(
         self, inputs: torch.Tensor, hidden: torch.Tensor | None, cell: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One time step with `torch.lstm_cell`: the same arithmetic as the fused kernel, without its per-call
-        set-up cost, which dominates a single step (about 15x on oneDNN) and so token-by-token generation."""
+        """One time step: the same arithmetic as the fused kernel, without its per-call set-up cost, which dominates
+        a single step (about 15x on oneDNN) and so token-by-token generation. The gates come from `step_matmul`
+        where it is faster, otherwise from `torch.lstm_cell`."""
         inputs = inputs[:, 0]
         if hidden is None:
             hidden = cell = inputs.new_zeros(inputs.shape[0], self.rnn.hidden_size)
+        hidden, cell = hidden.to(inputs.dtype), cell.to(inputs.dtype)
         rnn = self.rnn
-        hidden, cell = torch.lstm_cell(
-            inputs, (hidden.to(inputs.dtype), cell.to(inputs.dtype)),
-            rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0,
-        )
+        if not has_step_matmul(inputs, rnn.weight_ih_l0):
+            hidden, cell = torch.lstm_cell(
+                inputs, (hidden, cell), rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
+            )
+            return hidden[:, None], hidden, cell
+        gates = step_matmul(inputs, rnn.weight_ih_l0) + step_matmul(hidden, rnn.weight_hh_l0)
+        gates = gates + (rnn.bias_ih_l0 + rnn.bias_hh_l0)
+        input_gate, forget_gate, cell_gate, output_gate = gates.chunk(4, 1)
+        cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(cell_gate)
+        hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
         return hidden[:, None], hidden, cell
 
 
@@ -435,7 +469,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        logits = self._output_logits(hidden_states)
 
         loss = None
         if has_targets:
@@ -453,6 +487,16 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             output = (logits,) + tuple(v for v in (outputs.cache, all_hidden_states) if v is not None)
             return ((loss,) + output) if loss is not None else output
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=all_hidden_states)
+
+    def _output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`lm_head` on the hidden states; through `step_matmul` for a one-token step where it is faster."""
+        head = self.lm_head
+        if hidden_states.shape[1] != 1 or type(head) is not nn.Linear or not has_step_matmul(hidden_states, head.weight):
+            return head(hidden_states)
+        logits = step_matmul(hidden_states[:, 0], head.weight)
+        if head.bias is not None:
+            logits = logits + head.bias
+        return logits.contiguous()[:, None]
 
     @property
     def _has_activation_penalties(self) -> bool:

@@ -11,6 +11,7 @@ from conftest import NO_DROPOUT, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM, LSTMModel
+from lm_lstm.modeling_lstm import has_step_matmul, step_matmul
 
 
 def random_ids(batch: int, length: int, vocab_size: int = 40, seed: int = 1) -> torch.Tensor:
@@ -18,14 +19,63 @@ def random_ids(batch: int, length: int, vocab_size: int = 40, seed: int = 1) -> 
     return torch.randint(3, vocab_size, (batch, length), generator=generator)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # step_matmul, torch.lstm_cell
 @pytest.mark.parametrize("tied", [False, True])
-def test_full_forward_equals_stepping_through_the_cache(tied):
-    model = tiny_model(tie_word_embeddings=tied, num_hidden_layers=3)
-    ids = random_ids(3, 9)
+def test_full_forward_equals_stepping_through_the_cache(tied, dtype, batch_size):
+    model = tiny_model(tie_word_embeddings=tied, num_hidden_layers=3).to(dtype)
+    torch.nn.init.normal_(model.lm_head.bias)  # initialised to zeros
+    ids = random_ids(batch_size, 9)
     full = model(ids).logits
     cache = DynamicCache(config=model.config)
     steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_stepping_under_bf16_autocast_follows_the_full_forward():
+    model = tiny_model(num_hidden_layers=3)
+    ids = random_ids(2, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1).float(), full.float(), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("transposed_rows", [False, True])
+def test_step_matmul_equals_linear(rows, transposed_rows):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 20, generator=generator)
+    inputs = torch.randn(20, rows, generator=generator).t() if transposed_rows else torch.randn(rows, 20)
+    assert has_step_matmul(inputs, weight)
+    torch.testing.assert_close(step_matmul(inputs, weight), F.linear(inputs, weight), atol=1e-5, rtol=1e-5)
+
+
+def test_step_matmul_only_where_it_is_faster():
+    weight, rows = torch.zeros(30, 4), torch.zeros(2, 4)
+    assert has_step_matmul(rows, weight)
+    assert not has_step_matmul(rows.double(), weight.double())
+    assert not has_step_matmul(rows.bfloat16(), weight.bfloat16())
+    assert not has_step_matmul(torch.zeros(1000, 4), weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not has_step_matmul(rows, weight)
+
+
+def test_one_token_step_gives_the_gradients_of_the_float64_cell():
+    def step_gradients(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        model = tiny_model(num_hidden_layers=2).to(dtype).train()
+        ids = random_ids(2, 4)
+        with torch.no_grad():
+            cache = model(ids[:, :3], use_cache=True).cache
+        logits = model(ids[:, 3:], cache=cache, use_cache=True).logits
+        (logits.double() ** 2).mean().backward()
+        return {name: p.grad.double() for name, p in model.named_parameters() if p.grad is not None}
+
+    fast, reference = step_gradients(torch.float32), step_gradients(torch.float64)
+    assert set(fast) == set(reference) and any(name.endswith("weight_hh_l0") for name in fast)
+    for name in reference:
+        torch.testing.assert_close(fast[name], reference[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_chunked_forward_with_returned_cache_equals_full_forward():
