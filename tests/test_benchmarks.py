@@ -13,6 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize("name, stem, ratio", [
     ("train_speed", "train_speed", "Trainer / plain"),
     ("generation", "generation", "lm-lstm / this"),
+    ("step_kernels", "step_kernels", "speed-up"),
     ("inference", "inference", "speed vs fp32"),
     ("bf16_quality", "bf16_quality", "loss vs fp32"),
     ("quality", "quality_0.05min", "vs gpt"),
