@@ -1,7 +1,8 @@
 """CPU inference options: fp32, bf16 weights, and dynamic int8 quantisation of the LSTM and output layers.
 
-For each: greedy generation speed (batch 1) and the validation perplexity on Tiny Shakespeare (last 10% by
-position, every character scored with its full left context), so the speed-up is read beside what it costs.
+For each: greedy generation speed (batch 1, the median of rounds that time the variants in turn) and the validation
+perplexity on Tiny Shakespeare (last 10% by position, every character scored with its full left context), so the
+speed-up is read beside what it costs.
 
     python benchmarks/inference.py --model lm-lstm-model    # a model trained by `lm-lstm train`
     python benchmarks/inference.py                          # trains a small one first (about a minute)
@@ -11,6 +12,7 @@ position, every character scored with its full left context), so the speed-up is
 from __future__ import annotations
 
 import copy
+import statistics
 import sys
 import tempfile
 import time
@@ -60,6 +62,7 @@ def generation_speed(model, tokenizer, new_tokens: int) -> float:
 def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--model", help="A trained lm-lstm folder (default: train a small one).")
+    parser.add_argument("--rounds", type=int, default=5, help="Rounds of timing all variants in turn (median).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.model or train_small_model(str(Path(scratch) / "model"), args.quick)
@@ -67,10 +70,15 @@ def main() -> None:
         text = DEFAULT_CORPUS.read_text(encoding="utf-8")
         validation = Path(scratch) / "validation.txt"
         validation.write_text(text[int(len(text) * 0.9) :][: 2000 if args.quick else None], encoding="utf-8")
+        models = variants(model)
+        speeds = {name: [] for name in models}
+        for _ in range(1 if args.quick else args.rounds):  # alternating, so that each variant sees the same load
+            for name, variant in models.items():
+                speeds[name].append(generation_speed(variant, tokenizer, 32 if args.quick else 512))
         rows = []
-        for name, variant in variants(model).items():
+        for name, variant in models.items():
             score = evaluate_file(variant, tokenizer, validation, block_size=512)
-            rows.append({"variant": name, "tokens/s (batch 1)": generation_speed(variant, tokenizer, 32 if args.quick else 512),
+            rows.append({"variant": name, "tokens/s (batch 1)": statistics.median(speeds[name]),
                          "validation loss (nats/char)": score.loss, "perplexity": score.perplexity})
             print(rows[-1], flush=True)
     for row in rows:
