@@ -27,14 +27,22 @@ def median_seconds(step: Callable[[], object], repeats: int, warmup: int = 1) ->
     return statistics.median(times)
 
 
-def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 5) -> float:
-    """The best FLOP/s of square matmuls in `dtype` on this machine, now (the ceiling the other numbers are read
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work, so that a timer read next measures it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 5,
+                device: torch.device = torch.device("cpu")) -> float:
+    """The best FLOP/s of square matmuls in `dtype` on the device, now (the ceiling the other numbers are read
     against)."""
     best = 0.0
     for size in sizes:
-        a = torch.randn(size, size).to(dtype)
-        b = torch.randn(size, size).to(dtype)
-        best = max(best, 2 * size**3 / median_seconds(lambda: a @ b, repeats, warmup=2))
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        seconds = median_seconds(lambda: (a @ b, synchronize(device)), repeats, warmup=2)
+        best = max(best, 2 * size**3 / seconds)
     return best
 
 
@@ -83,8 +91,17 @@ def write_results(args: argparse.Namespace, name: str, rows: list[dict[str, obje
     return table
 
 
-def argument_parser(description: str) -> argparse.ArgumentParser:
+def argument_parser(description: str, device: bool = False) -> argparse.ArgumentParser:
+    """The options every benchmark takes; with `device`, also `--device` (parsed to a `torch.device`)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Tiny sizes and few repeats: checks that it runs.")
     parser.add_argument("--results_dir", default=str(RESULTS), help="Where the JSON and Markdown results go.")
+    if device:
+        parser.add_argument("--device", type=torch.device, default=torch.device("cpu"),
+                            help="Where to run: cpu, or cuda on a GPU machine (results then go to NAME-cuda.*).")
     return parser
+
+
+def result_name(name: str, device: torch.device) -> str:
+    """The results' file stem: `NAME` on CPU, `NAME-cuda` on a GPU, so that both sets sit side by side."""
+    return name if device.type == "cpu" else f"{name}-{device.type}"

@@ -7,7 +7,8 @@
 Each (model, batch) runs in a fresh process, lengths in increasing order, so that the process's peak resident
 memory after each length is the peak of generating that many tokens. lm-lstm's memory must not grow with length.
 
-    python benchmarks/generation.py             # 256, 1024, 4096 new tokens; batch 1 and 8 (several minutes)
+    python benchmarks/generation.py             # 256, 1024, 4096 new tokens; batch 1 and 8 (about 25 minutes)
+    python benchmarks/generation.py --device cuda   # the same on a GPU: results/generation-cuda.*, with GPU memory
     python benchmarks/generation.py --quick
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import argument_parser, write_results  # noqa: E402
+from common import argument_parser, result_name, synchronize, write_results  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM  # noqa: E402
@@ -70,13 +71,19 @@ def plain_generate(modules, prompt: torch.Tensor, new_tokens: int) -> torch.Tens
     return torch.cat(tokens, 1)
 
 
-def worker(kind: str, batch: int, quick: bool) -> None:
+def peak_gpu_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def worker(kind: str, batch: int, quick: bool, device: torch.device) -> None:
     """Runs in a child process: prints one JSON line per length."""
     sizes = QUICK if quick else FULL
-    model = build(kind, sizes)
+    model = build(kind, sizes).to(device)
     prompt = torch.randint(0, sizes["vocab"], (batch, PROMPT_LENGTH), generator=torch.Generator().manual_seed(1))
+    prompt = prompt.to(device)
     parameters = sum(p.numel() for p in model.parameters())
     baseline = peak_rss_mb()
+    gpu_baseline = peak_gpu_mb(device) if device.type == "cuda" else None
 
     def run(new_tokens: int):
         if kind == "plain":
@@ -87,26 +94,34 @@ def worker(kind: str, batch: int, quick: bool) -> None:
 
     run(4)  # warm-up
     for length in sizes["lengths"]:
+        synchronize(device)
         start = time.perf_counter()
         run(length)
+        synchronize(device)
         seconds = time.perf_counter() - start
-        print(json.dumps({"model": kind, "batch": batch, "new tokens": length, "parameters": parameters,
-                          "tokens/s": batch * length / seconds, "peak RSS MB": peak_rss_mb(),
-                          "growth over load MB": peak_rss_mb() - baseline}), flush=True)
+        row = {"model": kind, "batch": batch, "new tokens": length, "parameters": parameters,
+               "tokens/s": batch * length / seconds, "peak RSS MB": peak_rss_mb(),
+               "growth over load MB": peak_rss_mb() - baseline}
+        if gpu_baseline is not None:
+            row.update({"peak GPU MB": peak_gpu_mb(device), "GPU growth over load MB": peak_gpu_mb(device) - gpu_baseline})
+        print(json.dumps(row), flush=True)
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = argument_parser(__doc__, device=True)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], int(args.worker[1]), args.quick)
+        worker(args.worker[0], int(args.worker[1]), args.quick, args.device)
         return
+    on_gpu = args.device.type == "cuda"
+    memory = "peak GPU MB" if on_gpu else "peak RSS MB"
     sizes = QUICK if args.quick else FULL
     rows = []
     for batch in sizes["batches"]:
         for kind in ("lm-lstm", "plain", "gpt2"):
-            command = [sys.executable, __file__, "--worker", kind, str(batch)] + (["--quick"] if args.quick else [])
+            command = [sys.executable, __file__, "--worker", kind, str(batch), "--device", str(args.device)]
+            command += ["--quick"] if args.quick else []
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             rows += [json.loads(line) for line in output.splitlines() if line.startswith("{")]
             print(rows[-1], flush=True)
@@ -118,11 +133,11 @@ def main() -> None:
     growth = {}
     for kind in ("lm-lstm", "plain", "gpt2"):
         for batch in sizes["batches"]:
-            peak = {r["new tokens"]: r["peak RSS MB"] for r in rows if r["model"] == kind and r["batch"] == batch}
-            growth[f"{kind} batch {batch}: peak RSS growth {first} -> {last} tokens"] = f"{100 * (peak[last] / peak[first] - 1):.1f}%"
+            peak = {r["new tokens"]: r[memory] for r in rows if r["model"] == kind and r["batch"] == batch}
+            growth[f"{kind} batch {batch}: {memory.removesuffix(' MB')} growth {first} -> {last} tokens"] = f"{100 * (peak[last] / peak[first] - 1):.1f}%"
     columns = ["model", "batch", "new tokens", "parameters", "tokens/s", "lm-lstm / this", "peak RSS MB",
-               "growth over load MB"]
-    write_results(args, "generation", rows, columns, extra=growth)
+               "growth over load MB"] + (["peak GPU MB", "GPU growth over load MB"] if on_gpu else [])
+    write_results(args, result_name("generation", args.device), rows, columns, extra=growth)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ ratios are measured under the same machine load. Achieved FLOP/s are read agains
 same run.
 
     python benchmarks/train_speed.py            # configs A, B, C in fp32 and bf16 (several minutes)
+    python benchmarks/train_speed.py --device cuda   # the same on a GPU (cuDNN's LSTM): results/train_speed-cuda.*
     python benchmarks/train_speed.py --quick    # tiny sizes: checks that it runs
 """
 
@@ -27,7 +28,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import argument_parser, lstm_lm_forward_flops, matmul_peak, write_results  # noqa: E402
+from common import (  # noqa: E402
+    argument_parser, lstm_lm_forward_flops, matmul_peak, result_name, synchronize, write_results,
+)
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM  # noqa: E402
 from lm_lstm.data import collate_blocks  # noqa: E402
@@ -101,19 +104,20 @@ def batches(s: Setting, count: int) -> list[torch.Tensor]:
     return [torch.randint(0, s.vocab, (s.batch, s.length), generator=generator) for _ in range(count)]
 
 
-def time_plain(s: Setting, data: list[torch.Tensor], bf16: bool) -> list[float]:
+def time_plain(s: Setting, data: list[torch.Tensor], bf16: bool, device: torch.device) -> list[float]:
     torch.manual_seed(0)
-    model = PlainLM(plain_setting(s)).train()
+    model = PlainLM(plain_setting(s)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0, fused=True)
     times = []
-    for ids in data:
+    for ids in [ids.to(device) for ids in data]:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -121,53 +125,57 @@ def time_plain(s: Setting, data: list[torch.Tensor], bf16: bool) -> list[float]:
 class StepClock(TrainerCallback):
     """Time between the ends of consecutive optimisation steps: data, forward, backward, clipping, step."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.stamps: list[float] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.stamps.append(time.perf_counter())
 
     def on_step_end(self, args, state, control, **kwargs):
+        synchronize(self.device)
         self.stamps.append(time.perf_counter())
 
 
-def time_trainer(s: Setting, data: list[torch.Tensor], bf16: bool, output_dir: str) -> list[float]:
+def time_trainer(s: Setting, data: list[torch.Tensor], bf16: bool, device: torch.device, output_dir: str) -> list[float]:
     torch.manual_seed(0)
     model = LSTMForCausalLM(s.lstm_config())
     dataset = Dataset.from_dict({"input_ids": torch.cat(data).tolist()})
-    clock = StepClock()
+    clock = StepClock(device)
     args = LSTMTrainingArguments(
         output_dir=output_dir, max_steps=len(data), per_device_train_batch_size=s.batch, learning_rate=LEARNING_RATE,
         weight_decay=0.0, warmup_steps=0, lr_scheduler_type="constant", max_grad_norm=CLIP, bf16=bf16,
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         eval_on_start=False, load_best_model_at_end=False, optim="adamw_torch_fused", seed=0,
+        use_cpu=device.type == "cpu",
     )
     trainer = LSTMTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate_blocks, callbacks=[clock])
     trainer.train()
     return [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
 
 
-def time_accelerate(s: Setting, data: list[torch.Tensor], bf16: bool) -> list[float]:
+def time_accelerate(s: Setting, data: list[torch.Tensor], bf16: bool, device: torch.device) -> list[float]:
     torch.manual_seed(0)
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.accelerator.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device.type == "cpu")
     model = LSTMForCausalLM(s.lstm_config()).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0, fused=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     times = []
-    for ids in data:
+    for ids in [ids.to(accelerator.device) for ids in data]:
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(accelerator.device)
         times.append(time.perf_counter() - start)
     accelerator.free_memory()
     return times
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = argument_parser(__doc__, device=True)
     parser.add_argument("--steps", type=int, default=8, help="Timed steps per method and round (after 2 warm-up).")
     parser.add_argument("--rounds", type=int, default=3, help="Rounds of plain / Trainer / Accelerate (the order "
                         "rotates from round to round).")
@@ -176,16 +184,17 @@ def main() -> None:
     steps, rounds = (3, 1) if args.quick else (args.steps, args.rounds)
     warmup = 1 if args.quick else 2
     sizes = (256,) if args.quick else (1024, 2048, 4096)
-    peaks = {False: matmul_peak(torch.float32, sizes), True: matmul_peak(torch.bfloat16, sizes)}
+    device = args.device
+    peaks = {bf16: matmul_peak(torch.bfloat16 if bf16 else torch.float32, sizes, device=device) for bf16 in (False, True)}
     rows = []
     for s in settings:
         flops_per_token = 3 * lstm_lm_forward_flops(s.vocab, s.embedding, s.hidden, s.layers, s.tied)
         for bf16 in (False, True):
             data = batches(s, warmup + steps)
             methods = {
-                "plain": lambda: time_plain(s, data, bf16),
-                "Trainer": lambda: time_trainer(s, data, bf16, tempfile.gettempdir()),
-                "Accelerate": lambda: time_accelerate(s, data, bf16),
+                "plain": lambda: time_plain(s, data, bf16, device),
+                "Trainer": lambda: time_trainer(s, data, bf16, device, tempfile.gettempdir()),
+                "Accelerate": lambda: time_accelerate(s, data, bf16, device),
             }
             measured: dict[str, list[float]] = {name: [] for name in methods}
             order = list(methods)
@@ -210,7 +219,7 @@ def main() -> None:
         row["Trainer / plain fp32"] = row["Trainer tok/s"] / fp32_speed[row["config"]]
     columns = ["config", "precision", "plain tok/s", "Trainer tok/s", "Accelerate tok/s", "Trainer / plain",
                "Accelerate / plain", "Trainer / plain fp32", "Trainer GFLOP/s", "% of matmul peak"]
-    write_results(args, "train_speed", rows, columns,
+    write_results(args, result_name("train_speed", device), rows, columns,
                   extra={"matmul peak fp32 GFLOP/s": round(peaks[False] / 1e9),
                          "matmul peak bf16 GFLOP/s": round(peaks[True] / 1e9),
                          "timed steps": steps, "rounds": rounds, "FLOPs per token": "3 x forward matmul FLOPs"})
