@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import argument_parser, write_results  # noqa: E402
 
-from lm_lstm.training import DataArguments, LSTMTrainingArguments, ModelArguments, train  # noqa: E402
+from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments  # noqa: E402
+from lm_lstm.training import train  # noqa: E402
 
 
 def run(bf16: bool, max_steps: int, quick: bool, output_dir: str) -> dict[str, object]:

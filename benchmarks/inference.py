@@ -26,7 +26,8 @@ from common import argument_parser, write_results  # noqa: E402
 
 from lm_lstm.data import DEFAULT_CORPUS  # noqa: E402
 from lm_lstm.evaluation import evaluate_file, load_model_and_tokenizer  # noqa: E402
-from lm_lstm.training import DataArguments, LSTMTrainingArguments, ModelArguments, train  # noqa: E402
+from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments  # noqa: E402
+from lm_lstm.training import train  # noqa: E402
 
 
 def train_small_model(output_dir: str, quick: bool) -> str:

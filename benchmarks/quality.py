@@ -32,16 +32,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, set_seed 
 from lm_lstm.data import DataSource, load_text_datasets  # noqa: E402
 from lm_lstm.evaluation import score_stream  # noqa: E402
 from lm_lstm.tokenization import train_char_tokenizer  # noqa: E402
-from lm_lstm.training import (  # noqa: E402
-    DataArguments,
-    LSTMTrainer,
-    LSTMTrainingArguments,
-    ModelArguments,
-    build_datasets,
-    build_model,
-    configure_generation,
-    sample_text,
-)
+from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments  # noqa: E402
+from lm_lstm.trainer import LSTMTrainer  # noqa: E402
+from lm_lstm.training import build_model, build_training_data, configure_generation, sample_text  # noqa: E402
 
 VARIANTS = ("lstm", "lstm-blocks", "gpt")
 DEFAULT_SEED = 42
@@ -136,10 +129,10 @@ def run_lstm(setup: Setup, minutes: float, stateful: bool, quick: bool, output_d
     model_args = ModelArguments(tokenizer_type="char", **{**sizes, **overrides["model"]})
     data_args = DataArguments(**overrides["data"])
     args = training_arguments(output_dir, quick, seed, **{"stateful": stateful, **overrides["training"]})
-    train_dataset, _, collator = build_datasets(setup.raw, setup.tokenizer, data_args, args)
+    data = build_training_data(setup.raw, setup.tokenizer, data_args, args)
     model = build_model(model_args, setup.tokenizer)
     configure_generation(model, setup.tokenizer)  # samples as `lm-lstm generate` does (and as the GPT's below)
-    steps, seconds = train_for(model, args, train_dataset, collator, setup.tokenizer, minutes)
+    steps, seconds = train_for(model, args, data.train, data.collator, setup.tokenizer, minutes)
     model.eval()
     nll, count = score_stream(model, setup.validation_ids, block_size=1024)
     tokens = steps * args.per_device_train_batch_size * data_args.block_size
@@ -189,8 +182,8 @@ def run_gpt(setup: Setup, minutes: float, quick: bool, output_dir: str, recipe: 
         weight_decay=recipe["weight_decay"], max_grad_norm=recipe["max_grad_norm"],
         **({} if quick else {"per_device_train_batch_size": recipe["batch_size"]}),
     )
-    train_dataset, _, collator = build_datasets(setup.raw, tokenizer, data_args, args)
-    steps, seconds = train_for(model, args, train_dataset, collator, tokenizer, minutes)
+    data = build_training_data(setup.raw, tokenizer, data_args, args)
+    steps, seconds = train_for(model, args, data.train, data.collator, tokenizer, minutes)
     model.eval()
     context = recipe["n_positions"]
     nll, count = score_windows(model, setup.validation_ids, context, stride=context // 4)

@@ -34,7 +34,8 @@ from common import (  # noqa: E402
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM  # noqa: E402
 from lm_lstm.data import collate_blocks  # noqa: E402
-from lm_lstm.training import LSTMTrainer, LSTMTrainingArguments  # noqa: E402
+from lm_lstm.arguments import LSTMTrainingArguments  # noqa: E402
+from lm_lstm.trainer import LSTMTrainer  # noqa: E402
 
 CLIP = 1.0
 LEARNING_RATE = 1e-3

@@ -19,7 +19,8 @@ import sys
 
 from transformers import HfArgumentParser
 
-from lm_lstm.training import CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments, train
+from lm_lstm.arguments import CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
+from lm_lstm.training import train
 
 
 def main() -> None:

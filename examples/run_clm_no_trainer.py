@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
+from lm_lstm.arguments import DataArguments, ModelArguments
 from lm_lstm.data import collate_blocks, load_text_datasets, tokenize_dataset
-from lm_lstm.training import DataArguments, ModelArguments, build_model, build_tokenizer, configure_generation
+from lm_lstm.training import build_model, build_tokenizer, configure_generation
 
 
 @dataclass

@@ -7,12 +7,11 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from huggingface_hub import EvalResult, ModelCard, ModelCardData  # noqa: E402
+from .evaluation import bits_per_byte
 
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 CURVE_FILE = "training_curve.png"
@@ -45,7 +44,7 @@ class RunSummary:
 
     @property
     def bits_per_byte(self) -> float:
-        return self.metrics["eval_loss"] * self.scored_tokens / self.validation_bytes / 0.6931471805599453
+        return bits_per_byte(self.metrics["eval_loss"] * self.scored_tokens, self.validation_bytes)
 
 
 def hardware_description() -> str:
@@ -68,7 +67,9 @@ def plot_training_curve(log_history: list[dict], path: Path) -> None:
     """Training and validation loss against steps, as a PNG."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    # The object API draws without pyplot, so no process-wide backend is chosen or switched.
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.subplots()
     for points, label, style in ((train, "training loss", "-"), (evals, "validation loss", "o-")):
         if points:
             steps, losses = zip(*points)
@@ -79,7 +80,6 @@ def plot_training_curve(log_history: list[dict], path: Path) -> None:
     axes.legend()
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
 
 
 def _tokenizer_kind(tokenizer) -> str:

@@ -1,7 +1,8 @@
-"""The `lm-lstm` command: train, generate, evaluate.
+"""The `lm-lstm` command: train, generate, evaluate, push.
 
 Every failure the user can fix (a bad file, a bad option value, a missing model) ends with a one-line message on
-stderr and a non-zero exit status; set LM_LSTM_DEBUG=1 to see the traceback instead.
+stderr and a non-zero exit status; set LM_LSTM_DEBUG=1 to see the traceback instead. Each command imports what it
+needs when it runs, so `lm-lstm --help` and `lm-lstm generate` do not load the training stack.
 """
 
 from __future__ import annotations
@@ -10,13 +11,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-
-from transformers import HfArgumentParser, TextStreamer, set_seed
-
-from .hub import files_to_upload, push_folder
-from .evaluation import CONTEXT_POLICIES, evaluate_file, load_model_and_tokenizer
-from .evaluation import __doc__ as CONTEXT_POLICIES_HELP
-from .training import CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments, train
 
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
 
@@ -45,6 +39,11 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 @command("train", "train a model on text files (default: the bundled Tiny Shakespeare corpus)")
 def train_command(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from .arguments import CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
+    from .training import train
+
     parser = one_line_errors(
         HfArgumentParser(
             (ModelArguments, DataArguments, LSTMTrainingArguments, CardArguments),
@@ -82,6 +81,10 @@ def _generation_parser() -> argparse.ArgumentParser:
 @command("generate", "continue a prompt with a trained model (streamed)")
 def generate_command(argv: list[str]) -> int:
     args = _generation_parser().parse_args(argv)
+    from transformers import TextStreamer, set_seed
+
+    from .evaluation import load_model_and_tokenizer
+
     if args.seed is not None:
         set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -108,6 +111,9 @@ def generate_command(argv: list[str]) -> int:
 
 @command("evaluate", "perplexity and bits per byte of a model on a text file")
 def evaluate_command(argv: list[str]) -> int:
+    from .evaluation import CONTEXT_POLICIES, evaluate_file, load_model_and_tokenizer
+    from .evaluation import __doc__ as CONTEXT_POLICIES_HELP
+
     parser = argparse.ArgumentParser(
         prog="lm-lstm evaluate", description=CONTEXT_POLICIES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -133,6 +139,8 @@ def evaluate_command(argv: list[str]) -> int:
 
 @command("push", "upload a trained model folder to the Hugging Face Hub")
 def push_command(argv: list[str]) -> int:
+    from .hub import files_to_upload, push_folder
+
     parser = argparse.ArgumentParser(prog="lm-lstm push", description="Upload a trained model folder to the Hub.")
     parser.add_argument("folder", help="The model folder written by `lm-lstm train`.")
     parser.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="USER/NAME on the Hub.")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import codecs
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import PreTrainedTokenizerBase
@@ -224,112 +224,63 @@ def collate_blocks(features: list[dict[str, list[int]]]) -> dict[str, torch.Tens
     return batch
 
 
-class StreamBlocks(torch.utils.data.Dataset):
-    """Token streams for stateful truncated BPTT: the text laid out as `num_streams` contiguous streams per process.
+@dataclass
+class TrainingData:
+    """A run's training and validation datasets in one layout, the collator that batches them, and what the run
+    summary (and model card) says about them (`summary`)."""
 
-    Every document is preceded by the EOS token (a document start, as in training on blocks) and every one of its
-    tokens is a target exactly once: row `i` of a stream holds `block_size` inputs and the `block_size` tokens that
-    follow them (`shift_labels`, unshifted targets), so the next block continues where this one stopped. A document
-    starts at the beginning of a block (the end of the previous one is padding) and that block has `reset=True`:
-    the carried state is zeroed there. The block sequence is cut into equal streams (a stream starting inside a
-    document resets too, as in AWD-LSTM's batchify); the last streams are filled up with empty blocks.
+    train: torch.utils.data.Dataset
+    validation: torch.utils.data.Dataset
+    collator: Callable[[list[dict]], dict[str, torch.Tensor]]
+    block_size: int
 
-    Rows are ordered so that a sequential loader with batch size `num_streams`, split across `world_size`
-    processes batch by batch in turn (as Accelerate does), gives each process its own streams and, batch after
-    batch, the next block of each of them.
+    def summary(self, tokenizer: PreTrainedTokenizerBase) -> dict:
+        """Block and token counts, the bytes of validation text scored, and how the data was used (`bptt`,
+        `evaluation_method`), for `RunSummary`."""
+        raise NotImplementedError
 
-    Rows carry no attention mask: padding only ever ends the last block of a document or of a stream, and the state
-    after such a block is reset (or never used), so the LSTM may run through the padding (targets -100) on its fast
-    unpacked kernel; an attention mask would make it pack every batch holding a padded row.
-    """
 
-    def __init__(
-        self,
-        documents: list[list[int]],
-        block_size: int,
-        eos_token_id: int,
-        pad_token_id: int,
-        num_streams: int,
-        world_size: int = 1,
-        max_blocks: int | None = None,
-    ):
-        check_block_size(block_size)
-        if num_streams < 1 or world_size < 1:
-            raise ValueError(f"num_streams and world_size must be >= 1, got {num_streams} and {world_size}.")
-        inputs, targets, starts = [], [], []
-        for document in documents:
-            if not document:
-                continue
-            padding = -len(document) % block_size
-            inputs.append(np.array([eos_token_id, *document[:-1]] + [pad_token_id] * padding, dtype=np.int64))
-            targets.append(np.array(document + [-100] * padding, dtype=np.int64))
-            first_blocks = np.zeros((len(document) + padding) // block_size, dtype=bool)
-            first_blocks[0] = True
-            starts.append(first_blocks)
-        if not inputs:
-            raise DataError("No text to lay out in streams.")
-        inputs, targets = np.concatenate(inputs).reshape(-1, block_size), np.concatenate(targets).reshape(-1, block_size)
-        starts = np.concatenate(starts)
-        if max_blocks is not None:
-            inputs, targets, starts = inputs[:max_blocks], targets[:max_blocks], starts[:max_blocks]
-        total_streams = num_streams * world_size
-        self.blocks_per_stream = math.ceil(len(inputs) / total_streams)
-        empty = total_streams * self.blocks_per_stream - len(inputs)
-        shape = (total_streams, self.blocks_per_stream, block_size)
-        self.inputs = np.concatenate([inputs, np.full((empty, block_size), pad_token_id)]).reshape(shape)
-        self.targets = np.concatenate([targets, np.full((empty, block_size), -100)]).reshape(shape)
-        self.resets = np.concatenate([starts, np.zeros(empty, dtype=bool)]).reshape(shape[:2])
-        self.resets[:, 0] = True
-        self.num_streams, self.world_size = num_streams, world_size
+class BlockData(TrainingData):
+    """Training and validation text as independent blocks (each starting from a zero state)."""
 
-    @classmethod
-    def from_pieces(cls, pieces, tokenizer: PreTrainedTokenizerBase, block_size: int, num_streams: int, **kwargs):
-        """Lays out the documents of a `tokenize_documents` result (pieces, each document's last ending in EOS)."""
-        return cls(
-            list(join_documents(pieces["input_ids"], tokenizer.eos_token_id)),
-            block_size,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            num_streams=num_streams,
-            **kwargs,
-        )
-
-    def __len__(self) -> int:
-        return self.inputs.shape[0] * self.inputs.shape[1]
-
-    def _position(self, row: int) -> tuple[int, int]:
-        batch, slot = divmod(row, self.num_streams)
-        block, process = divmod(batch, self.world_size)
-        return process * self.num_streams + slot, block
-
-    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        if not 0 <= row < len(self):
-            raise IndexError(f"row {row} out of range for {len(self)} blocks")
-        stream, block = self._position(row)
+    def summary(self, tokenizer: PreTrainedTokenizerBase) -> dict:
+        block_size = self.block_size
         return {
-            "input_ids": torch.from_numpy(self.inputs[stream, block]),
-            "shift_labels": torch.from_numpy(self.targets[stream, block]),
-            "reset": torch.tensor(bool(self.resets[stream, block])),
+            "train_blocks": len(self.train),
+            "eval_blocks": len(self.validation),
+            "block_size": block_size,
+            "train_tokens": len(self.train) * block_size,
+            "eval_tokens": len(self.validation) * block_size,
+            "scored_tokens": len(self.validation) * (block_size - 1),
+            "validation_bytes": predicted_bytes(tokenizer, self.validation["input_ids"]),
+            "evaluation_method": f"in independent blocks of {block_size} tokens (each block starts from a zero state; "
+            "its first token is not scored)",
+            "bptt": "truncated at each block (every block starts from a zero state)",
         }
 
-    def target_ids(self) -> list[int]:
-        """All targets in text order (every token of the text once)."""
-        flat = self.targets.reshape(-1)
-        return flat[flat != -100].tolist()
+
+def predicted_bytes(tokenizer: PreTrainedTokenizerBase, blocks: list[list[int]]) -> int:
+    """UTF-8 bytes of the text that blocks' scored tokens (all but each block's first) stand for."""
+    return max(1, sum(len(tokenizer.decode(block[1:], skip_special_tokens=True).encode("utf-8")) for block in blocks))
 
 
-def join_documents(pieces: list[list[int]], eos_token_id: int):
-    """Joins consecutive token pieces into documents, each ending at a piece that ends in EOS."""
-    document: list[int] = []
-    for piece in pieces:
-        document.extend(piece)
-        if piece and piece[-1] == eos_token_id:
-            yield document
-            document = []
-    if document:
-        yield document
+def _first(dataset: Dataset, count: int | None) -> Dataset:
+    return dataset if count is None else dataset.select(range(min(count, len(dataset))))
 
 
-def collate_stream_blocks(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stacks `StreamBlocks` rows into a batch."""
-    return {key: torch.stack([f[key] for f in features]) for key in features[0]}
+def build_block_data(
+    raw: DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    max_train_blocks: int | None = None,
+    max_eval_blocks: int | None = None,
+    num_proc: int | None = None,
+) -> BlockData:
+    """Tokenises the `train` and `validation` documents of `raw` into independent blocks (`tokenize_dataset`)."""
+    blocks = tokenize_dataset(raw, tokenizer, block_size, num_proc)
+    return BlockData(
+        train=_first(blocks["train"], max_train_blocks),
+        validation=_first(blocks["validation"], max_eval_blocks),
+        collator=collate_blocks,
+        block_size=block_size,
+    )

@@ -18,10 +18,18 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
-from .data import group_blocks, load_documents, tokenize_documents
-
-PERPLEXITY_METRIC = str(Path(__file__).with_name("metrics") / "perplexity")
 CONTEXT_POLICIES = ("carry", "blocks")
+
+
+def bits_per_byte(nll: float, num_bytes: int) -> float:
+    """Bits per UTF-8 byte of text whose tokens have a summed negative log-likelihood of `nll` nats: a measure that
+    does not depend on the tokenizer."""
+    return nll / math.log(2) / num_bytes
+
+
+def perplexity(loss: float) -> float:
+    """exp of a mean NLL per token (nats); capped so that a diverged loss gives a huge number, not an overflow."""
+    return math.exp(min(loss, 700.0))
 
 
 @dataclass
@@ -39,11 +47,11 @@ class Score:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        return perplexity(self.loss)
 
     @property
     def bits_per_byte(self) -> float:
-        return self.nll / math.log(2) / self.bytes
+        return bits_per_byte(self.nll, self.bytes)
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
@@ -94,6 +102,9 @@ def evaluate_file(
     """Scores a text file (see the module docstring for the context policies)."""
     if context not in CONTEXT_POLICIES:
         raise ValueError(f"`context` must be one of {CONTEXT_POLICIES}, got {context!r}.")
+    # Imported here: `datasets` is slow to import, and loading a model for `lm-lstm generate` does not need it.
+    from .data import group_blocks, load_documents, predicted_bytes, tokenize_documents
+
     documents = load_documents([str(path)])
     pieces = tokenize_documents(documents, tokenizer)
     if context == "carry":
@@ -106,11 +117,6 @@ def evaluate_file(
         raise ValueError(f"{path}: shorter than one block of {block_size} tokens; use a smaller --block_size.")
     nll, count = score_blocks(model, blocks, batch_size)
     return Score(nll=nll, tokens=count, bytes=predicted_bytes(tokenizer, blocks))
-
-
-def predicted_bytes(tokenizer: PreTrainedTokenizerBase, blocks: list[list[int]]) -> int:
-    """UTF-8 bytes of the text that blocks' scored tokens (all but each block's first) stand for."""
-    return max(1, sum(len(tokenizer.decode(block[1:], skip_special_tokens=True).encode("utf-8")) for block in blocks))
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ import torch
 
 from lm_lstm.averaging import NonMonotonicAveraging, WeightAverage
 from lm_lstm.data import collate_blocks
-from lm_lstm.training import LSTMTrainer, LSTMTrainingArguments
+from lm_lstm.arguments import LSTMTrainingArguments
+from lm_lstm.trainer import LSTMTrainer
 
 from conftest import tiny_model
 

@@ -13,7 +13,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from lm_lstm.hub import check_hub_ready, files_to_upload
-from lm_lstm.training import DataArguments, LSTMTrainingArguments, ModelArguments, train
+from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments
+from lm_lstm.training import train
 
 EXPECTED = {"config.json", "model.safetensors", "configuration_lstm.py", "modeling_lstm.py", "tokenizer.json",
             "tokenizer_config.json", "generation_config.json", "README.md", "training_curve.png"}

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from lm_lstm.data import StreamBlocks, collate_stream_blocks
+from lm_lstm.streams import StreamBlocks, collate_stream_blocks
 from lm_lstm.evaluation import score_stream
-from lm_lstm.training import LSTMTrainer, LSTMTrainingArguments
+from lm_lstm.arguments import LSTMTrainingArguments
+from lm_lstm.trainer import LSTMTrainer
 
 from conftest import tiny_model
 

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lm_lstm
-from lm_lstm.evaluation import evaluate_file, load_model_and_tokenizer
-from lm_lstm.training import DataArguments, LSTMTrainingArguments, ModelArguments, train
+from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments
+from lm_lstm.training import train
 
 TINY_MODEL = ["--embedding_size", "24", "--hidden_size", "48", "--num_hidden_layers", "2"]
 BLOCK = 64
@@ -110,15 +110,6 @@ def test_perplexity_metric_equals_trainer_eval_loss(trained, corpus):
     assert math.exp(mean_log_perplexity) == pytest.approx(math.exp(eval_loss), rel=1e-4)
 
 
-def test_perplexity_metric_batched_equals_one_by_one(trained):
-    output, _ = trained
-    metric = evaluate.load(lm_lstm.PERPLEXITY_METRIC)
-    texts = ["ROMEO:\nWhat light", "O", "First Citizen:\nBefore we proceed any further, hear me speak."]
-    batched = metric.compute(model_id=str(output), predictions=texts, batch_size=3)["perplexities"]
-    alone = [metric.compute(model_id=str(output), predictions=[t])["perplexities"][0] for t in texts]
-    assert batched == pytest.approx(alone, rel=1e-5)
-
-
 def test_evaluate_command_agrees_with_trainer(trained, corpus):
     output, _ = trained
     eval_loss = json.loads((output / "eval_results.json").read_text())["eval_loss"]
@@ -127,23 +118,6 @@ def test_evaluate_command_agrees_with_trainer(trained, corpus):
     assert result.returncode == 0, result.stderr[-2000:]
     reported = dict(line.rsplit(None, 1) for line in result.stdout.splitlines() if line.startswith("perplexity"))
     assert float(reported["perplexity"]) == pytest.approx(math.exp(eval_loss), rel=1e-4)
-
-
-def test_carried_context_scores_every_character(trained, corpus):
-    output, _ = trained
-    model, tokenizer = load_model_and_tokenizer(str(output))
-    text = (corpus / "validation.txt").read_text()
-    carried = evaluate_file(model, tokenizer, corpus / "validation.txt", block_size=100, context="carry")
-    assert carried.tokens == len(text) and carried.bytes == len(text.encode())
-    # the chunk size changes nothing when the state is carried
-    other = evaluate_file(model, tokenizer, corpus / "validation.txt", block_size=37, context="carry")
-    assert other.nll == pytest.approx(carried.nll, rel=1e-5)
-    # ... and equals one pass over the whole stream
-    ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False).input_ids])
-    with torch.no_grad():
-        whole = model(ids, labels=ids).loss.item()
-    assert carried.loss == pytest.approx(whole, rel=1e-5)
-    assert carried.bits_per_byte == pytest.approx(carried.nll / math.log(2) / len(text.encode()))
 
 
 def test_generate_command_streams_text(trained):

@@ -1,0 +1,248 @@
+"""The options of a training run, as dataclasses that `HfArgumentParser` turns into command-line options.
+
+`lm-lstm train`, `examples/run_clm.py` and the benchmarks share them. Names follow `TrainingArguments` and
+`run_clm.py`. Defaults have one source each: the model options are `LSTMConfig`'s fields (with their documentation)
+and the training options `TrainingArguments`' fields, both overridden by the default recipe (`presets.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PreTrainedTokenizerBase, TrainingArguments
+
+from .averaging import NonMonotonicAveraging
+from .configuration_lstm import LSTMConfig
+from .data import DEFAULT_CORPUS, DataSource, check_block_size
+from .presets import DEFAULT_PRESET
+from .streams import check_stateful_arguments
+from .tokenization import TOKENIZER_KINDS
+
+# `LSTMConfig` fields that are not model options: the tokenizer sets these, and `use_cache` is an inference switch.
+NOT_OPTIONS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "use_cache")
+
+
+def fast_bf16_available() -> bool:
+    """Whether bf16 autocast is fast here: a GPU with bf16 support, or a CPU with AVX-512 BF16 / AMX instructions."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def config_help(name: str) -> str:
+    """`LSTMConfig`'s documentation of argument `name`, on one line."""
+    match = re.search(rf"^\s+{name} \(.*\n((?:\s{{12,}}.*\n)+)", LSTMConfig.__doc__, flags=re.MULTILINE)
+    if match is None:
+        return ""
+    return " ".join(match.group(1).split())
+
+
+def model_options() -> list[tuple[str, type, dataclasses.Field]]:
+    """One option per `LSTMConfig` field that shapes or regularises a new model, defaulting to the default recipe's
+    value, else to the config's."""
+    parameters = inspect.signature(LSTMConfig.__init__, eval_str=True).parameters  # TEMPORARY until the config is typed
+    return [
+        (name, p.annotation, field(default=DEFAULT_PRESET.model.get(name, p.default),
+                                  metadata={"help": config_help(name)}))
+        for name, p in parameters.items()
+        if name not in NOT_OPTIONS and name not in ("self", "kwargs")
+    ]
+
+
+@dataclass
+class ModelSource:
+    """Where the model and tokenizer come from: new ones (sized by the model options) or existing ones."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Fine-tune this model (a folder or Hub name) instead of training a new one."}
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Start a new model from this config (a folder or Hub name) instead of the "
+                                "model options."}
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Override config values of a new model, e.g. 'hidden_size=256,num_hidden_layers=3'."}
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Use this tokenizer (a folder or Hub name) instead of training one.", "aliases": ["--tokenizer"]},
+    )
+    tokenizer_type: str = field(
+        default="auto",
+        metadata={
+            "help": "Kind of tokenizer to train: 'bpe' (byte-level BPE), 'char' (one token per character), or "
+            "'auto' (char for the bundled Tiny Shakespeare corpus, bpe otherwise).",
+            "choices": ["auto", *TOKENIZER_KINDS],
+        },
+    )
+    tokenizer_vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size of a trained BPE tokenizer."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code from the model's folder or repository (other architectures)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_name_or_path is not None and (self.config_name or self.config_overrides):
+            raise ValueError("--config_name and --config_overrides build a new model; drop --model_name_or_path.")
+        if self.model_name_or_path is None and self.config_name is None:
+            self._apply_overrides(LSTMConfig(**self.architecture()))  # rejects bad values before any work
+
+    def architecture(self) -> dict:
+        """The `LSTMConfig` arguments the model options set."""
+        return {name: getattr(self, name) for name, _, _ in model_options()}
+
+    def new_config(self, tokenizer: PreTrainedTokenizerBase) -> LSTMConfig:
+        """The config of a new model for `tokenizer`: from --config_name or the model options, then the overrides."""
+        tokens = {
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        if self.config_name:
+            base = AutoConfig.from_pretrained(self.config_name, trust_remote_code=self.trust_remote_code).to_dict()
+            config = LSTMConfig(**{**base, **tokens})
+        else:
+            config = LSTMConfig(**self.architecture(), **tokens)
+        return self._apply_overrides(config)
+
+    def _apply_overrides(self, config: LSTMConfig) -> LSTMConfig:
+        if not self.config_overrides:
+            return config
+        config.update_from_string(self.config_overrides)
+        return LSTMConfig(**config.to_dict())  # validates the overridden values
+
+
+ModelArguments = dataclasses.make_dataclass("ModelArguments", model_options(), bases=(ModelSource,))
+ModelArguments.__module__ = __name__
+ModelArguments.__doc__ = "The model to train: a new one (the options of `LSTMConfig`), or an existing one to fine-tune."
+
+
+@dataclass
+class DataArguments:
+    """The text to train and validate on."""
+
+    train_file: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Training files (.txt, .json, .jsonl, .csv, .parquet). Default: {DEFAULT_CORPUS.name}, "
+                  "the bundled Tiny Shakespeare corpus."},
+    )
+    validation_file: list[str] | None = field(
+        default=None, metadata={"help": "Validation files. Default: the last part of the training text."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub, instead of files."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    text_column: str = field(default="text", metadata={"help": "The column holding the text in tabular data."})
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Percentage of the training text (the end, by position) used for validation "
+                                "when no validation file is given."}
+    )
+    block_size: int = field(
+        default=DEFAULT_PRESET.data["block_size"], metadata={"help": "Tokens per training sequence (the BPTT length)."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation blocks."})
+
+    def __post_init__(self) -> None:
+        check_block_size(self.block_size)
+        self.source()  # checks the split percentage before any work
+
+    def source(self) -> DataSource:
+        return DataSource(
+            train_files=self.train_file,
+            validation_files=self.validation_file,
+            dataset_name=self.dataset_name,
+            dataset_config_name=self.dataset_config_name,
+            text_column=self.text_column,
+            validation_split_percentage=self.validation_split_percentage,
+        )
+
+    @property
+    def uses_default_corpus(self) -> bool:
+        return not self.train_file and not self.dataset_name
+
+
+@dataclass
+class CardArguments:
+    """Metadata for the model card that is not in the run itself."""
+
+    license: str = field(default="apache-2.0", metadata={"help": "License of the trained model (Hub identifier)."})
+    language: str | None = field(
+        default=None, metadata={"help": "Language code of the training text (default: en for the bundled corpus)."}
+    )
+
+
+def _recipe(name: str, help: str) -> dataclasses.Field:
+    """A training option whose default is the default recipe's."""
+    return field(default=DEFAULT_PRESET.training[name], metadata={"help": help})
+
+
+@dataclass
+class LSTMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the default recipe's values and the options of LSTM training."""
+
+    output_dir: str | None = field(default="lm-lstm-model", metadata={"help": "Where the trained model is written."})
+    max_steps: int = _recipe("max_steps", "Total optimisation steps (overrides num_train_epochs).")
+    per_device_train_batch_size: int = _recipe(
+        "per_device_train_batch_size", "Training blocks per batch and device (with --stateful: streams per device)."
+    )
+    per_device_eval_batch_size: int = _recipe(
+        "per_device_eval_batch_size", "Validation blocks per batch and device (with --stateful: streams per device)."
+    )
+    learning_rate: float = _recipe("learning_rate", "Peak AdamW learning rate.")
+    lr_scheduler_type: str = _recipe("lr_scheduler_type", "Learning-rate schedule after warm-up.")
+    warmup_steps: float = _recipe("warmup_steps", "Linear warm-up steps (or a fraction if < 1).")
+    weight_decay: float = _recipe("weight_decay", "AdamW weight decay.")
+    max_grad_norm: float = _recipe("max_grad_norm", "Gradient clipping norm: LSTMs need it.")
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast. Default: on where it is fast (AMX / AVX-512 BF16 CPUs, bf16 GPUs).",
+                  "nargs": "?", "const": True},  # `--bf16` alone means True, as for the other switches
+    )
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
+    eval_steps: float | None = _recipe("eval_steps", "Evaluate every N steps.")
+    save_steps: float = _recipe("save_steps", "Save a checkpoint every N steps.")
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best is always kept)."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Finish with the best checkpoint."})
+    metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "Metric choosing the best."})
+    logging_steps: float = _recipe("logging_steps", "Log the training loss every N steps.")
+    logging_first_step: bool = field(default=True, metadata={"help": "Log the first step's loss too."})
+    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate before training (step 0)."})
+    hub_strategy: str = field(
+        default="end", metadata={"help": "With --push_to_hub: 'end' pushes the finished folder with its card once."}
+    )
+    weight_averaging_patience: int | None = field(
+        default=None,
+        metadata={"help": "NT-ASGD-style weight averaging: once the validation loss is worse than the best of the "
+                  "evaluations more than N evaluations ago, average the weights of every later step, and evaluate "
+                  "and save the average. Off by default."},
+    )
+    stateful: bool = field(
+        default=True,
+        metadata={"help": "Stateful truncated BPTT: lay the text out as batch-size contiguous streams per process and "
+                  "carry the (detached) recurrent state from batch to batch, reset at document starts; evaluation "
+                  "runs the same way, so every token is predicted with its left context."},
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = fast_bf16_available()
+        if not torch.accelerator.is_available():
+            # Trainer runs bf16, and DDP over gloo (torchrun, accelerate launch), on a CPU only when told to use it.
+            self.use_cpu = True
+            self.dataloader_pin_memory = False  # nothing to pin for
+        super().__post_init__()
+        if self.stateful:
+            check_stateful_arguments(self)
+        if self.weight_averaging_patience is not None:
+            NonMonotonicAveraging(self.weight_averaging_patience)  # checks the value before any work

@@ -1,0 +1,280 @@
+"""Stateful truncated backpropagation through time (`--stateful`): the text as contiguous streams, and the state
+carried along them from batch to batch.
+
+The layout (`StreamBlocks`). Every document is preceded by the document-start token (EOS) and cut into blocks of
+`block_size` tokens; a document starts a new block (`R`: the carried state is zeroed there) and its last block is
+padded (`.`):
+
+    documents:  EOS d1 d1 d1 d1 d1   EOS d2 d2 d2 d2 d2 d2 d2 d2   EOS d3
+    blocks:     [R d1 d1 d1][d1 d1 . .][R d2 d2 d2][d2 d2 d2 d2][d2 . . .][R d3 . .] ...   (block_size 4)
+
+The sequence of blocks is cut into `num_streams x world_size` equal streams (AWD-LSTM's `batchify`), one row of
+blocks each; a stream that starts inside a document resets there too:
+
+                 batch 0  batch 1  batch 2
+    stream 0     [b0]     [b1]     [b2]       process 0, slot 0
+    stream 1     [b3]     [b4]     [b5]       process 0, slot 1
+    stream 2     [b6]     [b7]     [b8]       process 1, slot 0
+    stream 3     [b9]     [b10]    [b11]      process 1, slot 1
+
+Batch t of a process holds block t of each of its streams, so the state a stream ends batch t with is the state
+its batch t + 1 starts from. The rows are ordered (b0 b3 | b6 b9 | b1 b4 | b7 b10 | ...) so that a sequential
+loader with batch size `num_streams`, its batches handed to the processes in turn (as Accelerate does), gives
+exactly that.
+
+The trainer's side (`StatefulBPTT`): it keeps each stream's final (h, c), detached, zeroes it where a block resets,
+and hands it to the model as the cache of the next batch; evaluation runs the same way, so every validation token is
+scored once, with its left context.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, SequentialSampler
+from transformers import DynamicCache, PreTrainedTokenizerBase, TrainingArguments
+from transformers.trainer_utils import EvalLoopOutput
+
+from .configuration_lstm import LSTMConfig
+from .data import DataError, TrainingData, check_block_size, tokenize_documents
+from .modeling_lstm import CELL_STATE, HIDDEN_STATE
+
+STREAM_COLUMNS = ("shift_labels", "reset")  # what a stream batch holds beside `input_ids`
+
+
+class StreamBlocks(Dataset):
+    """The stream layout drawn in the module docstring, as rows of `input_ids`, `shift_labels` and `reset`.
+
+    Row `i` holds `block_size` inputs and the `block_size` tokens that follow them as `shift_labels` (unshifted
+    targets; -100 at padding), so every token of the text is a target exactly once. Rows carry no attention mask:
+    padding only ever ends the last block of a document or of a stream, and the state after such a block is reset
+    (or never used), so the LSTM may run through the padding on its fast unpacked kernel; an attention mask would make
+    it pack every batch holding a padded row (measured 1.5x slower).
+
+    Raises `DataError` when there is no text, `ValueError` for counts below 1.
+    """
+
+    def __init__(
+        self,
+        documents: Iterable[list[int]],
+        block_size: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        num_streams: int,
+        world_size: int = 1,
+        max_blocks: int | None = None,
+    ):
+        check_block_size(block_size)
+        if num_streams < 1 or world_size < 1:
+            raise ValueError(f"num_streams and world_size must be >= 1, got {num_streams} and {world_size}.")
+        inputs, targets, starts = [], [], []
+        for document in documents:
+            if not document:
+                continue
+            padding = -len(document) % block_size
+            inputs.append(np.array([eos_token_id, *document[:-1]] + [pad_token_id] * padding, dtype=np.int64))
+            targets.append(np.array(document + [-100] * padding, dtype=np.int64))
+            first_blocks = np.zeros((len(document) + padding) // block_size, dtype=bool)
+            first_blocks[0] = True
+            starts.append(first_blocks)
+        if not inputs:
+            raise DataError("No text to lay out in streams.")
+        inputs, targets = np.concatenate(inputs).reshape(-1, block_size), np.concatenate(targets).reshape(-1, block_size)
+        starts = np.concatenate(starts)
+        if max_blocks is not None:
+            inputs, targets, starts = inputs[:max_blocks], targets[:max_blocks], starts[:max_blocks]
+        total_streams = num_streams * world_size
+        self.blocks_per_stream = math.ceil(len(inputs) / total_streams)
+        empty = total_streams * self.blocks_per_stream - len(inputs)
+        shape = (total_streams, self.blocks_per_stream, block_size)
+        self.inputs = np.concatenate([inputs, np.full((empty, block_size), pad_token_id)]).reshape(shape)
+        self.targets = np.concatenate([targets, np.full((empty, block_size), -100)]).reshape(shape)
+        self.resets = np.concatenate([starts, np.zeros(empty, dtype=bool)]).reshape(shape[:2])
+        self.resets[:, 0] = True
+        self.num_streams, self.world_size = num_streams, world_size
+
+    @classmethod
+    def from_pieces(cls, pieces, tokenizer: PreTrainedTokenizerBase, block_size: int, num_streams: int, **kwargs):
+        """Lays out the documents of a `tokenize_documents` result (pieces, each document's last ending in EOS)."""
+        return cls(
+            join_documents(pieces["input_ids"], tokenizer.eos_token_id),
+            block_size,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            num_streams=num_streams,
+            **kwargs,
+        )
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0] * self.inputs.shape[1]
+
+    def _position(self, row: int) -> tuple[int, int]:
+        batch, slot = divmod(row, self.num_streams)
+        block, process = divmod(batch, self.world_size)
+        return process * self.num_streams + slot, block
+
+    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} blocks")
+        stream, block = self._position(row)
+        return {
+            "input_ids": torch.from_numpy(self.inputs[stream, block]),
+            "shift_labels": torch.from_numpy(self.targets[stream, block]),
+            "reset": torch.tensor(bool(self.resets[stream, block])),
+        }
+
+    @property
+    def total_streams(self) -> int:
+        """Streams over all processes."""
+        return self.num_streams * self.world_size
+
+    def target_ids(self) -> list[int]:
+        """All targets in text order (every token of the text once)."""
+        flat = self.targets.reshape(-1)
+        return flat[flat != -100].tolist()
+
+
+def join_documents(pieces: Iterable[list[int]], eos_token_id: int) -> Iterator[list[int]]:
+    """Joins consecutive token pieces into documents, each ending at a piece that ends in EOS."""
+    document: list[int] = []
+    for piece in pieces:
+        document.extend(piece)
+        if piece and piece[-1] == eos_token_id:
+            yield document
+            document = []
+    if document:
+        yield document
+
+
+def collate_stream_blocks(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stacks `StreamBlocks` rows into a batch."""
+    return {key: torch.stack([f[key] for f in features]) for key in features[0]}
+
+
+class StreamData(TrainingData):
+    """Training and validation text as `StreamBlocks`."""
+
+    def summary(self, tokenizer: PreTrainedTokenizerBase) -> dict:
+        targets = self.validation.target_ids()
+        text = tokenizer.decode(targets, skip_special_tokens=True)
+        return {
+            "train_blocks": len(self.train),
+            "eval_blocks": len(self.validation),
+            "block_size": self.block_size,
+            "train_tokens": len(self.train.target_ids()),
+            "eval_tokens": len(targets),
+            "scored_tokens": len(targets),
+            "validation_bytes": max(1, len(text.encode("utf-8"))),
+            "evaluation_method": f"as {self.validation.total_streams} contiguous streams with the state carried from "
+            "block to block (reset at document starts): every token is scored once",
+            "bptt": f"stateful: {self.train.total_streams} streams, the state carried from batch to batch (reset at "
+            "document starts)",
+        }
+
+
+def build_stream_data(
+    raw,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    train_streams: int,
+    eval_streams: int,
+    world_size: int = 1,
+    max_train_blocks: int | None = None,
+    max_eval_blocks: int | None = None,
+    num_proc: int | None = None,
+) -> StreamData:
+    """Tokenises the `train` and `validation` documents of `raw` and lays each split out as streams (per process)."""
+    pieces = tokenize_documents(raw, tokenizer, num_proc)
+    train, validation = (
+        StreamBlocks.from_pieces(pieces[split], tokenizer, block_size, streams, world_size=world_size, max_blocks=limit)
+        for split, streams, limit in (
+            ("train", train_streams, max_train_blocks),
+            ("validation", eval_streams, max_eval_blocks),
+        )
+    )
+    return StreamData(train=train, validation=validation, collator=collate_stream_blocks, block_size=block_size)
+
+
+def check_stateful_arguments(args: TrainingArguments) -> None:
+    """Raises `ValueError` for training options that stateful BPTT cannot honour."""
+    if args.activation_checkpointing:
+        raise ValueError(
+            "--stateful needs the state of every batch; it cannot be used with activation (gradient) checkpointing."
+        )
+
+
+class StatefulBPTT:
+    """The trainer's side of stateful truncated BPTT: each stream's final (h, c), detached, carried to the stream's
+    next batch, zeroed where a block resets. Training and evaluation carry separate states (`split`)."""
+
+    def __init__(self, model: torch.nn.Module, args: TrainingArguments):
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) != LSTMConfig.model_type:
+            raise ValueError(
+                f"--stateful carries an LSTM's state; {type(model).__name__} has none: use --stateful False."
+            )
+        check_stateful_arguments(args)
+        self.config = config
+        self._states: dict[str, list[tuple[torch.Tensor, torch.Tensor]] | None] = {"train": None, "eval": None}
+
+    @classmethod
+    def for_datasets(cls, model: torch.nn.Module, args: TrainingArguments, *datasets) -> StatefulBPTT | None:
+        """A `StatefulBPTT` if the datasets are streams, None if they are independent blocks; both at once raise
+        `ValueError`. This is where a trainer decides, once, which layout it runs."""
+        given = [dataset for dataset in datasets if dataset is not None]
+        streams = [isinstance(dataset, StreamBlocks) for dataset in given]
+        if not any(streams):
+            return None
+        if not all(streams):
+            raise ValueError("Training and evaluation data must both be streams (--stateful) or both blocks.")
+        return cls(model, args)
+
+    @staticmethod
+    def sampler(dataset: StreamBlocks) -> SequentialSampler:
+        return SequentialSampler(dataset)  # the rows are already in stream order
+
+    def reset(self, split: str) -> None:
+        """Forgets the carried state: the next batch starts every stream from zeros."""
+        self._states[split] = None
+
+    def model_inputs(self, split: str, batch: dict) -> dict:
+        """The model's inputs for a stream batch: `batch` without `reset`, with a cache holding the state the previous
+        batch of these streams ended with, zeroed where a stream resets."""
+        inputs = dict(batch)
+        reset = inputs.pop("reset")
+        cache = DynamicCache(config=self.config)
+        states = self._states[split]
+        if states is not None:
+            keep = (~reset.to(states[0][0].device))[:, None]
+            for layer_idx, layer_states in enumerate(states):
+                for slot, state in zip((HIDDEN_STATE, CELL_STATE), layer_states):
+                    cache.update_recurrent_state(state * keep, layer_idx, state_idx=slot)
+        return {**inputs, "cache": cache, "use_cache": True}
+
+    def carry(self, split: str, cache: DynamicCache) -> None:
+        """Keeps the state the batch ended with (detached: the gradient stops at the batch boundary)."""
+        self._states[split] = [
+            tuple(layer.recurrent_states[slot].detach() for slot in (HIDDEN_STATE, CELL_STATE)) for layer in cache.layers
+        ]
+
+    @torch.no_grad()
+    def evaluation_loop(self, trainer, dataloader, metric_key_prefix: str = "eval") -> EvalLoopOutput:
+        """Exact mean NLL per token (nats) over the streams, the state carried through each, summed over processes."""
+        model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
+        model.eval()
+        self.reset("eval")
+        total = torch.zeros(2, dtype=torch.float64, device=trainer.args.device)  # summed NLL, targets
+        for batch in dataloader:
+            batch = trainer._prepare_inputs(batch)
+            with trainer.autocast_smart_context_manager():
+                # With `num_items_in_batch=1` the loss is the summed NLL of the batch.
+                outputs = model(**self.model_inputs("eval", batch), num_items_in_batch=1)
+            self.carry("eval", outputs.cache)
+            total += torch.stack([outputs.loss.double(), batch["shift_labels"].ne(-100).sum().double()])
+        self.reset("eval")
+        nll, count = trainer.accelerator.reduce(total, reduction="sum").tolist()
+        metrics = {f"{metric_key_prefix}_loss": nll / max(count, 1)}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(dataloader.dataset))

@@ -1,0 +1,94 @@
+"""`LSTMTrainer`: `transformers.Trainer` for LSTM language models."""
+
+from __future__ import annotations
+
+import contextlib
+
+from transformers import Trainer
+
+from .averaging import NonMonotonicAveraging
+from .evaluation import perplexity
+from .hub import push_folder
+from .streams import STREAM_COLUMNS, StatefulBPTT
+
+
+class LSTMTrainer(Trainer):
+    """`Trainer` that reports validation perplexity beside the loss, evaluates and saves the averaged weights once
+    NT-ASGD-style averaging has started, pushes Hub-complete folders, and runs stateful truncated BPTT when its
+    datasets are `StreamBlocks` (`--stateful`; see `lm_lstm.streams`).
+
+    Raises `ValueError` when stateful BPTT is asked of a model without a recurrent state or with options it cannot
+    honour.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stateful_bptt = StatefulBPTT.for_datasets(self.model, self.args, self.train_dataset, self.eval_dataset)
+
+    def push_to_hub(self, commit_message: str = "End of training", blocking: bool = True, token=None, revision=None,
+                    **kwargs):
+        """Uploads `output_dir` as `lm-lstm push` does: model, code, tokenizer and card; no checkpoints or pickles.
+
+        The card is the one `train()` wrote; call this after it.
+        """
+        if not self.is_world_process_zero():
+            return None
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token)
+        self._finish_current_push()
+        return push_folder(
+            self.args.output_dir,
+            self.hub_model_id,
+            private=bool(self.args.hub_private_repo),
+            revision=revision or self.args.hub_revision,
+            token=token or self.args.hub_token,
+            commit_message=commit_message,
+        )
+
+    def _averaged_weights(self) -> contextlib.AbstractContextManager:
+        """The averaged weights in place (see `NonMonotonicAveraging`) once averaging has started."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, NonMonotonicAveraging) and callback.average is not None:
+                return callback.average.applied()
+        return contextlib.nullcontext()
+
+    def evaluate(self, *args, **kwargs):
+        with self._averaged_weights():
+            return super().evaluate(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with self._averaged_weights():
+            super().save_model(output_dir, _internal_call)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.stateful_bptt is None:
+            return super()._get_train_sampler(train_dataset)
+        return self.stateful_bptt.sampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.stateful_bptt is not None:
+            self._signature_columns += [c for c in STREAM_COLUMNS if c not in self._signature_columns]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.stateful_bptt is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        split = "train" if model.training else "eval"
+        loss, outputs = super().compute_loss(
+            model, self.stateful_bptt.model_inputs(split, inputs), return_outputs=True,
+            num_items_in_batch=num_items_in_batch,
+        )
+        self.stateful_bptt.carry(split, outputs.cache)
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        if self.stateful_bptt is not None:
+            output = self.stateful_bptt.evaluation_loop(self, dataloader, metric_key_prefix)
+        else:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
+        return output

@@ -1,0 +1,83 @@
+"""Perplexity and bits per byte (`lm_lstm.evaluation`, the `evaluate` metric) on a tiny saved model: fast."""
+
+import math
+
+import evaluate
+import pytest
+import torch
+
+import lm_lstm
+from lm_lstm.card import RunSummary
+from lm_lstm.evaluation import Score, bits_per_byte, evaluate_file, load_model_and_tokenizer, text_perplexities
+
+from conftest import tiny_model
+
+TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n" * 4
+
+
+@pytest.fixture(scope="module")
+def saved_model(char_tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    model = tiny_model(vocab_size=len(char_tokenizer), pad_token_id=char_tokenizer.pad_token_id,
+                       bos_token_id=char_tokenizer.bos_token_id, eos_token_id=char_tokenizer.eos_token_id)
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # far from uniform predictions
+    model.save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    (folder / "text.txt").write_text(TEXT, encoding="utf-8")
+    return folder
+
+
+def test_carried_context_scores_every_character(saved_model):
+    model, tokenizer = load_model_and_tokenizer(str(saved_model))
+    carried = evaluate_file(model, tokenizer, saved_model / "text.txt", block_size=100, context="carry")
+    assert carried.tokens == len(TEXT) and carried.bytes == len(TEXT.encode())
+    # the chunk size changes nothing when the state is carried
+    other = evaluate_file(model, tokenizer, saved_model / "text.txt", block_size=37, context="carry")
+    assert other.nll == pytest.approx(carried.nll, rel=1e-5)
+    # ... and equals one pass over the whole stream
+    ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer(TEXT, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        whole = model(ids, labels=ids).loss.item()
+    assert carried.loss == pytest.approx(whole, rel=1e-5)
+    assert carried.bits_per_byte == pytest.approx(carried.nll / math.log(2) / len(TEXT.encode()))
+
+
+def test_blocks_context_scores_independent_blocks(saved_model):
+    model, tokenizer = load_model_and_tokenizer(str(saved_model))
+    score = evaluate_file(model, tokenizer, saved_model / "text.txt", block_size=50, context="blocks", batch_size=3)
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    blocks = torch.tensor([ids[i : i + 50] for i in range(0, len(ids) - len(ids) % 50, 50)])
+    with torch.no_grad():
+        expected = model(blocks, labels=blocks).loss.item()
+    assert score.tokens == blocks.shape[0] * 49 and score.loss == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="context"):
+        evaluate_file(model, tokenizer, saved_model / "text.txt", context="sliding")
+
+
+def test_perplexity_metric_batched_equals_one_by_one(saved_model):
+    output = saved_model
+    metric = evaluate.load(lm_lstm.PERPLEXITY_METRIC)
+    texts = ["ROMEO:\nWhat light", "O", "First Citizen:\nBefore we proceed any further, hear me speak."]
+    batched = metric.compute(model_id=str(output), predictions=texts, batch_size=3)["perplexities"]
+    alone = [metric.compute(model_id=str(output), predictions=[t])["perplexities"][0] for t in texts]
+    assert batched == pytest.approx(alone, rel=1e-5)
+
+
+def test_text_perplexity_is_the_exp_of_the_mean_nll_of_the_text_after_the_start_token(saved_model):
+    model, tokenizer = load_model_and_tokenizer(str(saved_model))
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer("What light", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        expected = math.exp(model(ids, labels=ids).loss.item())
+    assert text_perplexities(model, tokenizer, ["What light"]) == pytest.approx([expected], rel=1e-5)
+    with pytest.raises(ValueError, match="at least two tokens"):
+        text_perplexities(model, tokenizer, ["O"], add_start_token=False)
+
+
+def test_one_bits_per_byte_formula_for_files_and_cards():
+    assert bits_per_byte(math.log(2) * 12, 4) == pytest.approx(3.0)
+    assert Score(nll=math.log(2) * 12, tokens=6, bytes=4).bits_per_byte == pytest.approx(3.0)
+    run = RunSummary(model_name="m", repo_id="m", metrics={"eval_loss": math.log(2) * 2}, log_history=[],
+                     hyperparameters={}, train_blocks=1, eval_blocks=1, block_size=2, train_tokens=2, eval_tokens=6,
+                     scored_tokens=6, validation_bytes=4, evaluation_method="", wall_time_seconds=0.0,
+                     data_description="")
+    assert run.bits_per_byte == pytest.approx(3.0)
