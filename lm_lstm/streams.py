@@ -29,11 +29,14 @@ scored once, with its left context.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import DynamicCache, PreTrainedTokenizerBase, TrainingArguments
 from transformers.trainer_utils import EvalLoopOutput
@@ -43,6 +46,9 @@ from .data import DataError, TrainingData, check_block_size, tokenize_documents
 from .modeling_lstm import CELL_STATE, HIDDEN_STATE
 
 STREAM_COLUMNS = ("shift_labels", "reset")  # what a stream batch holds beside `input_ids`
+STATE_FILE = "stream_state_{}.safetensors"  # in a checkpoint, per process, beside Trainer's rng_state_{}.pth
+
+logger = logging.getLogger(__name__)
 
 
 class StreamBlocks(Dataset):
@@ -258,6 +264,28 @@ class StatefulBPTT:
         """Keeps the state the batch ended with (detached: the gradient stops at the batch boundary)."""
         self._states[split] = [
             tuple(layer.recurrent_states[slot].detach() for slot in (HIDDEN_STATE, CELL_STATE)) for layer in cache.layers
+        ]
+
+    def save(self, folder: str | Path, process_index: int = 0) -> None:
+        """Writes the training streams' carried state into a checkpoint folder (`stream_state_{process_index}`
+        .safetensors, one file per process as each reads its own streams), so that a resumed run continues exactly."""
+        states = self._states["train"]
+        if states is None:
+            return
+        tensors = {f"{name}.{layer_idx}": state.contiguous() for layer_idx, layer_states in enumerate(states)
+                   for name, state in zip(("hidden", "cell"), layer_states)}
+        save_file(tensors, str(Path(folder) / STATE_FILE.format(process_index)))
+
+    def load(self, folder: str | Path, process_index: int = 0, device: torch.device | str = "cpu") -> None:
+        """Restores the training streams' state that `save` wrote; a checkpoint without one restarts from zeros."""
+        path = Path(folder) / STATE_FILE.format(process_index)
+        if not path.is_file():
+            logger.warning(f"{path} not found: the resumed run restarts the carried state of its streams from zeros.")
+            self.reset("train")
+            return
+        tensors = {name: tensor.to(device) for name, tensor in load_file(str(path)).items()}
+        self._states["train"] = [
+            (tensors[f"hidden.{layer_idx}"], tensors[f"cell.{layer_idx}"]) for layer_idx in range(len(tensors) // 2)
         ]
 
     @torch.no_grad()

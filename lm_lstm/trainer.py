@@ -81,6 +81,17 @@ class LSTMTrainer(Trainer):
         self.stateful_bptt.carry(split, outputs.cache)
         return (loss, outputs) if return_outputs else loss
 
+    def _save_rng_state(self, output_dir: str) -> None:
+        # A checkpoint keeps what a resumed run needs to continue exactly; for streams, that includes their state.
+        super()._save_rng_state(output_dir)
+        if self.stateful_bptt is not None:
+            self.stateful_bptt.save(output_dir, self.args.process_index)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if self.stateful_bptt is not None and checkpoint is not None:
+            self.stateful_bptt.load(checkpoint, self.args.process_index, self.args.device)
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         if self.stateful_bptt is not None:

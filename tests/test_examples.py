@@ -138,6 +138,23 @@ def test_stateful_ddp_gives_each_process_its_own_streams(corpus, tmp_path):
     assert logged_losses(ddp, "eval_loss") == pytest.approx(logged_losses(single, "eval_loss"), abs=1e-5)
 
 
+def test_stateful_ddp_resumed_run_ends_with_the_same_weights(corpus, tmp_path):
+    """Each process saves its streams' carried state with the checkpoint; resumed, the run continues exactly."""
+    stateful = [*TRAIN_ARGS, "--stateful", "--max_train_samples", 48, "--max_eval_samples", 16,
+                "--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 2, "--load_best_model_at_end", False,
+                "--train_file", corpus]
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29521, "-m",
+           "lm_lstm.cli"]
+    run(*ddp, *stateful, "--output_dir", tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    assert {p.name for p in checkpoint.glob("stream_state_*")} == {"stream_state_0.safetensors",
+                                                                    "stream_state_1.safetensors"}
+    run(*ddp, *stateful, "--output_dir", tmp_path / "b", "--resume_from_checkpoint", checkpoint)
+    uninterrupted, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=0, rtol=0)
+
+
 def test_accelerate_loop_under_two_processes(corpus, tmp_path):
     run(sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         EXAMPLES / "accelerate_configs" / "cpu_ddp.yaml", "--main_process_port", 29519,

@@ -153,13 +153,14 @@ def test_stateful_training_on_documents_end_to_end(shakespeare_text, tmp_path):
     assert json.loads((output / "config.json").read_text())["temporal_activation_regularization"] == 1
 
 
-def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path):
+@pytest.mark.parametrize("stateful", [False, True])
+def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path, stateful):
     def run(output, resume=None):
         training_args = LSTMTrainingArguments(
             output_dir=str(output), max_steps=8, save_steps=4, eval_steps=4, logging_steps=4, bf16=False,
             per_device_train_batch_size=8, warmup_steps=2, seed=3, load_best_model_at_end=False,
             save_total_limit=None, eval_on_start=False, resume_from_checkpoint=resume, report_to="none",
-            disable_tqdm=True, stateful=False,  # a resumed stateful run restarts its carried state from zeros
+            disable_tqdm=True, stateful=stateful,
         )
         model_args = ModelArguments(tokenizer_type="char", embedding_size=16, hidden_size=32)
         data_args = DataArguments(train_file=[str(corpus / "train.txt")], block_size=32)
@@ -167,6 +168,7 @@ def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path):
         return load_file(output / "model.safetensors")
 
     uninterrupted = run(tmp_path / "a")
+    assert (tmp_path / "a" / "checkpoint-4" / "stream_state_0.safetensors").is_file() == stateful
     resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-4"))
     assert uninterrupted.keys() == resumed.keys()
     for name in uninterrupted:
