@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .averaging import NonMonotonicAveraging
 from .evaluation import perplexity
 from .hub import push_folder
 from .streams import STREAM_COLUMNS, StatefulBPTT
+
+TRAINING_ARGS_JSON = "training_args.json"
 
 
 class LSTMTrainer(Trainer):
@@ -59,6 +63,15 @@ class LSTMTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         with self._averaged_weights():
             super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Saves as `Trainer` does, with the training arguments as JSON (`training_args.json`) instead of a pickle:
+        no folder written here holds a pickle but what a checkpoint needs to resume (optimizer, scheduler, RNG)."""
+        super()._save(output_dir, state_dict)
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save:
+            (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+            (folder / TRAINING_ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
 
     def _get_train_sampler(self, train_dataset=None):
         if self.stateful_bptt is None:

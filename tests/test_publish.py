@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 import torch
@@ -54,11 +55,26 @@ def test_folder_is_hub_complete(model_folder):
     check_hub_ready(model_folder)
     upload = set(files_to_upload(model_folder))
     assert EXPECTED <= upload
-    assert (model_folder / "checkpoint-3").is_dir() and (model_folder / "training_args.bin").is_file()
+    assert (model_folder / "checkpoint-3").is_dir()
+    assert json.loads((model_folder / "training_args.json").read_text())["max_steps"] == 6
     assert not any(p.startswith(("checkpoint-", "runs")) or p.endswith(".bin") for p in upload), upload
     assert {"runs", "trainer_state.json"} & {p.split("/")[0] for p in files_to_upload(model_folder, include_logs=True)}
     config = json.loads((model_folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lstm.LSTMForCausalLM"
+
+
+def is_pickle(path) -> bool:
+    """A raw pickle (protocol 2+) or a `torch.save` archive (a zip holding data.pkl)."""
+    head = path.read_bytes()[:2]
+    return head[:1] == b"\x80" or (head == b"PK" and zipfile.is_zipfile(path)
+                                     and any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()))
+
+
+def test_no_pickle_in_the_model_folder_nor_in_any_upload(model_folder):
+    assert not [p.name for p in model_folder.iterdir() if p.is_file() and is_pickle(p)]
+    assert any(is_pickle(p) for p in (model_folder / "checkpoint-3").iterdir())  # the check finds torch.save files
+    for options in ({}, {"include_checkpoints": True, "include_logs": True}):
+        assert not [f for f in files_to_upload(model_folder, **options) if is_pickle(model_folder / f)]
 
 
 def test_card_numbers_come_from_the_run(model_folder):
