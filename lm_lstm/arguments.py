@@ -221,6 +221,11 @@ class LSTMTrainingArguments(TrainingArguments):
     hub_strategy: str = field(
         default="end", metadata={"help": "With --push_to_hub: 'end' pushes the finished folder with its card once."}
     )
+    use_cache: bool = field(
+        default=True,
+        metadata={"help": "Saved as the model's `use_cache` (Trainer writes this option into the config): whether "
+                  "the model returns its recurrent state for generation. Training is the same either way."},
+    )
     weight_averaging_patience: int | None = field(
         default=None,
         metadata={"help": "NT-ASGD-style weight averaging: once the validation loss is worse than the best of the "

@@ -205,18 +205,31 @@ def build_stream_data(
 
 
 def check_stateful_arguments(args: TrainingArguments) -> None:
-    """Raises `ValueError` for training options that stateful BPTT cannot honour."""
+    """Raises `ValueError` for training options that stateful BPTT cannot honour (rather than ignore them)."""
     if args.activation_checkpointing:
         raise ValueError(
             "--stateful needs the state of every batch; it cannot be used with activation (gradient) checkpointing."
         )
+    if args.train_sampling_strategy not in ("random", "sequential"):
+        raise ValueError(
+            f"--train_sampling_strategy {args.train_sampling_strategy} reorders blocks; --stateful reads each stream "
+            "in order: use --stateful False."
+        )
+    if args.data_seed is not None:
+        raise ValueError("--data_seed shuffles blocks; --stateful reads each stream in order: use --stateful False.")
+    for name in ("bf16_full_eval", "fp16_full_eval"):
+        if getattr(args, name):
+            raise ValueError(f"--{name} is not supported with --stateful (evaluation runs under --bf16 autocast).")
 
 
 class StatefulBPTT:
     """The trainer's side of stateful truncated BPTT: each stream's final (h, c), detached, carried to the stream's
     next batch, zeroed where a block resets. Training and evaluation carry separate states (`split`)."""
 
-    def __init__(self, model: torch.nn.Module, args: TrainingArguments):
+    def __init__(self, model: torch.nn.Module, args: TrainingArguments, compute_metrics=None):
+        if compute_metrics is not None:
+            raise ValueError("The stream evaluation computes the loss and perplexity only; `compute_metrics` needs "
+                             "--stateful False.")
         config = getattr(model, "config", None)
         if getattr(config, "model_type", None) != LSTMConfig.model_type:
             raise ValueError(
@@ -227,7 +240,9 @@ class StatefulBPTT:
         self._states: dict[str, list[tuple[torch.Tensor, torch.Tensor]] | None] = {"train": None, "eval": None}
 
     @classmethod
-    def for_datasets(cls, model: torch.nn.Module, args: TrainingArguments, *datasets) -> StatefulBPTT | None:
+    def for_datasets(
+        cls, model: torch.nn.Module, args: TrainingArguments, *datasets, compute_metrics=None
+    ) -> StatefulBPTT | None:
         """A `StatefulBPTT` if the datasets are streams, None if they are independent blocks; both at once raise
         `ValueError`. This is where a trainer decides, once, which layout it runs."""
         given = [dataset for dataset in datasets if dataset is not None]
@@ -236,7 +251,7 @@ class StatefulBPTT:
             return None
         if not all(streams):
             raise ValueError("Training and evaluation data must both be streams (--stateful) or both blocks.")
-        return cls(model, args)
+        return cls(model, args, compute_metrics)
 
     @staticmethod
     def sampler(dataset: StreamBlocks) -> SequentialSampler:

@@ -27,7 +27,9 @@ class LSTMTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.stateful_bptt = StatefulBPTT.for_datasets(self.model, self.args, self.train_dataset, self.eval_dataset)
+        self.stateful_bptt = StatefulBPTT.for_datasets(
+            self.model, self.args, self.train_dataset, self.eval_dataset, compute_metrics=self.compute_metrics
+        )
 
     def push_to_hub(self, commit_message: str = "End of training", blocking: bool = True, token=None, revision=None,
                     **kwargs):

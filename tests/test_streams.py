@@ -18,7 +18,13 @@ from lm_lstm.streams import (
 from conftest import tiny_model
 
 EOS, PAD = 2, 0
-ARGS = SimpleNamespace(activation_checkpointing=False)
+
+
+def arguments(**changes) -> SimpleNamespace:
+    """The training options `StatefulBPTT` reads, at their defaults."""
+    defaults = dict(activation_checkpointing=False, train_sampling_strategy="random", data_seed=None,
+                    bf16_full_eval=False, fp16_full_eval=False)
+    return SimpleNamespace(**{**defaults, **changes})
 
 
 def test_join_documents_ends_a_document_at_each_piece_ending_in_eos():
@@ -50,20 +56,22 @@ def test_collated_stream_batch_has_one_row_per_stream():
 def test_the_layout_is_decided_from_the_datasets():
     streams = StreamBlocks([[5, 6, EOS]], block_size=2, eos_token_id=EOS, pad_token_id=PAD, num_streams=1)
     model = tiny_model()
-    assert StatefulBPTT.for_datasets(model, ARGS, None, None) is None
-    assert StatefulBPTT.for_datasets(model, ARGS, [1, 2], None) is None
-    assert isinstance(StatefulBPTT.for_datasets(model, ARGS, streams, None), StatefulBPTT)
+    assert StatefulBPTT.for_datasets(model, arguments(), None, None) is None
+    assert StatefulBPTT.for_datasets(model, arguments(), [1, 2], None) is None
+    assert isinstance(StatefulBPTT.for_datasets(model, arguments(), streams, None), StatefulBPTT)
     with pytest.raises(ValueError, match="both be streams"):
-        StatefulBPTT.for_datasets(model, ARGS, streams, [1, 2])
+        StatefulBPTT.for_datasets(model, arguments(), streams, [1, 2])
     with pytest.raises(ValueError, match="Linear has none"):
-        StatefulBPTT.for_datasets(torch.nn.Linear(2, 2), ARGS, streams)
+        StatefulBPTT.for_datasets(torch.nn.Linear(2, 2), arguments(), streams)
     with pytest.raises(ValueError, match="checkpointing"):
-        StatefulBPTT.for_datasets(model, SimpleNamespace(activation_checkpointing=True), streams)
+        StatefulBPTT.for_datasets(model, arguments(activation_checkpointing=True), streams)
+    with pytest.raises(ValueError, match="compute_metrics"):
+        StatefulBPTT.for_datasets(model, arguments(), streams, compute_metrics=lambda prediction: {})
 
 
 def test_the_carried_state_continues_each_stream_and_restarts_at_a_reset():
     model = tiny_model()
-    carrier = StatefulBPTT(model, ARGS)
+    carrier = StatefulBPTT(model, arguments())
     ids = torch.randint(3, 40, (2, 10), generator=torch.Generator().manual_seed(0))
     first = carrier.model_inputs("train", {"input_ids": ids[:, :5], "reset": torch.tensor([True, True])})
     assert not first["cache"].layers or not first["cache"].layers[0].is_recurrent_states_initialized[0]
@@ -83,7 +91,7 @@ def test_the_carried_state_continues_each_stream_and_restarts_at_a_reset():
 
 def test_the_carried_state_is_detached_and_kept_per_split():
     model = tiny_model().train()
-    carrier = StatefulBPTT(model, ARGS)
+    carrier = StatefulBPTT(model, arguments())
     ids = torch.randint(3, 40, (1, 4), generator=torch.Generator().manual_seed(1))
     outputs = model(**carrier.model_inputs("train", {"input_ids": ids, "reset": torch.tensor([True])}))
     carrier.carry("train", outputs.cache)

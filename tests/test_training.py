@@ -70,6 +70,7 @@ def test_output_folder_loads_with_auto_classes_and_generates(trained):
     model = AutoModelForCausalLM.from_pretrained(output)
     tokenizer = AutoTokenizer.from_pretrained(output)
     assert isinstance(model, lm_lstm.LSTMForCausalLM)
+    assert json.loads((output / "config.json").read_text())["use_cache"] is True  # as generation_config.json says
     assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "<pad>"
     inputs = tokenizer("ROMEO:", return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
@@ -192,6 +193,9 @@ def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path, stateful):
         (lambda d: ["--activation_regularization", -1], "activation_regularization"),
         (lambda d: ["--weight_averaging_patience", 0], "weight_averaging_patience"),
         (lambda d: ["--stateful", "--activation_checkpointing"], "activation (gradient) checkpointing"),
+        (lambda d: ["--train_sampling_strategy", "group_by_length"], "--train_sampling_strategy group_by_length"),
+        (lambda d: ["--data_seed", 3], "--data_seed shuffles blocks"),
+        (lambda d: ["--bf16_full_eval"], "--bf16_full_eval is not supported with --stateful"),
     ],
 )
 def test_bad_training_inputs_fail_with_one_line(tmp_path, make_args, message):
