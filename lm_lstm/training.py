@@ -236,6 +236,11 @@ class LSTMTrainingArguments(TrainingArguments):
                   "carry the (detached) recurrent state from batch to batch, reset at document starts; evaluation "
                   "runs the same way, so every token is predicted with its left context."},
     )
+    use_cache: bool = field(
+        default=True,
+        metadata={"help": "Trainer copies this into the model config, which is saved: True, as generation_config.json "
+                  "says. The model returns no state in training either way."},
+    )
 
     def __post_init__(self):
         if not torch.accelerator.is_available():

@@ -1,5 +1,6 @@
 """The model: cache equivalence, padding, save/load, loss and gradients, dropouts, bad inputs."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ from conftest import NO_DROPOUT, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM, LSTMModel
+from lm_lstm.training import LSTMTrainer, LSTMTrainingArguments
 from lm_lstm.modeling_lstm import has_step_matmul, step_matmul
 
 
@@ -340,12 +342,62 @@ def test_weight_dropout_changes_recurrent_weights_only_in_training():
      dict(input_dropout=1.0), dict(weight_dropout=-0.1), dict(output_dropout=2),
      dict(num_hidden_layers=1, tie_word_embeddings=True, hidden_size=8, embedding_size=6),
      dict(eos_token_id=40), dict(initializer_range=0), dict(activation_regularization=-1.0),
-     dict(temporal_activation_regularization="1")],
+     dict(temporal_activation_regularization="1"), dict(input_dropout=True), dict(hidden_dropout="0.1"),
+     dict(initializer_range=True), dict(use_cache="yes"), dict(tie_word_embeddings=1), dict(pad_token_id=True)],
 )
 def test_invalid_config_values_raise_naming_the_argument(arguments):
     name = next(iter(arguments)) if len(arguments) == 1 else "tie_word_embeddings"
     with pytest.raises(ValueError, match=name):
         tiny_config(**arguments)
+
+
+def test_config_fields_accept_integer_floats_and_store_floats():
+    config = tiny_config(input_dropout=0, weight_dropout=0, activation_regularization=2, initializer_range=1)
+    for name in ("input_dropout", "weight_dropout", "activation_regularization", "initializer_range"):
+        assert type(getattr(config, name)) is float, name
+    assert (config.activation_regularization, config.initializer_range) == (2.0, 1.0)
+    assert LSTMConfig.default_config_fields()["input_dropout"] == 0.65  # dataclass fields with their defaults
+    config.update_from_string("input_dropout=0.25")
+    assert config.input_dropout == 0.25
+
+
+def test_config_checks_run_again_at_save(tmp_path):
+    config = tiny_config()
+    config.hidden_dropout = 1.5
+    with pytest.raises(ValueError, match="hidden_dropout"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_config_json_of_an_earlier_version_loads(tmp_path):
+    """As the custom-`__init__` config wrote it (a Trainer run: `use_cache` false, `torch_dtype`)."""
+    earlier = {
+        "activation_regularization": 2.0, "architectures": ["LSTMForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_lstm.LSTMConfig", "AutoModelForCausalLM": "modeling_lstm.LSTMForCausalLM"},
+        "bos_token_id": 1, "embedding_dropout": 0.0, "embedding_size": 6, "eos_token_id": 2, "hidden_dropout": 0.1,
+        "hidden_size": 10, "initializer_range": 0.1, "input_dropout": 0.0, "model_type": "lstm", "num_hidden_layers": 3,
+        "output_dropout": 0.2, "pad_token_id": 0, "temporal_activation_regularization": 0.0,
+        "tie_word_embeddings": True, "torch_dtype": "float32", "transformers_version": "5.24.0", "use_cache": False,
+        "vocab_size": 40, "weight_dropout": 0.1,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(earlier))
+    for config in (LSTMConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert isinstance(config, LSTMConfig)
+        assert (config.num_hidden_layers, config.hidden_dropout, config.use_cache) == (3, 0.1, False)
+        assert config.layer_sizes == [(6, 10), (10, 10), (10, 6)] and config.dtype == torch.float32
+    assert LSTMForCausalLM(config).eval()(random_ids(1, 4)).logits.shape == (1, 4, 40)
+
+
+def test_saved_config_says_use_cache_as_the_generation_config_does(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "saved")
+    arguments = LSTMTrainingArguments(output_dir=str(tmp_path / "trained"), report_to="none", bf16=False,
+                                      eval_strategy="no", eval_on_start=False, load_best_model_at_end=False)
+    LSTMTrainer(model=tiny_model(), args=arguments).save_model()  # Trainer copies its `use_cache` into the config
+    for folder in (tmp_path / "saved", tmp_path / "trained"):
+        config = json.loads((folder / "config.json").read_text())
+        generation_config = json.loads((folder / "generation_config.json").read_text())
+        assert config["use_cache"] is True and generation_config["use_cache"] is True, folder.name
 
 
 @pytest.mark.parametrize(
