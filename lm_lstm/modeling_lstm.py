@@ -72,7 +72,7 @@ class PaddingLayout:
 
     Rows may be left-padded (generation), right-padded (training) or both, but the real tokens of a row must be
     contiguous. Aligned to the front, the rows can be packed, so the fused LSTM kernels stop each row's state at its
-    last real token and never step through padding.
+    last real token and never step through padding (`LSTMLayer` does this).
     """
 
     def __init__(self, attention_mask: torch.Tensor):
@@ -128,7 +128,11 @@ class PaddingLayout:
 
 
 class LSTMLayer(GradientCheckpointingLayer):
-    """One LSTM layer on the fused `nn.LSTM` kernel, with DropConnect on its hidden-to-hidden weights."""
+    """One LSTM layer on the fused `nn.LSTM` kernel, with DropConnect on its hidden-to-hidden weights.
+
+    The layer reads no cache: it gets its initial state and returns its final one, so that gradient checkpointing can
+    run it again in the backward pass (the cache has been updated by then).
+    """
 
     def __init__(self, config: LSTMConfig, layer_idx: int):
         super().__init__()
@@ -142,23 +146,37 @@ class LSTMLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         initial_hidden: torch.Tensor | None = None,
         initial_cell: torch.Tensor | None = None,
-        lengths: torch.Tensor | None = None,
+        padding: PaddingLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Runs the layer over `(batch, time, features)` inputs, from zeros or the given `(batch, hidden)` states.
 
-        With `lengths`, row `i` holds `lengths[i]` real steps at its start: its output past them is zero and its final
-        state is the one after its last real step. Returns the outputs and the final hidden and cell states.
+        With `padding`, only the real positions count: outputs at padding positions are zero, each row's final state
+        is the one after its last real token, and a row without any keeps its initial state. Returns the outputs and
+        the final hidden and cell states.
         """
         dropping_weights = self.training and self.weight_dropout > 0
-        if hidden_states.shape[1] == 1 and lengths is None and not dropping_weights and type(self.rnn) is nn.LSTM:
+        if hidden_states.shape[1] == 1 and padding is None and not dropping_weights and type(self.rnn) is nn.LSTM:
             return self._step(hidden_states, initial_hidden, initial_cell)
+        return self._run(hidden_states, initial_hidden, initial_cell, padding, dropping_weights)
+
+    def _run(
+        self,
+        hidden_states: torch.Tensor,
+        initial_hidden: torch.Tensor | None,
+        initial_cell: torch.Tensor | None,
+        padding: PaddingLayout | None,
+        dropping_weights: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused kernel over the whole sequence; padded rows are aligned to the front and packed."""
         initial_state = None
         if initial_hidden is not None:
             dtype = hidden_states.dtype
             initial_state = (initial_hidden[None].to(dtype), initial_cell[None].to(dtype))
         inputs = hidden_states
-        if lengths is not None:
-            inputs = pack_padded_sequence(hidden_states, lengths, batch_first=True, enforce_sorted=False)
+        if padding is not None:
+            inputs = pack_padded_sequence(
+                padding.to_front(hidden_states), padding.packing_lengths, batch_first=True, enforce_sorted=False
+            )
         if dropping_weights:
             dropped = F.dropout(self.rnn.weight_hh_l0, self.weight_dropout, training=True)
             outputs, (hidden, cell) = torch.func.functional_call(
@@ -166,9 +184,13 @@ class LSTMLayer(GradientCheckpointingLayer):
             )
         else:
             outputs, (hidden, cell) = self.rnn(inputs, initial_state)
-        if lengths is not None:
+        hidden, cell = hidden[0], cell[0]
+        if padding is not None:
             outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=hidden_states.shape[1])
-        return outputs, hidden[0], cell[0]
+            outputs = padding.to_original(outputs)
+            hidden = padding.keep_state_of_empty_rows(hidden, initial_hidden)
+            cell = padding.keep_state_of_empty_rows(cell, initial_cell)
+        return outputs, hidden, cell
 
     def _step(
         self, inputs: torch.Tensor, hidden: torch.Tensor | None, cell: torch.Tensor | None
@@ -192,6 +214,19 @@ class LSTMLayer(GradientCheckpointingLayer):
         cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(cell_gate)
         hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
         return hidden[:, None], hidden, cell
+
+
+def real_position_mask(
+    attention_mask: torch.Tensor | None, shift_labels: torch.Tensor | None, hidden_states: torch.Tensor
+) -> torch.Tensor:
+    """`(batch, time)` bool: which positions of `hidden_states` hold real tokens. The attention mask says so; stream
+    batches carry none on purpose (it would make the layers pack the rows, 1.5x slower), and there a position with a
+    target is real. Without either, every position is."""
+    if attention_mask is not None:
+        return attention_mask.bool()
+    if shift_labels is not None:
+        return shift_labels != -100
+    return torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
 
 
 class LSTMPreTrainedModel(PreTrainedModel):
@@ -341,7 +376,7 @@ class LSTMModel(LSTMPreTrainedModel):
                 f"got {tuple(inputs_embeds.shape[:2])}."
             )
         batch_size, seq_len = inputs_embeds.shape[:2]
-        layout = PaddingLayout.from_mask(attention_mask, batch_size, seq_len)
+        padding = PaddingLayout.from_mask(attention_mask, batch_size, seq_len)
 
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
@@ -351,26 +386,16 @@ class LSTMModel(LSTMPreTrainedModel):
 
         all_hidden_states = (inputs_embeds,) if output_hidden_states else None
         hidden_states = self.input_dropout(inputs_embeds)
-        lengths = None
-        if layout is not None:
-            hidden_states = layout.to_front(hidden_states)
-            lengths = layout.packing_lengths
         for layer_idx, (layer, (hidden, cell)) in enumerate(zip(self.layers, initial_states)):
             if layer_idx > 0:
                 hidden_states = self.hidden_dropout(hidden_states)
-            hidden_states, new_hidden, new_cell = layer(hidden_states, hidden, cell, lengths)
-            if layout is not None:
-                new_hidden = layout.keep_state_of_empty_rows(new_hidden, hidden)
-                new_cell = layout.keep_state_of_empty_rows(new_cell, cell)
+            hidden_states, hidden, cell = layer(hidden_states, hidden, cell, padding)
             if cache is not None:
-                cache.update_recurrent_state(new_hidden, layer_idx, state_idx=HIDDEN_STATE)
-                cache.update_recurrent_state(new_cell, layer_idx, state_idx=CELL_STATE)
+                cache.update_recurrent_state(hidden, layer_idx, state_idx=HIDDEN_STATE)
+                cache.update_recurrent_state(cell, layer_idx, state_idx=CELL_STATE)
             if output_hidden_states:
-                restored = hidden_states if layout is None else layout.to_original(hidden_states)
-                all_hidden_states += (restored,)
+                all_hidden_states += (hidden_states,)
         hidden_states = self.output_dropout(hidden_states)
-        if layout is not None:
-            hidden_states = layout.to_original(hidden_states)
 
         returned_cache = cache if use_cache else None
         if not return_dict:
@@ -454,10 +479,11 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         The other arguments are those of [`LSTMModel.forward`].
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        for targets in (labels, kwargs.get("shift_labels")):
+        shift_labels = kwargs.get("shift_labels")
+        for targets in (labels, shift_labels):
             if targets is not None:
                 self._check_labels(targets)
-        has_targets = labels is not None or kwargs.get("shift_labels") is not None
+        has_targets = labels is not None or shift_labels is not None
         penalize = has_targets and self.training and self._has_activation_penalties
         outputs = self.model(
             input_ids=input_ids,
@@ -475,11 +501,9 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         if has_targets:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if penalize:
-            real = attention_mask
-            if real is None and kwargs.get("shift_labels") is not None:
-                real = kwargs["shift_labels"] != -100  # a position with a target is a real input
+            real_positions = real_position_mask(attention_mask, shift_labels, outputs.last_hidden_state)
             loss = loss + self._activation_penalties(
-                outputs.last_hidden_state, outputs.hidden_states[-1], real, kwargs.get("num_items_in_batch")
+                outputs.last_hidden_state, outputs.hidden_states[-1], real_positions, kwargs.get("num_items_in_batch")
             )
         all_hidden_states = outputs.hidden_states if output_hidden_states else None
 
@@ -506,15 +530,12 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         self,
         dropped_output: torch.Tensor,
         raw_output: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        real: torch.Tensor,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """AR + TAR (AWD-LSTM) on the last layer's output: mean squares over the features, averaged over the real
-        positions (`attention_mask`), or over `num_items_in_batch` as the loss is (exact under gradient
-        accumulation)."""
-        if attention_mask is None:
-            attention_mask = torch.ones(raw_output.shape[:2], dtype=torch.bool, device=raw_output.device)
-        real = attention_mask.bool()
+        """AR + TAR (AWD-LSTM) on the last layer's `(batch, time, features)` output: mean squares over the features,
+        averaged over the `real` positions (`(batch, time)` bool), or over `num_items_in_batch` as the loss is (exact
+        under gradient accumulation)."""
         real_pairs = real[:, 1:] & real[:, :-1]
         activation = dropped_output.float().pow(2).mean(-1)[real].sum()
         temporal = (raw_output[:, 1:] - raw_output[:, :-1]).float().pow(2).mean(-1)[real_pairs].sum()

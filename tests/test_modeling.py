@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCac
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM, LSTMModel
 from lm_lstm.training import LSTMTrainer, LSTMTrainingArguments
-from lm_lstm.modeling_lstm import has_step_matmul, step_matmul
+from lm_lstm.modeling_lstm import PaddingLayout, has_step_matmul, real_position_mask, step_matmul
 
 
 def random_ids(batch: int, length: int, vocab_size: int = 40, seed: int = 1) -> torch.Tensor:
@@ -125,6 +125,30 @@ def test_fully_padded_row_leaves_the_state_unchanged():
     model(random_ids(2, 4, seed=5), attention_mask=mask, cache=cache, use_cache=True)
     torch.testing.assert_close(cache.layers[0].recurrent_states[0][1], before[1])
     assert not torch.allclose(cache.layers[0].recurrent_states[0][0], before[0])
+
+
+def test_layer_runs_each_padded_row_on_its_real_tokens_alone():
+    layer = tiny_model().model.layers[0]
+    generator = torch.Generator().manual_seed(4)
+    inputs, hidden, cell = (torch.randn(*shape, generator=generator) for shape in ((4, 6, 6), (4, 10), (4, 10)))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]])
+    outputs, final_hidden, final_cell = layer(inputs, hidden, cell, PaddingLayout(mask))
+    for row in range(3):
+        kept = mask[row].bool()
+        alone, alone_hidden, alone_cell = layer(inputs[row : row + 1, kept], hidden[row : row + 1], cell[row : row + 1])
+        torch.testing.assert_close(outputs[row, kept], alone[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(final_hidden[row], alone_hidden[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(final_cell[row], alone_cell[0], atol=1e-6, rtol=0)
+    assert (outputs[~mask.bool()] == 0).all()
+    assert torch.equal(final_hidden[3], hidden[3]) and torch.equal(final_cell[3], cell[3])  # no real token: kept
+
+
+def test_real_positions_come_from_the_mask_else_the_targets():
+    hidden_states = torch.zeros(2, 3, 5)
+    mask, targets = torch.tensor([[1, 1, 0], [0, 1, 1]]), torch.tensor([[4, -100, 5], [-100, -100, 6]])
+    assert real_position_mask(mask, targets, hidden_states).tolist() == mask.bool().tolist()
+    assert real_position_mask(None, targets, hidden_states).tolist() == [[True, False, True], [False, False, True]]
+    assert real_position_mask(None, None, hidden_states).all() and real_position_mask(None, None, hidden_states).shape == (2, 3)
 
 
 def test_right_padded_training_batch_gives_the_unpadded_loss():
