@@ -6,6 +6,9 @@ This file is shipped with saved models as remote code: besides torch and transfo
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +50,32 @@ def step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # Row-major rows (`rows.T` a transposed view: MKL's fast case), at least two (one would be a matrix-vector product).
     rows = rows.expand(2, -1).contiguous() if batch_size == 1 else rows.contiguous()
     return torch.mm(weight, rows.t())[:, :batch_size].t()
+
+
+@functools.cache
+def cpu_autocast_runs_lstm(dtype: torch.dtype) -> bool:
+    """Whether `nn.LSTM` runs under CPU autocast to `dtype` here, tried once per process on a 1x1 LSTM.
+
+    Autocast sends the LSTM to oneDNN in `dtype`; on a CPU without bf16 arithmetic (AVX2 only, or oneDNN limited to
+    it by `ONEDNN_MAX_CPU_ISA=AVX2`) oneDNN cannot create that primitive and raises.
+    """
+    zero = torch.zeros(1, 1, 1)
+    weights = [torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4), torch.zeros(4)]
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            torch.lstm(zero, (zero, zero), weights, True, 1, 0.0, False, False, False)
+    except RuntimeError:
+        return False
+    return True
+
+
+def lstm_outside_autocast(inputs: torch.Tensor) -> bool:
+    """Whether an LSTM on `inputs` must leave CPU autocast (see `cpu_autocast_runs_lstm`) and run in their dtype."""
+    return (
+        inputs.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and not cpu_autocast_runs_lstm(torch.get_autocast_dtype("cpu"))
+    )
 
 
 class LockedDropout(nn.Module):
@@ -155,9 +184,12 @@ class LSTMLayer(GradientCheckpointingLayer):
         the final hidden and cell states.
         """
         dropping_weights = self.training and self.weight_dropout > 0
-        if hidden_states.shape[1] == 1 and padding is None and not dropping_weights and type(self.rnn) is nn.LSTM:
-            return self._step(hidden_states, initial_hidden, initial_cell)
-        return self._run(hidden_states, initial_hidden, initial_cell, padding, dropping_weights)
+        one_step = hidden_states.shape[1] == 1 and padding is None and not dropping_weights
+        outside_autocast = lstm_outside_autocast(hidden_states)
+        with torch.autocast("cpu", enabled=False) if outside_autocast else contextlib.nullcontext():
+            if one_step and type(self.rnn) is nn.LSTM:
+                return self._step(hidden_states, initial_hidden, initial_cell)
+            return self._run(hidden_states, initial_hidden, initial_cell, padding, dropping_weights)
 
     def _run(
         self,

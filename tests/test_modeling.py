@@ -1,6 +1,7 @@
 """The model: cache equivalence, padding, save/load, loss and gradients, dropouts, bad inputs."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCac
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM, LSTMModel
 from lm_lstm.training import LSTMTrainer, LSTMTrainingArguments
+from lm_lstm import modeling_lstm
 from lm_lstm.modeling_lstm import PaddingLayout, has_step_matmul, real_position_mask, step_matmul
 
 
@@ -62,6 +64,63 @@ def test_step_matmul_only_where_it_is_faster():
     assert not has_step_matmul(torch.zeros(1000, 4), weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not has_step_matmul(rows, weight)
+
+
+def test_lstm_leaves_autocast_where_this_cpu_cannot_run_it_in_bf16(monkeypatch):
+    model = tiny_model(num_hidden_layers=3)
+    ids = random_ids(2, 9)
+    reference = model(ids, output_hidden_states=True)
+    if modeling_lstm.cpu_autocast_runs_lstm(torch.bfloat16):  # the kernels run in bf16 here, unless told otherwise
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.model(ids).last_hidden_state.dtype == torch.bfloat16
+    monkeypatch.setattr(modeling_lstm, "cpu_autocast_runs_lstm", lambda dtype: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, output_hidden_states=True)
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
+    for layer_output, expected in zip(out.hidden_states, reference.hidden_states):
+        assert layer_output.dtype == torch.float32
+        torch.testing.assert_close(layer_output, expected, atol=1e-6, rtol=0)
+    assert out.logits.dtype == torch.bfloat16  # the output layer stays under autocast
+    torch.testing.assert_close(out.logits.float(), reference.logits, atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, dim=1), out.logits, atol=0, rtol=0)
+
+
+def test_bf16_runs_on_a_cpu_without_bf16_lstm_kernels(tmp_path):
+    """oneDNN limited to AVX2, as on a CPU without bf16 arithmetic, where a bf16 LSTM primitive cannot be created."""
+    model = tiny_model(num_hidden_layers=3)
+    model.save_pretrained(tmp_path)
+    ids = random_ids(2, 9)
+    torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import platform
+        import torch
+        from lm_lstm import LSTMForCausalLM, modeling_lstm
+        from transformers import DynamicCache
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            assert not modeling_lstm.cpu_autocast_runs_lstm(torch.bfloat16)
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        ids = expected["ids"]
+        model = LSTMForCausalLM.from_pretrained({str(tmp_path)!r}).eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = model(ids).logits
+            cache = DynamicCache(config=model.config)
+            steps = torch.cat([model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(9)], 1)
+        torch.testing.assert_close(steps.float(), full.float(), atol=0.03, rtol=0)
+        torch.testing.assert_close(full.float(), expected["logits"], atol=0.03, rtol=0)
+        bf16 = LSTMForCausalLM.from_pretrained({str(tmp_path)!r}, dtype=torch.bfloat16).eval()
+        logits = bf16(ids).logits
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits.float(), expected["logits"], atol=0.05, rtol=0.05)
+        assert bf16.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 12)
+        print("bf16 ok")
+        """
+    )
+    environment = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bf16 ok" in result.stdout
 
 
 def test_one_token_step_gives_the_gradients_of_the_float64_cell():
