@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -24,27 +25,53 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from .configuration_lstm import LSTMConfig
 
 HIDDEN_STATE, CELL_STATE = 0, 1  # state slots of a cache layer
-STEP_MATMUL_MAX_ROWS = 256  # measured faster than `F.linear` up to here, slower at 1024 rows
+STEP_MATMUL_MAX_ROWS = 256  # `F.linear` was faster from 1024 rows on every machine measured
+# Whether one-token steps use `step_matmul`: None measures it per shape, once per process (it depends on the machine);
+# True or False forces the choice (deterministic tests, benchmarks).
+STEP_MATMUL: bool | None = None
+_step_matmul_is_faster: dict[tuple[int, ...], bool] = {}
 
 
 def has_step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `step_matmul` beats `F.linear` for these operands (the rows first): a few fp32 rows on CPU, outside
-    autocast."""
-    return (
+    """Whether `step_matmul` computes `F.linear(rows, weight)` for a one-token step: for a few fp32 rows on CPU, outside
+    autocast, where it is the faster of the two on this machine (see `STEP_MATMUL`)."""
+    if not (
         rows.device.type == "cpu"
         and rows.dtype == weight.dtype == torch.float32
         and rows.shape[0] <= STEP_MATMUL_MAX_ROWS
         and not torch.is_autocast_enabled("cpu")
-    )
+    ):
+        return False
+    if STEP_MATMUL is not None:
+        return STEP_MATMUL
+    shape = (rows.shape[0], *weight.shape)
+    if shape not in _step_matmul_is_faster:
+        _step_matmul_is_faster[shape] = step_matmul_beats_linear(rows, weight)
+    return _step_matmul_is_faster[shape]
+
+
+def step_matmul_beats_linear(rows: torch.Tensor, weight: torch.Tensor, rounds: int = 3) -> bool:
+    """Times `step_matmul` and `F.linear` on these operands, alternating, and compares the best of `rounds` calls each:
+    six reads of the weight, a few milliseconds for an LSTM layer and tens for a 30k-token output layer."""
+    best = {step_matmul: float("inf"), F.linear: float("inf")}
+    rows, weight = rows.detach(), weight.detach()
+    with torch.no_grad():
+        for _ in range(rounds):
+            for kernel in best:
+                start = time.perf_counter()
+                kernel(rows, weight)
+                best[kernel] = min(best[kernel], time.perf_counter() - start)
+    return best[step_matmul] < best[F.linear]
 
 
 def step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(rows, weight)` for the few rows of a one-token step, computed as `(weight @ rows.T).T`.
 
     A one-token step is bound by reading the weights. On CPU, MKL computes `F.linear` on a few rows with a
-    matrix-vector or small-batch kernel that reads the weight at a fifth to half of the memory bandwidth of the
-    matrix-matrix product `weight @ rows.T` with at least two columns: 1.5-5x slower for 1 to 8 rows (see
-    benchmarks/README.md). Returns a transposed view.
+    matrix-vector or small-batch kernel that, on AVX-512 machines, reads the weight at a fifth to half of the memory
+    bandwidth of the matrix-matrix product `weight @ rows.T` with at least two columns: 1.5-5x slower for 1 to 8 rows
+    (see benchmarks/README.md). On an AVX2-only machine `F.linear` was the faster, hence `has_step_matmul` measures.
+    Returns a transposed view.
     """
     batch_size = rows.shape[0]
     # Row-major rows (`rows.T` a transposed view: MKL's fast case), at least two (one would be a matrix-vector product).
@@ -235,7 +262,7 @@ class LSTMLayer(GradientCheckpointingLayer):
             hidden = cell = inputs.new_zeros(inputs.shape[0], self.rnn.hidden_size)
         hidden, cell = hidden.to(inputs.dtype), cell.to(inputs.dtype)
         rnn = self.rnn
-        if not has_step_matmul(inputs, rnn.weight_ih_l0):
+        if not (has_step_matmul(inputs, rnn.weight_ih_l0) and has_step_matmul(hidden, rnn.weight_hh_l0)):
             hidden, cell = torch.lstm_cell(
                 inputs, (hidden, cell), rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
             )
@@ -547,9 +574,12 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
     def _output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`lm_head` on the hidden states; through `step_matmul` for a one-token step where it is faster."""
         head = self.lm_head
-        if hidden_states.shape[1] != 1 or type(head) is not nn.Linear or not has_step_matmul(hidden_states, head.weight):
+        if hidden_states.shape[1] != 1 or type(head) is not nn.Linear:
             return head(hidden_states)
-        logits = step_matmul(hidden_states[:, 0], head.weight)
+        rows = hidden_states[:, 0]
+        if not has_step_matmul(rows, head.weight):
+            return head(hidden_states)
+        logits = step_matmul(rows, head.weight)
         if head.bias is not None:
             logits = logits + head.bias
         return logits.contiguous()[:, None]

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -64,6 +66,52 @@ def test_step_matmul_only_where_it_is_faster():
     assert not has_step_matmul(torch.zeros(1000, 4), weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not has_step_matmul(rows, weight)
+
+
+def test_step_kernel_is_measured_once_per_shape_unless_forced(monkeypatch):
+    verdicts = {(2, 30, 4): True, (2, 40, 4): False}
+    measured = []
+
+    def measure(rows, weight):
+        measured.append((rows.shape[0], *weight.shape))
+        return verdicts[measured[-1]]
+
+    monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", None)
+    monkeypatch.setattr(modeling_lstm, "_step_matmul_is_faster", {})
+    monkeypatch.setattr(modeling_lstm, "step_matmul_beats_linear", measure)
+    rows = torch.zeros(2, 4)
+    for _ in range(3):
+        assert has_step_matmul(rows, torch.zeros(30, 4)) and not has_step_matmul(rows, torch.zeros(40, 4))
+    assert measured == [(2, 30, 4), (2, 40, 4)]
+    assert not has_step_matmul(rows.double(), torch.zeros(30, 4).double())  # never eligible: not measured
+    monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", False)
+    assert not has_step_matmul(rows, torch.zeros(30, 4)) and len(measured) == 2
+
+
+@pytest.mark.parametrize("slowed", ["step_matmul", "F.linear"])
+def test_step_matmul_measurement_picks_the_faster_kernel(slowed, monkeypatch):
+    def slow(kernel):
+        return lambda rows, weight: (time.sleep(0.003), kernel(rows, weight))[1]
+
+    if slowed == "step_matmul":
+        monkeypatch.setattr(modeling_lstm, "step_matmul", slow(step_matmul))
+    else:
+        monkeypatch.setattr(modeling_lstm, "F", SimpleNamespace(linear=slow(F.linear)))
+    rows = torch.randn(1, 16, requires_grad=True)  # as in a training step: measured without autograd
+    assert modeling_lstm.step_matmul_beats_linear(rows, torch.randn(64, 16)) == (slowed == "F.linear")
+
+
+def test_model_steps_with_the_measured_kernel(monkeypatch):
+    monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", None)
+    monkeypatch.setattr(modeling_lstm, "_step_matmul_is_faster", {})
+    model = tiny_model(tie_word_embeddings=True, vocab_size=50)
+    ids = random_ids(2, 6)
+    cache = DynamicCache(config=model.config)
+    steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(ids).logits, atol=1e-5, rtol=0)
+    # At 2 rows: each layer's input weights (its recurrent weights too where the first won) and the output layer.
+    measured = set(modeling_lstm._step_matmul_is_faster)
+    assert {(2, 40, 6), (2, 24, 10), (2, 50, 6)} <= measured <= {(2, 40, 6), (2, 40, 10), (2, 24, 10), (2, 24, 6), (2, 50, 6)}
 
 
 def test_lstm_leaves_autocast_where_this_cpu_cannot_run_it_in_bf16(monkeypatch):
