@@ -3,14 +3,21 @@
 This file is shipped with saved models as remote code: it imports nothing from `lm_lstm`.
 """
 
-from transformers import PretrainedConfig
+from transformers import PreTrainedConfig
 
-_SIZE_ARGUMENTS = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers")
-_DROPOUT_ARGUMENTS = ("embedding_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout")
-_PENALTY_ARGUMENTS = ("activation_regularization", "temporal_activation_regularization")
+_SIZE_FIELDS = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers")
+_DROPOUT_FIELDS = ("embedding_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout")
+_PENALTY_FIELDS = ("activation_regularization", "temporal_activation_regularization")
+_FLOAT_FIELDS = _DROPOUT_FIELDS + _PENALTY_FIELDS + ("initializer_range",)
+_SWITCH_FIELDS = ("tie_word_embeddings", "use_cache")
+_TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
-class LSTMConfig(PretrainedConfig):
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class LSTMConfig(PreTrainedConfig):
     r"""
     Configuration of an [`LSTMForCausalLM`]: a stack of LSTM layers between a token embedding and a softmax
     output layer, regularised as in AWD-LSTM (Merity et al., 2017, "Regularizing and Optimizing LSTM Language
@@ -58,6 +65,9 @@ class LSTMConfig(PretrainedConfig):
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether the model returns its recurrent state (`cache`) for fast generation.
 
+    Every `validate_*` method runs at construction and in `save_pretrained`, and raises a `ValueError` naming the
+    argument. Integers are accepted for the float fields (`input_dropout=0`) and stored as floats.
+
     Example:
 
     ```python
@@ -70,73 +80,88 @@ class LSTMConfig(PretrainedConfig):
     model_type = "lstm"
     keys_to_ignore_at_inference = ["cache"]
 
-    def __init__(
-        self,
-        vocab_size: int = 10000,
-        embedding_size: int = 400,
-        hidden_size: int = 1150,
-        num_hidden_layers: int = 3,
-        embedding_dropout: float = 0.1,
-        input_dropout: float = 0.65,
-        hidden_dropout: float = 0.3,
-        output_dropout: float = 0.4,
-        weight_dropout: float = 0.5,
-        activation_regularization: float = 0.0,
-        temporal_activation_regularization: float = 0.0,
-        tie_word_embeddings: bool = True,
-        initializer_range: float = 0.1,
-        pad_token_id: int | None = None,
-        bos_token_id: int | None = None,
-        eos_token_id: int | None = None,
-        use_cache: bool = True,
-        **kwargs,
-    ):
-        self.vocab_size = vocab_size
-        self.embedding_size = embedding_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.embedding_dropout = embedding_dropout
-        self.input_dropout = input_dropout
-        self.hidden_dropout = hidden_dropout
-        self.output_dropout = output_dropout
-        self.weight_dropout = weight_dropout
-        self.activation_regularization = activation_regularization
-        self.temporal_activation_regularization = temporal_activation_regularization
-        self.tie_word_embeddings = tie_word_embeddings
-        self.initializer_range = initializer_range
-        self.pad_token_id = pad_token_id
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.use_cache = use_cache
-        self._check_arguments()
-        super().__init__(**kwargs)
+    vocab_size: int = 10000
+    embedding_size: int = 400
+    hidden_size: int = 1150
+    num_hidden_layers: int = 3
+    embedding_dropout: float = 0.1
+    input_dropout: float = 0.65
+    hidden_dropout: float = 0.3
+    output_dropout: float = 0.4
+    weight_dropout: float = 0.5
+    activation_regularization: float = 0.0
+    temporal_activation_regularization: float = 0.0
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.1
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    use_cache: bool = True
 
-    def _check_arguments(self) -> None:
-        for name in _SIZE_ARGUMENTS:
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate()
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, float(getattr(self, name)))
+
+    def validate(self) -> None:
+        """Runs every `validate_*` method, transformers' and this config's.
+
+        Replaces the one `@strict` would add: that one wraps each `ValueError` in its own exception type, and its type
+        checks refuse an integer for a float field.
+        """
+        for name in dir(self):
+            if name.startswith("validate_"):
+                getattr(self, name)()
+
+    def validate_sizes(self) -> None:
+        for name in _SIZE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-        for name in _DROPOUT_ARGUMENTS:
+
+    def validate_dropouts(self) -> None:
+        for name in _DROPOUT_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            if not _is_number(value) or not 0 <= value < 1:
                 raise ValueError(f"`{name}` must be a probability in [0, 1), got {value!r}.")
-        for name in _PENALTY_ARGUMENTS:
+
+    def validate_penalties(self) -> None:
+        for name in _PENALTY_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            if not _is_number(value) or not value >= 0:
                 raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
-        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
+
+    def validate_initializer_range(self) -> None:
+        if not _is_number(self.initializer_range) or not self.initializer_range > 0:
             raise ValueError(f"`initializer_range` must be a number > 0, got {self.initializer_range!r}.")
+
+    def validate_switches(self) -> None:
+        for name in _SWITCH_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+    def validate_architecture(self) -> None:
+        """Overrides transformers' check (attention heads), which has nothing to check here."""
         if self.tie_word_embeddings and self.num_hidden_layers == 1 and self.hidden_size != self.embedding_size:
             raise ValueError(
                 "`tie_word_embeddings=True` with a single layer needs `hidden_size == embedding_size` (the last layer's "
                 f"output feeds the tied output layer), got hidden_size={self.hidden_size} and "
                 f"embedding_size={self.embedding_size}. Use more layers, equal sizes, or `tie_word_embeddings=False`."
             )
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+
+    def validate_token_ids(self) -> None:
+        """Overrides transformers' check, which only warns: an id outside the vocabulary fails later, inside a kernel."""
+        for name in _TOKEN_FIELDS:
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+            if value is not None and not (
+                isinstance(value, int) and not isinstance(value, bool) and 0 <= value < self.vocab_size
+            ):
                 raise ValueError(f"`{name}` must be None or an id in [0, vocab_size={self.vocab_size}), got {value!r}.")
 
+    # Derived from the fields on every read rather than stored in `__post_init__`: a field changed later (as
+    # `update_from_string` and `resize_token_embeddings` do) never leaves them stale, and config.json holds only fields.
     @property
     def layer_sizes(self) -> list[tuple[int, int]]:
         """(input size, hidden size) of each LSTM layer, bottom to top."""

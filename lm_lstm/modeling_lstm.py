@@ -6,6 +6,10 @@ This file is shipped with saved models as remote code: besides torch and transfo
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,32 +25,84 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from .configuration_lstm import LSTMConfig
 
 HIDDEN_STATE, CELL_STATE = 0, 1  # state slots of a cache layer
-STEP_MATMUL_MAX_ROWS = 256  # measured faster than `F.linear` up to here, slower at 1024 rows
+STEP_MATMUL_MAX_ROWS = 256  # `F.linear` was faster from 1024 rows on every machine measured
+# Whether one-token steps use `step_matmul`: None measures it per shape, once per process (it depends on the machine);
+# True or False forces the choice (deterministic tests, benchmarks).
+STEP_MATMUL: bool | None = None
+_step_matmul_is_faster: dict[tuple[int, ...], bool] = {}
 
 
 def has_step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `step_matmul` beats `F.linear` for these operands (the rows first): a few fp32 rows on CPU, outside
-    autocast."""
-    return (
+    """Whether `step_matmul` computes `F.linear(rows, weight)` for a one-token step: for a few fp32 rows on CPU, outside
+    autocast, where it is the faster of the two on this machine (see `STEP_MATMUL`)."""
+    if not (
         rows.device.type == "cpu"
         and rows.dtype == weight.dtype == torch.float32
         and rows.shape[0] <= STEP_MATMUL_MAX_ROWS
         and not torch.is_autocast_enabled("cpu")
-    )
+    ):
+        return False
+    if STEP_MATMUL is not None:
+        return STEP_MATMUL
+    shape = (rows.shape[0], *weight.shape)
+    if shape not in _step_matmul_is_faster:
+        _step_matmul_is_faster[shape] = step_matmul_beats_linear(rows, weight)
+    return _step_matmul_is_faster[shape]
+
+
+def step_matmul_beats_linear(rows: torch.Tensor, weight: torch.Tensor, rounds: int = 3) -> bool:
+    """Times `step_matmul` and `F.linear` on these operands, alternating, and compares the best of `rounds` calls each:
+    six reads of the weight, a few milliseconds for an LSTM layer and tens for a 30k-token output layer."""
+    best = {step_matmul: float("inf"), F.linear: float("inf")}
+    rows, weight = rows.detach(), weight.detach()
+    with torch.no_grad():
+        for _ in range(rounds):
+            for kernel in best:
+                start = time.perf_counter()
+                kernel(rows, weight)
+                best[kernel] = min(best[kernel], time.perf_counter() - start)
+    return best[step_matmul] < best[F.linear]
 
 
 def step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(rows, weight)` for the few rows of a one-token step, computed as `(weight @ rows.T).T`.
 
     A one-token step is bound by reading the weights. On CPU, MKL computes `F.linear` on a few rows with a
-    matrix-vector or small-batch kernel that reads the weight at a fifth to half of the memory bandwidth of the
-    matrix-matrix product `weight @ rows.T` with at least two columns: 1.5-5x slower for 1 to 8 rows (see
-    benchmarks/README.md). Returns a transposed view.
+    matrix-vector or small-batch kernel that, on AVX-512 machines, reads the weight at a fifth to half of the memory
+    bandwidth of the matrix-matrix product `weight @ rows.T` with at least two columns: 1.5-5x slower for 1 to 8 rows
+    (see benchmarks/README.md). On an AVX2-only machine `F.linear` was the faster, hence `has_step_matmul` measures.
+    Returns a transposed view.
     """
     batch_size = rows.shape[0]
     # Row-major rows (`rows.T` a transposed view: MKL's fast case), at least two (one would be a matrix-vector product).
     rows = rows.expand(2, -1).contiguous() if batch_size == 1 else rows.contiguous()
     return torch.mm(weight, rows.t())[:, :batch_size].t()
+
+
+@functools.cache
+def cpu_autocast_runs_lstm(dtype: torch.dtype) -> bool:
+    """Whether `nn.LSTM` runs under CPU autocast to `dtype` here, tried once per process on a 1x1 LSTM.
+
+    Autocast sends the LSTM to oneDNN in `dtype`; on a CPU without bf16 arithmetic (AVX2 only, or oneDNN limited to
+    it by `ONEDNN_MAX_CPU_ISA=AVX2`) oneDNN cannot create that primitive and raises.
+    """
+    zero = torch.zeros(1, 1, 1)
+    weights = [torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4), torch.zeros(4)]
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            torch.lstm(zero, (zero, zero), weights, True, 1, 0.0, False, False, False)
+    except RuntimeError:
+        return False
+    return True
+
+
+def lstm_outside_autocast(inputs: torch.Tensor) -> bool:
+    """Whether an LSTM on `inputs` must leave CPU autocast (see `cpu_autocast_runs_lstm`) and run in their dtype."""
+    return (
+        inputs.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and not cpu_autocast_runs_lstm(torch.get_autocast_dtype("cpu"))
+    )
 
 
 class LockedDropout(nn.Module):
@@ -72,7 +128,7 @@ class PaddingLayout:
 
     Rows may be left-padded (generation), right-padded (training) or both, but the real tokens of a row must be
     contiguous. Aligned to the front, the rows can be packed, so the fused LSTM kernels stop each row's state at its
-    last real token and never step through padding.
+    last real token and never step through padding (`LSTMLayer` does this).
     """
 
     def __init__(self, attention_mask: torch.Tensor):
@@ -128,7 +184,11 @@ class PaddingLayout:
 
 
 class LSTMLayer(GradientCheckpointingLayer):
-    """One LSTM layer on the fused `nn.LSTM` kernel, with DropConnect on its hidden-to-hidden weights."""
+    """One LSTM layer on the fused `nn.LSTM` kernel, with DropConnect on its hidden-to-hidden weights.
+
+    The layer reads no cache: it gets its initial state and returns its final one, so that gradient checkpointing can
+    run it again in the backward pass (the cache has been updated by then).
+    """
 
     def __init__(self, config: LSTMConfig, layer_idx: int):
         super().__init__()
@@ -142,23 +202,40 @@ class LSTMLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         initial_hidden: torch.Tensor | None = None,
         initial_cell: torch.Tensor | None = None,
-        lengths: torch.Tensor | None = None,
+        padding: PaddingLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Runs the layer over `(batch, time, features)` inputs, from zeros or the given `(batch, hidden)` states.
 
-        With `lengths`, row `i` holds `lengths[i]` real steps at its start: its output past them is zero and its final
-        state is the one after its last real step. Returns the outputs and the final hidden and cell states.
+        With `padding`, only the real positions count: outputs at padding positions are zero, each row's final state
+        is the one after its last real token, and a row without any keeps its initial state. Returns the outputs and
+        the final hidden and cell states.
         """
         dropping_weights = self.training and self.weight_dropout > 0
-        if hidden_states.shape[1] == 1 and lengths is None and not dropping_weights and type(self.rnn) is nn.LSTM:
-            return self._step(hidden_states, initial_hidden, initial_cell)
+        one_step = hidden_states.shape[1] == 1 and padding is None and not dropping_weights
+        outside_autocast = lstm_outside_autocast(hidden_states)
+        with torch.autocast("cpu", enabled=False) if outside_autocast else contextlib.nullcontext():
+            if one_step and type(self.rnn) is nn.LSTM:
+                return self._step(hidden_states, initial_hidden, initial_cell)
+            return self._run(hidden_states, initial_hidden, initial_cell, padding, dropping_weights)
+
+    def _run(
+        self,
+        hidden_states: torch.Tensor,
+        initial_hidden: torch.Tensor | None,
+        initial_cell: torch.Tensor | None,
+        padding: PaddingLayout | None,
+        dropping_weights: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused kernel over the whole sequence; padded rows are aligned to the front and packed."""
         initial_state = None
         if initial_hidden is not None:
             dtype = hidden_states.dtype
             initial_state = (initial_hidden[None].to(dtype), initial_cell[None].to(dtype))
         inputs = hidden_states
-        if lengths is not None:
-            inputs = pack_padded_sequence(hidden_states, lengths, batch_first=True, enforce_sorted=False)
+        if padding is not None:
+            inputs = pack_padded_sequence(
+                padding.to_front(hidden_states), padding.packing_lengths, batch_first=True, enforce_sorted=False
+            )
         if dropping_weights:
             dropped = F.dropout(self.rnn.weight_hh_l0, self.weight_dropout, training=True)
             outputs, (hidden, cell) = torch.func.functional_call(
@@ -166,9 +243,13 @@ class LSTMLayer(GradientCheckpointingLayer):
             )
         else:
             outputs, (hidden, cell) = self.rnn(inputs, initial_state)
-        if lengths is not None:
+        hidden, cell = hidden[0], cell[0]
+        if padding is not None:
             outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=hidden_states.shape[1])
-        return outputs, hidden[0], cell[0]
+            outputs = padding.to_original(outputs)
+            hidden = padding.keep_state_of_empty_rows(hidden, initial_hidden)
+            cell = padding.keep_state_of_empty_rows(cell, initial_cell)
+        return outputs, hidden, cell
 
     def _step(
         self, inputs: torch.Tensor, hidden: torch.Tensor | None, cell: torch.Tensor | None
@@ -181,7 +262,7 @@ class LSTMLayer(GradientCheckpointingLayer):
             hidden = cell = inputs.new_zeros(inputs.shape[0], self.rnn.hidden_size)
         hidden, cell = hidden.to(inputs.dtype), cell.to(inputs.dtype)
         rnn = self.rnn
-        if not has_step_matmul(inputs, rnn.weight_ih_l0):
+        if not (has_step_matmul(inputs, rnn.weight_ih_l0) and has_step_matmul(hidden, rnn.weight_hh_l0)):
             hidden, cell = torch.lstm_cell(
                 inputs, (hidden, cell), rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
             )
@@ -192,6 +273,19 @@ class LSTMLayer(GradientCheckpointingLayer):
         cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(cell_gate)
         hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
         return hidden[:, None], hidden, cell
+
+
+def real_position_mask(
+    attention_mask: torch.Tensor | None, shift_labels: torch.Tensor | None, hidden_states: torch.Tensor
+) -> torch.Tensor:
+    """`(batch, time)` bool: which positions of `hidden_states` hold real tokens. The attention mask says so; stream
+    batches carry none on purpose (it would make the layers pack the rows, 1.5x slower), and there a position with a
+    target is real. Without either, every position is."""
+    if attention_mask is not None:
+        return attention_mask.bool()
+    if shift_labels is not None:
+        return shift_labels != -100
+    return torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
 
 
 class LSTMPreTrainedModel(PreTrainedModel):
@@ -341,7 +435,7 @@ class LSTMModel(LSTMPreTrainedModel):
                 f"got {tuple(inputs_embeds.shape[:2])}."
             )
         batch_size, seq_len = inputs_embeds.shape[:2]
-        layout = PaddingLayout.from_mask(attention_mask, batch_size, seq_len)
+        padding = PaddingLayout.from_mask(attention_mask, batch_size, seq_len)
 
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
@@ -351,26 +445,16 @@ class LSTMModel(LSTMPreTrainedModel):
 
         all_hidden_states = (inputs_embeds,) if output_hidden_states else None
         hidden_states = self.input_dropout(inputs_embeds)
-        lengths = None
-        if layout is not None:
-            hidden_states = layout.to_front(hidden_states)
-            lengths = layout.packing_lengths
         for layer_idx, (layer, (hidden, cell)) in enumerate(zip(self.layers, initial_states)):
             if layer_idx > 0:
                 hidden_states = self.hidden_dropout(hidden_states)
-            hidden_states, new_hidden, new_cell = layer(hidden_states, hidden, cell, lengths)
-            if layout is not None:
-                new_hidden = layout.keep_state_of_empty_rows(new_hidden, hidden)
-                new_cell = layout.keep_state_of_empty_rows(new_cell, cell)
+            hidden_states, hidden, cell = layer(hidden_states, hidden, cell, padding)
             if cache is not None:
-                cache.update_recurrent_state(new_hidden, layer_idx, state_idx=HIDDEN_STATE)
-                cache.update_recurrent_state(new_cell, layer_idx, state_idx=CELL_STATE)
+                cache.update_recurrent_state(hidden, layer_idx, state_idx=HIDDEN_STATE)
+                cache.update_recurrent_state(cell, layer_idx, state_idx=CELL_STATE)
             if output_hidden_states:
-                restored = hidden_states if layout is None else layout.to_original(hidden_states)
-                all_hidden_states += (restored,)
+                all_hidden_states += (hidden_states,)
         hidden_states = self.output_dropout(hidden_states)
-        if layout is not None:
-            hidden_states = layout.to_original(hidden_states)
 
         returned_cache = cache if use_cache else None
         if not return_dict:
@@ -454,10 +538,11 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         The other arguments are those of [`LSTMModel.forward`].
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        for targets in (labels, kwargs.get("shift_labels")):
+        shift_labels = kwargs.get("shift_labels")
+        for targets in (labels, shift_labels):
             if targets is not None:
                 self._check_labels(targets)
-        has_targets = labels is not None or kwargs.get("shift_labels") is not None
+        has_targets = labels is not None or shift_labels is not None
         penalize = has_targets and self.training and self._has_activation_penalties
         outputs = self.model(
             input_ids=input_ids,
@@ -475,11 +560,9 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         if has_targets:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if penalize:
-            real = attention_mask
-            if real is None and kwargs.get("shift_labels") is not None:
-                real = kwargs["shift_labels"] != -100  # a position with a target is a real input
+            real_positions = real_position_mask(attention_mask, shift_labels, outputs.last_hidden_state)
             loss = loss + self._activation_penalties(
-                outputs.last_hidden_state, outputs.hidden_states[-1], real, kwargs.get("num_items_in_batch")
+                outputs.last_hidden_state, outputs.hidden_states[-1], real_positions, kwargs.get("num_items_in_batch")
             )
         all_hidden_states = outputs.hidden_states if output_hidden_states else None
 
@@ -491,9 +574,12 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
     def _output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`lm_head` on the hidden states; through `step_matmul` for a one-token step where it is faster."""
         head = self.lm_head
-        if hidden_states.shape[1] != 1 or type(head) is not nn.Linear or not has_step_matmul(hidden_states, head.weight):
+        if hidden_states.shape[1] != 1 or type(head) is not nn.Linear:
             return head(hidden_states)
-        logits = step_matmul(hidden_states[:, 0], head.weight)
+        rows = hidden_states[:, 0]
+        if not has_step_matmul(rows, head.weight):
+            return head(hidden_states)
+        logits = step_matmul(rows, head.weight)
         if head.bias is not None:
             logits = logits + head.bias
         return logits.contiguous()[:, None]
@@ -506,15 +592,12 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         self,
         dropped_output: torch.Tensor,
         raw_output: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        real: torch.Tensor,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """AR + TAR (AWD-LSTM) on the last layer's output: mean squares over the features, averaged over the real
-        positions (`attention_mask`), or over `num_items_in_batch` as the loss is (exact under gradient
-        accumulation)."""
-        if attention_mask is None:
-            attention_mask = torch.ones(raw_output.shape[:2], dtype=torch.bool, device=raw_output.device)
-        real = attention_mask.bool()
+        """AR + TAR (AWD-LSTM) on the last layer's `(batch, time, features)` output: mean squares over the features,
+        averaged over the `real` positions (`(batch, time)` bool), or over `num_items_in_batch` as the loss is (exact
+        under gradient accumulation)."""
         real_pairs = real[:, 1:] & real[:, :-1]
         activation = dropped_output.float().pow(2).mean(-1)[real].sum()
         temporal = (raw_output[:, 1:] - raw_output[:, :-1]).float().pow(2).mean(-1)[real_pairs].sum()

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lm_lstm import LSTMConfig, LSTMForCausalLM  # noqa: E402
+from lm_lstm import LSTMConfig, LSTMForCausalLM, modeling_lstm  # noqa: E402
 from lm_lstm.data import DEFAULT_CORPUS  # noqa: E402
 from lm_lstm.tokenization import train_char_tokenizer  # noqa: E402
 
@@ -40,3 +40,9 @@ def shakespeare_text() -> str:
 @pytest.fixture(scope="session")
 def char_tokenizer(shakespeare_text):
     return train_char_tokenizer([shakespeare_text])
+
+
+@pytest.fixture(autouse=True)
+def forced_step_kernel(monkeypatch):
+    """One-token steps take `step_matmul` whatever this machine would measure: the same arithmetic on every machine."""
+    monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", True)

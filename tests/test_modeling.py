@@ -1,8 +1,12 @@
 """The model: cache equivalence, padding, save/load, loss and gradients, dropouts, bad inputs."""
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +15,9 @@ from conftest import NO_DROPOUT, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM, LSTMModel
-from lm_lstm.modeling_lstm import has_step_matmul, step_matmul
+from lm_lstm.training import LSTMTrainer, LSTMTrainingArguments
+from lm_lstm import modeling_lstm
+from lm_lstm.modeling_lstm import PaddingLayout, has_step_matmul, real_position_mask, step_matmul
 
 
 def random_ids(batch: int, length: int, vocab_size: int = 40, seed: int = 1) -> torch.Tensor:
@@ -60,6 +66,109 @@ def test_step_matmul_only_where_it_is_faster():
     assert not has_step_matmul(torch.zeros(1000, 4), weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not has_step_matmul(rows, weight)
+
+
+def test_step_kernel_is_measured_once_per_shape_unless_forced(monkeypatch):
+    verdicts = {(2, 30, 4): True, (2, 40, 4): False}
+    measured = []
+
+    def measure(rows, weight):
+        measured.append((rows.shape[0], *weight.shape))
+        return verdicts[measured[-1]]
+
+    monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", None)
+    monkeypatch.setattr(modeling_lstm, "_step_matmul_is_faster", {})
+    monkeypatch.setattr(modeling_lstm, "step_matmul_beats_linear", measure)
+    rows = torch.zeros(2, 4)
+    for _ in range(3):
+        assert has_step_matmul(rows, torch.zeros(30, 4)) and not has_step_matmul(rows, torch.zeros(40, 4))
+    assert measured == [(2, 30, 4), (2, 40, 4)]
+    assert not has_step_matmul(rows.double(), torch.zeros(30, 4).double())  # never eligible: not measured
+    monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", False)
+    assert not has_step_matmul(rows, torch.zeros(30, 4)) and len(measured) == 2
+
+
+@pytest.mark.parametrize("slowed", ["step_matmul", "F.linear"])
+def test_step_matmul_measurement_picks_the_faster_kernel(slowed, monkeypatch):
+    def slow(kernel):
+        return lambda rows, weight: (time.sleep(0.02), kernel(rows, weight))[1]  # far above scheduling noise
+
+    if slowed == "step_matmul":
+        monkeypatch.setattr(modeling_lstm, "step_matmul", slow(step_matmul))
+    else:
+        monkeypatch.setattr(modeling_lstm, "F", SimpleNamespace(linear=slow(F.linear)))
+    rows = torch.randn(1, 16, requires_grad=True)  # as in a training step: measured without autograd
+    assert modeling_lstm.step_matmul_beats_linear(rows, torch.randn(64, 16)) == (slowed == "F.linear")
+
+
+def test_model_steps_with_the_measured_kernel(monkeypatch):
+    monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", None)
+    monkeypatch.setattr(modeling_lstm, "_step_matmul_is_faster", {})
+    model = tiny_model(tie_word_embeddings=True, vocab_size=50)
+    ids = random_ids(2, 6)
+    cache = DynamicCache(config=model.config)
+    steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(ids).logits, atol=1e-5, rtol=0)
+    # At 2 rows: each layer's input weights (its recurrent weights too where the first won) and the output layer.
+    measured = set(modeling_lstm._step_matmul_is_faster)
+    assert {(2, 40, 6), (2, 24, 10), (2, 50, 6)} <= measured <= {(2, 40, 6), (2, 40, 10), (2, 24, 10), (2, 24, 6), (2, 50, 6)}
+
+
+def test_lstm_leaves_autocast_where_this_cpu_cannot_run_it_in_bf16(monkeypatch):
+    model = tiny_model(num_hidden_layers=3)
+    ids = random_ids(2, 9)
+    reference = model(ids, output_hidden_states=True)
+    if modeling_lstm.cpu_autocast_runs_lstm(torch.bfloat16):  # the kernels run in bf16 here, unless told otherwise
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.model(ids).last_hidden_state.dtype == torch.bfloat16
+    monkeypatch.setattr(modeling_lstm, "cpu_autocast_runs_lstm", lambda dtype: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, output_hidden_states=True)
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
+    for layer_output, expected in zip(out.hidden_states, reference.hidden_states):
+        assert layer_output.dtype == torch.float32
+        torch.testing.assert_close(layer_output, expected, atol=1e-6, rtol=0)
+    assert out.logits.dtype == torch.bfloat16  # the output layer stays under autocast
+    torch.testing.assert_close(out.logits.float(), reference.logits, atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, dim=1), out.logits, atol=0, rtol=0)
+
+
+def test_bf16_runs_on_a_cpu_without_bf16_lstm_kernels(tmp_path):
+    """oneDNN limited to AVX2, as on a CPU without bf16 arithmetic, where a bf16 LSTM primitive cannot be created."""
+    model = tiny_model(num_hidden_layers=3)
+    model.save_pretrained(tmp_path)
+    ids = random_ids(2, 9)
+    torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import platform
+        import torch
+        from lm_lstm import LSTMForCausalLM, modeling_lstm
+        from transformers import DynamicCache
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            assert not modeling_lstm.cpu_autocast_runs_lstm(torch.bfloat16)
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        ids = expected["ids"]
+        model = LSTMForCausalLM.from_pretrained({str(tmp_path)!r}).eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = model(ids).logits
+            cache = DynamicCache(config=model.config)
+            steps = torch.cat([model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(9)], 1)
+        torch.testing.assert_close(steps.float(), full.float(), atol=0.03, rtol=0)
+        torch.testing.assert_close(full.float(), expected["logits"], atol=0.03, rtol=0)
+        bf16 = LSTMForCausalLM.from_pretrained({str(tmp_path)!r}, dtype=torch.bfloat16).eval()
+        logits = bf16(ids).logits
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits.float(), expected["logits"], atol=0.05, rtol=0.05)
+        assert bf16.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 12)
+        print("bf16 ok")
+        """
+    )
+    environment = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bf16 ok" in result.stdout
 
 
 def test_one_token_step_gives_the_gradients_of_the_float64_cell():
@@ -123,6 +232,30 @@ def test_fully_padded_row_leaves_the_state_unchanged():
     model(random_ids(2, 4, seed=5), attention_mask=mask, cache=cache, use_cache=True)
     torch.testing.assert_close(cache.layers[0].recurrent_states[0][1], before[1])
     assert not torch.allclose(cache.layers[0].recurrent_states[0][0], before[0])
+
+
+def test_layer_runs_each_padded_row_on_its_real_tokens_alone():
+    layer = tiny_model().model.layers[0]
+    generator = torch.Generator().manual_seed(4)
+    inputs, hidden, cell = (torch.randn(*shape, generator=generator) for shape in ((4, 6, 6), (4, 10), (4, 10)))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]])
+    outputs, final_hidden, final_cell = layer(inputs, hidden, cell, PaddingLayout(mask))
+    for row in range(3):
+        kept = mask[row].bool()
+        alone, alone_hidden, alone_cell = layer(inputs[row : row + 1, kept], hidden[row : row + 1], cell[row : row + 1])
+        torch.testing.assert_close(outputs[row, kept], alone[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(final_hidden[row], alone_hidden[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(final_cell[row], alone_cell[0], atol=1e-6, rtol=0)
+    assert (outputs[~mask.bool()] == 0).all()
+    assert torch.equal(final_hidden[3], hidden[3]) and torch.equal(final_cell[3], cell[3])  # no real token: kept
+
+
+def test_real_positions_come_from_the_mask_else_the_targets():
+    hidden_states = torch.zeros(2, 3, 5)
+    mask, targets = torch.tensor([[1, 1, 0], [0, 1, 1]]), torch.tensor([[4, -100, 5], [-100, -100, 6]])
+    assert real_position_mask(mask, targets, hidden_states).tolist() == mask.bool().tolist()
+    assert real_position_mask(None, targets, hidden_states).tolist() == [[True, False, True], [False, False, True]]
+    assert real_position_mask(None, None, hidden_states).all() and real_position_mask(None, None, hidden_states).shape == (2, 3)
 
 
 def test_right_padded_training_batch_gives_the_unpadded_loss():
@@ -340,12 +473,62 @@ def test_weight_dropout_changes_recurrent_weights_only_in_training():
      dict(input_dropout=1.0), dict(weight_dropout=-0.1), dict(output_dropout=2),
      dict(num_hidden_layers=1, tie_word_embeddings=True, hidden_size=8, embedding_size=6),
      dict(eos_token_id=40), dict(initializer_range=0), dict(activation_regularization=-1.0),
-     dict(temporal_activation_regularization="1")],
+     dict(temporal_activation_regularization="1"), dict(input_dropout=True), dict(hidden_dropout="0.1"),
+     dict(initializer_range=True), dict(use_cache="yes"), dict(tie_word_embeddings=1), dict(pad_token_id=True)],
 )
 def test_invalid_config_values_raise_naming_the_argument(arguments):
     name = next(iter(arguments)) if len(arguments) == 1 else "tie_word_embeddings"
     with pytest.raises(ValueError, match=name):
         tiny_config(**arguments)
+
+
+def test_config_fields_accept_integer_floats_and_store_floats():
+    config = tiny_config(input_dropout=0, weight_dropout=0, activation_regularization=2, initializer_range=1)
+    for name in ("input_dropout", "weight_dropout", "activation_regularization", "initializer_range"):
+        assert type(getattr(config, name)) is float, name
+    assert (config.activation_regularization, config.initializer_range) == (2.0, 1.0)
+    assert LSTMConfig.default_config_fields()["input_dropout"] == 0.65  # dataclass fields with their defaults
+    config.update_from_string("input_dropout=0.25")
+    assert config.input_dropout == 0.25
+
+
+def test_config_checks_run_again_at_save(tmp_path):
+    config = tiny_config()
+    config.hidden_dropout = 1.5
+    with pytest.raises(ValueError, match="hidden_dropout"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_config_json_of_an_earlier_version_loads(tmp_path):
+    """As the custom-`__init__` config wrote it (a Trainer run: `use_cache` false, `torch_dtype`)."""
+    earlier = {
+        "activation_regularization": 2.0, "architectures": ["LSTMForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_lstm.LSTMConfig", "AutoModelForCausalLM": "modeling_lstm.LSTMForCausalLM"},
+        "bos_token_id": 1, "embedding_dropout": 0.0, "embedding_size": 6, "eos_token_id": 2, "hidden_dropout": 0.1,
+        "hidden_size": 10, "initializer_range": 0.1, "input_dropout": 0.0, "model_type": "lstm", "num_hidden_layers": 3,
+        "output_dropout": 0.2, "pad_token_id": 0, "temporal_activation_regularization": 0.0,
+        "tie_word_embeddings": True, "torch_dtype": "float32", "transformers_version": "5.24.0", "use_cache": False,
+        "vocab_size": 40, "weight_dropout": 0.1,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(earlier))
+    for config in (LSTMConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert isinstance(config, LSTMConfig)
+        assert (config.num_hidden_layers, config.hidden_dropout, config.use_cache) == (3, 0.1, False)
+        assert config.layer_sizes == [(6, 10), (10, 10), (10, 6)] and config.dtype == torch.float32
+    assert LSTMForCausalLM(config).eval()(random_ids(1, 4)).logits.shape == (1, 4, 40)
+
+
+def test_saved_config_says_use_cache_as_the_generation_config_does(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "saved")
+    arguments = LSTMTrainingArguments(output_dir=str(tmp_path / "trained"), report_to="none", bf16=False,
+                                      eval_strategy="no", eval_on_start=False, load_best_model_at_end=False)
+    LSTMTrainer(model=tiny_model(), args=arguments).save_model()  # Trainer copies its `use_cache` into the config
+    for folder in (tmp_path / "saved", tmp_path / "trained"):
+        config = json.loads((folder / "config.json").read_text())
+        generation_config = json.loads((folder / "generation_config.json").read_text())
+        assert config["use_cache"] is True and generation_config["use_cache"] is True, folder.name
 
 
 @pytest.mark.parametrize(
