@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,12 +49,12 @@ def config_help(name: str) -> str:
 def model_options() -> list[tuple[str, type, dataclasses.Field]]:
     """One option per `LSTMConfig` field that shapes or regularises a new model, defaulting to the default recipe's
     value, else to the config's."""
-    parameters = inspect.signature(LSTMConfig.__init__, eval_str=True).parameters  # TEMPORARY until the config is typed
+    own_fields = inspect.get_annotations(LSTMConfig, eval_str=True)  # those LSTMConfig declares, not its base's
+    defaults = {f.name: f.default for f in dataclasses.fields(LSTMConfig)}
     return [
-        (name, p.annotation, field(default=DEFAULT_PRESET.model.get(name, p.default),
-                                  metadata={"help": config_help(name)}))
-        for name, p in parameters.items()
-        if name not in NOT_OPTIONS and name not in ("self", "kwargs")
+        (name, kind, field(default=DEFAULT_PRESET.model.get(name, defaults[name]), metadata={"help": config_help(name)}))
+        for name, kind in own_fields.items()
+        if name not in NOT_OPTIONS
     ]
 
 

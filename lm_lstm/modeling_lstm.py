@@ -464,6 +464,29 @@ class LSTMModel(LSTMPreTrainedModel):
         )
 
 
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy (nats per target) of `(batch, time, vocab)` logits: against `labels` shifted by one position,
+    or against `shift_labels` as given; -100 targets are ignored. Summed, then divided by `num_items_in_batch` when
+    given (exact under `Trainer`'s gradient accumulation), else by the number of targets. `label_smoothing` mixes the
+    targets with the uniform distribution (Szegedy et al., 2016), as `torch.nn.functional.cross_entropy` does."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    targets = shift_labels.to(logits.device)
+    loss = F.cross_entropy(
+        logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="sum", label_smoothing=label_smoothing
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    if torch.is_tensor(count):
+        count = count.to(loss.device)
+    return loss / count
+
+
 class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
     """The LSTM language model: `LSTMModel` and an output layer over the vocabulary."""
 
@@ -530,7 +553,8 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
                 works). Values in `[0, vocab_size)`, or -100 for positions to ignore. The loss honours
                 `num_items_in_batch` in `kwargs`, so `Trainer`'s gradient accumulation is exact. Instead of
                 `labels`, `shift_labels` in `kwargs` gives the target of every position itself (no shift), as when
-                the next block continues the sequence and the state is carried.
+                the next block continues the sequence and the state is carried. `label_smoothing` in `kwargs`
+                (a float in [0, 1)) smooths the targets as `torch.nn.functional.cross_entropy` does.
                 In training, the AR and TAR penalties of the config are added to the loss.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 Compute logits only for the last `logits_to_keep` positions (0: all), or for the given positions.
@@ -558,7 +582,9 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
 
         loss = None
         if has_targets:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = causal_lm_loss(
+                logits, labels, shift_labels, kwargs.get("num_items_in_batch"), kwargs.get("label_smoothing", 0.0)
+            )
         if penalize:
             real_positions = real_position_mask(attention_mask, shift_labels, outputs.last_hidden_state)
             loss = loss + self._activation_penalties(

@@ -27,6 +27,9 @@ class LSTMTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Trainer's label smoother would score the logits against unshifted `labels` (it shifts only for the built-in
+        # causal LMs) and never sees the streams' `shift_labels`; the model smooths its own targets instead.
+        self.label_smoother = None
         self.stateful_bptt = StatefulBPTT.for_datasets(
             self.model, self.args, self.train_dataset, self.eval_dataset, compute_metrics=self.compute_metrics
         )
@@ -86,6 +89,9 @@ class LSTMTrainer(Trainer):
             self._signature_columns += [c for c in STREAM_COLUMNS if c not in self._signature_columns]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.args.label_smoothing_factor:
+            # Training loss only: the validation loss stays the exact NLL that perplexity is made of.
+            inputs = {**inputs, "label_smoothing": self.args.label_smoothing_factor}
         if self.stateful_bptt is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         split = "train" if model.training else "eval"

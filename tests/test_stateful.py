@@ -155,3 +155,25 @@ def test_gradient_accumulation_continues_the_streams_micro_batch_after_micro_bat
     pairs = [(a + b) / 2 for a, b in zip(single[::2], single[1::2])]
     assert accumulated == pytest.approx(pairs, rel=1e-5)
     assert len(set(single)) == len(single)  # the blocks differ: equal losses are not a coincidence
+
+
+@pytest.mark.parametrize("stateful", [True, False])
+def test_label_smoothing_smooths_the_training_loss_in_both_layouts_and_never_the_validation_loss(
+    char_model, char_tokenizer, shakespeare_text, tmp_path, stateful
+):
+    ids = torch.tensor([text_ids(char_tokenizer, shakespeare_text[:40])[:33]])
+    torch.nn.init.normal_(char_model.lm_head.weight, std=3.0)  # confident predictions: smoothing shows
+    if stateful:
+        batch = {"input_ids": ids[:, :-1], "shift_labels": ids[:, 1:], "reset": torch.tensor([True])}
+        dataset = StreamBlocks([[5, 6, 2]], block_size=2, eos_token_id=EOS, pad_token_id=PAD, num_streams=1)
+        collator = collate_stream_blocks
+    else:
+        batch, dataset, collator = {"input_ids": ids, "labels": ids}, None, None
+    trainer = LSTMTrainer(model=char_model, args=arguments(tmp_path, label_smoothing_factor=0.1),
+                          train_dataset=dataset, data_collator=collator)
+    logits = char_model(ids[:, :-1]).logits.transpose(1, 2)
+    smoothed = torch.nn.functional.cross_entropy(logits, ids[:, 1:], label_smoothing=0.1)
+    exact = torch.nn.functional.cross_entropy(logits, ids[:, 1:])
+    assert trainer.compute_loss(char_model.train(), dict(batch)).item() == pytest.approx(smoothed.item(), rel=1e-5)
+    assert trainer.compute_loss(char_model.eval(), dict(batch)).item() == pytest.approx(exact.item(), rel=1e-5)
+    assert abs(smoothed.item() - exact.item()) > 1e-3 * exact.item()  # far beyond rel=1e-5: the test tells them apart
