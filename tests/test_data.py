@@ -4,9 +4,10 @@ import json
 
 import pandas as pd
 import pytest
+from datasets import Dataset
 
 from lm_lstm.data import (
-    DataError, DataSource, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset,
+    DataError, DataSource, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset, tokenize_documents,
 )
 
 DOCUMENTS = [f"Document {i}: " + "words " * (5 + i) for i in range(20)]
@@ -53,6 +54,15 @@ def test_documents_end_with_eos_and_fill_blocks(tmp_path, char_tokenizer):
     expected = char_tokenizer("abc\n" * 30, add_special_tokens=False).input_ids + [char_tokenizer.eos_token_id]
     assert stream == expected[: len(expected) - len(expected) % 16]
     assert all(block == labels for block, labels in zip(blocks["train"]["input_ids"], blocks["train"]["labels"]))
+
+
+def test_special_token_strings_in_documents_are_text(char_tokenizer):
+    texts = ["<p>old</s> new</p>", "<s>b<pad>"]
+    pieces = tokenize_documents(Dataset.from_dict({"text": texts}), char_tokenizer)
+    # one EOS after each document, none inside: a literal "</s>" does not end the first one
+    assert [piece.count(char_tokenizer.eos_token_id) for piece in pieces["input_ids"]] == [1, 1]
+    assert [char_tokenizer.decode(piece, skip_special_tokens=True) for piece in pieces["input_ids"]] == texts
+    assert not set(pieces["input_ids"][1]) & {char_tokenizer.bos_token_id, char_tokenizer.pad_token_id}
 
 
 def test_second_run_reuses_the_datasets_cache(tmp_path, char_tokenizer, shakespeare_text):
