@@ -4,14 +4,23 @@ Two kinds, both exact on any text (`decode(encode(text)) == text`, with or witho
 byte-level BPE, and character level (one token per character seen in training; any other character becomes its
 UTF-8 bytes, one byte token each). Both load back with `AutoTokenizer.from_pretrained(folder)` without remote code.
 
-User text is always text: the strings `<s>`, `</s>`, `<pad>`, `<unk>` in it are encoded as the characters they are
+User text is always text: the strings `</s>`, `<pad>`, `<unk>` in it are encoded as the characters they are
 (`split_special_tokens=True`, saved in `tokenizer_config.json`); special tokens enter a sequence only where lm-lstm
 puts them in by id. (`tokenizer.json` cannot record this: code that loads it with `tokenizers` alone must set
 `Tokenizer.encode_special_tokens = True` itself.)
 
-Folders saved by earlier versions (special-token strings in text read as special tokens; character tokenizers that
-map unseen characters to `<unk>`) load unchanged with `AutoTokenizer`. `load_tokenizer` reads special-token strings as
-text for them too; their character tokenizers still map unseen characters to `<unk>`: the models have no byte tokens.
+There are three special tokens: `<pad>`, `<unk>`, and `</s>`, which is both EOS and BOS. lm-lstm separates documents
+with this one token, which ends each document and starts the next (as GPT-2's `<|endoftext|>` does), so it is the
+token a model starts every document from: in training (`lm_lstm.data`), evaluation, the perplexity metric, generation
+without inputs (the generation config's `bos_token_id`), and libraries that start from the tokenizer's BOS (such as
+lm-evaluation-harness). `document_start_id` names it.
+
+Folders saved by earlier versions (BOS `<s>`, a token their models never saw; special-token strings in text read as
+special tokens; character tokenizers that map unseen characters to `<unk>`) load unchanged with `AutoTokenizer`, so
+code that reads their BOS still starts from `<s>`. lm-lstm's own loader, `load_tokenizer` (used by training,
+evaluation and the metric), makes their BOS the EOS token and reads special-token strings as text,
+and a folder it saves (fine-tuning) keeps both. Their character tokenizers still map unseen characters to `<unk>`: the
+models have no byte tokens.
 """
 
 from __future__ import annotations
@@ -24,8 +33,11 @@ from typing import Literal
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-SPECIAL_VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(SPECIAL_TOKENS.values()))  # ids 0, 1, ... in vocabularies
+DOCUMENT_BOUNDARY = "</s>"
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>", "bos_token": DOCUMENT_BOUNDARY, "eos_token": DOCUMENT_BOUNDARY, "unk_token": "<unk>"
+}
+SPECIAL_VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(SPECIAL_TOKENS.values()))  # ids 0, 1, 2 in new vocabularies
 BYTE_TOKENS = 256  # `<0x00>` .. `<0xFF>`
 TokenizerKind = Literal["bpe", "char"]
 TOKENIZER_KINDS: tuple[str, ...] = ("bpe", "char")
@@ -44,7 +56,7 @@ def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedTokenizerFast:
     """Trains a byte-level BPE tokenizer of at most `vocab_size` tokens (special tokens included).
 
-    Raises `ValueError` if `vocab_size` is below 260 (the special tokens and the 256 byte symbols).
+    Raises `ValueError` if `vocab_size` is below 259 (the special tokens and the 256 byte symbols).
     """
     minimum = len(SPECIAL_VOCABULARY) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < minimum:
@@ -65,10 +77,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrai
 def train_char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     """Builds a character-level tokenizer: one token per character of `texts`, UTF-8 byte tokens for any other.
 
-    The vocabulary holds, in id order, the 4 special tokens, the characters of `texts` (sorted), and the byte tokens
+    The vocabulary holds, in id order, the 3 special tokens, the characters of `texts` (sorted), and the byte tokens
     `<0xNN>` that a character outside the vocabulary is encoded as (one per UTF-8 byte; decoding joins them back),
-    less those of the ASCII characters in the vocabulary, which are never needed: 260 tokens plus one per non-ASCII
-    character seen (260 for Tiny Shakespeare, which is ASCII). It is a BPE model without merges and with byte
+    less those of the ASCII characters in the vocabulary, which are never needed: 259 tokens plus one per non-ASCII
+    character seen (259 for Tiny Shakespeare, which is ASCII). It is a BPE model without merges and with byte
     fallback, so `tokenizers` and `transformers` load it as any other.
     """
     characters = sorted(set().union(*(set(text) for text in texts)))
@@ -103,12 +115,30 @@ def tokenizer_kind(tokenizer: PreTrainedTokenizerBase) -> str:
     return {"BPE": "byte-level BPE"}.get(model["type"], model["type"])
 
 
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+def document_start_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Id of the token lm-lstm models start every document from: EOS, which also ends every document.
+
+    Training, evaluation, the perplexity metric and generation without inputs all start documents from it;
+    tokenizers made or loaded by lm-lstm also name it as their BOS. Raises `ValueError` if the tokenizer has no EOS.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no EOS token, which lm-lstm ends and starts documents with.")
+    return tokenizer.eos_token_id
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Loads an existing tokenizer (a folder or a Hub name) for lm-lstm: special-token strings in text are read as
-    text, and a tokenizer without a padding token pads with EOS. Raises `ValueError` if it has no EOS token."""
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), split_special_tokens=True)
+    text, BOS is the EOS token (`document_start_id`), and a tokenizer without a padding token pads with EOS.
+
+    Folders written by earlier lm-lstm versions name `<s>` as BOS; models were trained to start documents from EOS
+    all the same, and so is a new model trained with any loaded tokenizer. Raises `ValueError` if it has no EOS.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(name_or_path), split_special_tokens=True, trust_remote_code=trust_remote_code
+    )
     if tokenizer.eos_token is None:
         raise ValueError(f"The tokenizer {name_or_path} has no EOS token, which separates documents in training.")
+    tokenizer.bos_token = tokenizer.eos_token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -42,7 +42,7 @@ from .data import (
 from .evaluation import predicted_bytes
 from .hub import push_folder
 from .modeling_lstm import CELL_STATE, HIDDEN_STATE, LSTMForCausalLM
-from .tokenization import TOKENIZER_KINDS, load_tokenizer, train_tokenizer
+from .tokenization import TOKENIZER_KINDS, document_start_id, load_tokenizer, train_tokenizer
 
 def fast_bf16_available() -> bool:
     """Whether bf16 autocast is fast here: a GPU with bf16 support, or a CPU with AVX-512 BF16 / AMX instructions."""
@@ -121,7 +121,7 @@ class ModelArguments:
         tokens = {
             "vocab_size": len(tokenizer),
             "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
+            "bos_token_id": document_start_id(tokenizer),
             "eos_token_id": tokenizer.eos_token_id,
         }
         if self.config_name:
@@ -441,11 +441,12 @@ def build_datasets(raw, tokenizer: PreTrainedTokenizerBase, data_args: DataArgum
 
 
 def configure_generation(model, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Sampling defaults for `generate()`, saved as `generation_config.json`."""
+    """Sampling defaults for `generate()`, saved as `generation_config.json`; generation without a prompt (and the
+    model config's `bos_token_id`) starts from the document-start token, as training does."""
     config = model.generation_config
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
-    config.bos_token_id = tokenizer.bos_token_id
+    config.bos_token_id = model.config.bos_token_id = document_start_id(tokenizer)
     config.do_sample = True
     config.temperature = 0.8
     config.top_k = 50

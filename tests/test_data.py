@@ -7,8 +7,10 @@ import pytest
 from datasets import Dataset
 
 from lm_lstm.data import (
-    DataError, DataSource, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset, tokenize_documents,
+    DataError, DataSource, StreamBlocks, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset,
+    tokenize_documents,
 )
+from lm_lstm.tokenization import document_start_id
 
 DOCUMENTS = [f"Document {i}: " + "words " * (5 + i) for i in range(20)]
 
@@ -59,10 +61,13 @@ def test_documents_end_with_eos_and_fill_blocks(tmp_path, char_tokenizer):
 def test_special_token_strings_in_documents_are_text(char_tokenizer):
     texts = ["<p>old</s> new</p>", "<s>b<pad>"]
     pieces = tokenize_documents(Dataset.from_dict({"text": texts}), char_tokenizer)
-    # one EOS after each document, none inside: a literal "</s>" does not end the first one
-    assert [piece.count(char_tokenizer.eos_token_id) for piece in pieces["input_ids"]] == [1, 1]
+    start = document_start_id(char_tokenizer)
+    # one document-start token after each document, none inside: a literal "</s>" does not end the first one
+    assert [piece.count(start) for piece in pieces["input_ids"]] == [1, 1]
     assert [char_tokenizer.decode(piece, skip_special_tokens=True) for piece in pieces["input_ids"]] == texts
-    assert not set(pieces["input_ids"][1]) & {char_tokenizer.bos_token_id, char_tokenizer.pad_token_id}
+    layout = StreamBlocks.from_pieces(pieces, char_tokenizer, block_size=32, num_streams=1)
+    assert layout.inputs[0, :, 0].tolist() == [start, start] and layout.resets.tolist() == [[True, True]]
+    assert layout.target_ids() == [token for piece in pieces["input_ids"] for token in piece]
 
 
 def test_second_run_reuses_the_datasets_cache(tmp_path, char_tokenizer, shakespeare_text):

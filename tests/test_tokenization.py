@@ -7,7 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from lm_lstm.tokenization import SPECIAL_TOKENS, load_tokenizer, tokenizer_kind, train_char_tokenizer, train_tokenizer
+from lm_lstm.tokenization import (
+    SPECIAL_TOKENS, document_start_id, load_tokenizer, tokenizer_kind, train_char_tokenizer,
+    train_tokenizer,
+)
 
 SAMPLES = [
     "First Citizen:\nBefore we proceed any further, hear me speak.\n",
@@ -17,8 +20,8 @@ SAMPLES = [
 ]
 SPECIAL_STRINGS = ["<s>", "</s>", "<pad>", "<unk>"]
 MARKUP = "<p>Price: <s>old</s> new; use <pad> or <unk> tags</p>"
-# Saved by lm-lstm 159cde5 (`train_char_tokenizer` on SAMPLES[0]): special-token strings read as special tokens,
-# unseen characters mapped to "<unk>".
+# Saved by lm-lstm 159cde5 (`train_char_tokenizer` on SAMPLES[0]): BOS "<s>", special-token strings read as special
+# tokens, unseen characters mapped to "<unk>".
 LEGACY_CHAR_TOKENIZER = Path(__file__).with_name("data") / "legacy_char_tokenizer"
 
 
@@ -78,8 +81,8 @@ def test_char_tokenizer_is_one_token_per_character_with_byte_fallback(char_token
     text = shakespeare_text[:500]
     ids = char_tokenizer(text, add_special_tokens=False).input_ids
     assert len(ids) == len(text) and char_tokenizer.decode(ids) == text
-    # 4 special tokens, 65 characters (all ASCII) and the 256 - 65 byte tokens of the other bytes
-    assert len(char_tokenizer) == 4 + 65 + 191
+    # 3 special tokens, 65 characters (all ASCII) and the 256 - 65 byte tokens of the other bytes
+    assert len(char_tokenizer) == 3 + 65 + 191
     ids = char_tokenizer("é<", add_special_tokens=False).input_ids  # neither is in Tiny Shakespeare
     assert char_tokenizer.convert_ids_to_tokens(ids) == ["<0xC3>", "<0xA9>", "<0x3C>"]
     assert char_tokenizer.decode(ids) == "é<"
@@ -87,7 +90,7 @@ def test_char_tokenizer_is_one_token_per_character_with_byte_fallback(char_token
 
 def test_char_tokenizer_gives_seen_non_ascii_characters_one_token():
     tokenizer = train_char_tokenizer(["añb", "日"])
-    assert len(tokenizer) == 4 + 256 + 2  # "a" and "b" replace their byte tokens; "ñ" and "日" add one each
+    assert len(tokenizer) == 3 + 256 + 2  # "a" and "b" replace their byte tokens; "ñ" and "日" add one each
     assert tokenizer.convert_ids_to_tokens(tokenizer("ñ日a", add_special_tokens=False).input_ids) == ["ñ", "日", "a"]
 
 
@@ -99,7 +102,9 @@ def test_saved_tokenizer_loads_with_auto_tokenizer_and_keeps_special_tokens(kind
     for name, token in SPECIAL_TOKENS.items():
         assert getattr(loaded, name) == token
         assert getattr(loaded, f"{name}_id") == tokenizer.convert_tokens_to_ids(token)
-    assert len({loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.unk_token_id}) == 4
+    # BOS is EOS: one token ends each document and starts the next
+    assert len({loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.unk_token_id}) == 3
+    assert loaded.bos_token_id == loaded.eos_token_id == document_start_id(loaded)
     assert loaded.split_special_tokens
     assert loaded("ROMEO: O").input_ids == tokenizer("ROMEO: O").input_ids
     assert loaded(MARKUP).input_ids == tokenizer(MARKUP).input_ids
@@ -115,12 +120,15 @@ def test_tokenizer_kinds_for_model_cards(tokenizers):
 
 def test_folders_saved_by_earlier_versions_still_load(tmp_path):
     plain = AutoTokenizer.from_pretrained(LEGACY_CHAR_TOKENIZER)
-    assert plain.eos_token_id in plain("hear </s> me").input_ids  # as saved: third-party code sees it unchanged
+    assert (plain.bos_token, plain.eos_token) == ("<s>", "</s>")  # as saved: third-party code sees it unchanged
+    assert plain.eos_token_id in plain("hear </s> me").input_ids
     tokenizer = load_tokenizer(LEGACY_CHAR_TOKENIZER)
     assert tokenizer("hear me").input_ids == plain("hear me").input_ids  # the same vocabulary
+    assert tokenizer.bos_token == "</s>" and tokenizer.bos_token_id == document_start_id(tokenizer) == plain.eos_token_id
     assert plain.eos_token_id not in tokenizer("hear </s> me").input_ids  # text ("<", "/", ">" are unseen: <unk>)
     tokenizer.save_pretrained(tmp_path)  # what fine-tuning writes
-    assert AutoTokenizer.from_pretrained(tmp_path).split_special_tokens
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.bos_token == "</s>" and again.split_special_tokens
 
 
 def test_bad_tokenizer_options():
@@ -128,3 +136,7 @@ def test_bad_tokenizer_options():
         train_tokenizer(["abc"], kind="words")
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(["abc"], kind="bpe", vocab_size=100)
+    no_eos = train_char_tokenizer(["abc"])
+    no_eos.eos_token = None
+    with pytest.raises(ValueError, match="no EOS token"):
+        document_start_id(no_eos)
