@@ -12,15 +12,15 @@ puts them in by id. (`tokenizer.json` cannot record this: code that loads it wit
 There are three special tokens: `<pad>`, `<unk>`, and `</s>`, which is both EOS and BOS. lm-lstm separates documents
 with this one token, which ends each document and starts the next (as GPT-2's `<|endoftext|>` does), so it is the
 token a model starts every document from: in training (`lm_lstm.data`), evaluation, the perplexity metric, generation
-without inputs (the generation config's `bos_token_id`), and libraries that start from the tokenizer's BOS (such as
+without a prompt (the generation config's `bos_token_id`), and libraries that start from the tokenizer's BOS (such as
 lm-evaluation-harness). `document_start_id` names it.
 
 Folders saved by earlier versions (BOS `<s>`, a token their models never saw; special-token strings in text read as
 special tokens; character tokenizers that map unseen characters to `<unk>`) load unchanged with `AutoTokenizer`, so
 code that reads their BOS still starts from `<s>`. lm-lstm's own loader, `load_tokenizer` (used by training,
-evaluation and the metric), makes their BOS the EOS token and reads special-token strings as text,
-and a folder it saves (fine-tuning) keeps both. Their character tokenizers still map unseen characters to `<unk>`: the
-models have no byte tokens.
+evaluation, the metric and `lm-lstm generate`), makes their BOS the EOS token and reads special-token strings as
+text, and a folder it saves (fine-tuning) keeps both. Their character tokenizers still map unseen characters to
+`<unk>`: the models have no byte tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 DOCUMENT_BOUNDARY = "</s>"
 SPECIAL_TOKENS = {
@@ -118,12 +118,25 @@ def tokenizer_kind(tokenizer: PreTrainedTokenizerBase) -> str:
 def document_start_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """Id of the token lm-lstm models start every document from: EOS, which also ends every document.
 
-    Training, evaluation, the perplexity metric and generation without inputs all start documents from it;
+    Training, evaluation, the perplexity metric and generation without a prompt all start documents from it;
     tokenizers made or loaded by lm-lstm also name it as their BOS. Raises `ValueError` if the tokenizer has no EOS.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no EOS token, which lm-lstm ends and starts documents with.")
     return tokenizer.eos_token_id
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> BatchEncoding:
+    """`generate()` inputs for one prompt: `input_ids` and `attention_mask` of shape (1, tokens), as tensors.
+
+    The prompt is text (no special tokens are added); an empty prompt gives the document-start token alone, so that
+    generation starts a new document as the model was trained to.
+    """
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    if inputs["input_ids"].shape[1] == 0:
+        start = [[document_start_id(tokenizer)]]
+        inputs = BatchEncoding({"input_ids": start, "attention_mask": [[1]]}, tensor_type="pt")
+    return inputs
 
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

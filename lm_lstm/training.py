@@ -42,7 +42,7 @@ from .data import (
 from .evaluation import predicted_bytes
 from .hub import push_folder
 from .modeling_lstm import CELL_STATE, HIDDEN_STATE, LSTMForCausalLM
-from .tokenization import TOKENIZER_KINDS, document_start_id, load_tokenizer, train_tokenizer
+from .tokenization import TOKENIZER_KINDS, document_start_id, encode_prompt, load_tokenizer, train_tokenizer
 
 def fast_bf16_available() -> bool:
     """Whether bf16 autocast is fast here: a GPU with bf16 support, or a CPU with AVX-512 BF16 / AMX instructions."""
@@ -456,7 +456,7 @@ def configure_generation(model, tokenizer: PreTrainedTokenizerBase) -> None:
 def sample_text(model, tokenizer: PreTrainedTokenizerBase, prompt: str = "\n", max_new_tokens: int = 200) -> str:
     """A short sample from the model, for the end-of-training report."""
     model.eval()
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    inputs = encode_prompt(tokenizer, prompt).to(model.device)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens)
     return tokenizer.decode(output[0], skip_special_tokens=True)

@@ -12,6 +12,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer, TextStreamer, pipeline
 
 import lm_lstm
+from lm_lstm.cli import main
 from lm_lstm.data import StreamBlocks, tokenize_documents
 from lm_lstm.tokenization import document_start_id, train_char_tokenizer
 from lm_lstm.training import ModelArguments, configure_generation
@@ -172,3 +173,16 @@ def test_the_metric_scores_the_first_character_from_the_document_start(z_run):
     with torch.no_grad():  # the start token matters: from padding, a token never trained on, "Z" is less likely
         from_padding = model(torch.tensor([[tokenizer.pad_token_id]])).logits[0, -1].softmax(-1)
     assert from_padding[tokenizer.convert_tokens_to_ids("Z")] < 0.9
+
+
+def test_generate_command_with_an_empty_prompt_starts_a_document(z_run, capsys):
+    status = main(["generate", "--model", str(z_run.folder), "--prompt", "", "--no-do_sample", "--max_new_tokens", "3"])
+    assert status == 0
+    assert capsys.readouterr().out == "Z: \n"
+
+
+def test_text_generation_pipeline_with_an_empty_prompt_starts_a_document(z_run):
+    generator = pipeline("text-generation", model=str(z_run.folder), device="cpu")
+    assert generator("", max_new_tokens=3, do_sample=False)[0]["generated_text"] == "Z: "
+    ids = generator("", max_new_tokens=3, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    assert ids[0] == document_start_id(generator.tokenizer)

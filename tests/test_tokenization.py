@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from lm_lstm.tokenization import (
-    SPECIAL_TOKENS, document_start_id, load_tokenizer, tokenizer_kind, train_char_tokenizer,
+    SPECIAL_TOKENS, document_start_id, encode_prompt, load_tokenizer, tokenizer_kind, train_char_tokenizer,
     train_tokenizer,
 )
 
@@ -81,7 +81,7 @@ def test_char_tokenizer_is_one_token_per_character_with_byte_fallback(char_token
     text = shakespeare_text[:500]
     ids = char_tokenizer(text, add_special_tokens=False).input_ids
     assert len(ids) == len(text) and char_tokenizer.decode(ids) == text
-    # 3 special tokens, 65 characters (all ASCII) and the 256 - 65 byte tokens of the other bytes
+    # 3 special tokens, 65 characters (all ASCII), and byte tokens for the 256 - 65 other bytes
     assert len(char_tokenizer) == 3 + 65 + 191
     ids = char_tokenizer("é<", add_special_tokens=False).input_ids  # neither is in Tiny Shakespeare
     assert char_tokenizer.convert_ids_to_tokens(ids) == ["<0xC3>", "<0xA9>", "<0x3C>"]
@@ -124,11 +124,21 @@ def test_folders_saved_by_earlier_versions_still_load(tmp_path):
     assert plain.eos_token_id in plain("hear </s> me").input_ids
     tokenizer = load_tokenizer(LEGACY_CHAR_TOKENIZER)
     assert tokenizer("hear me").input_ids == plain("hear me").input_ids  # the same vocabulary
-    assert tokenizer.bos_token == "</s>" and tokenizer.bos_token_id == document_start_id(tokenizer) == plain.eos_token_id
+    assert tokenizer.bos_token == "</s>"
+    assert tokenizer.bos_token_id == document_start_id(tokenizer) == plain.eos_token_id
     assert plain.eos_token_id not in tokenizer("hear </s> me").input_ids  # text ("<", "/", ">" are unseen: <unk>)
+    assert encode_prompt(tokenizer, "").input_ids.tolist() == [[plain.eos_token_id]]
     tokenizer.save_pretrained(tmp_path)  # what fine-tuning writes
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again.bos_token == "</s>" and again.split_special_tokens
+
+
+def test_prompts_are_text_and_an_empty_one_is_the_document_start(char_tokenizer):
+    empty = encode_prompt(char_tokenizer, "")
+    assert empty.input_ids.tolist() == [[char_tokenizer.eos_token_id]] and empty.attention_mask.tolist() == [[1]]
+    inputs = encode_prompt(char_tokenizer, "KING</s>")
+    assert inputs.input_ids.tolist() == [char_tokenizer("KING</s>", add_special_tokens=False).input_ids]
+    assert inputs.input_ids.shape == inputs.attention_mask.shape == (1, 8)
 
 
 def test_bad_tokenizer_options():
