@@ -21,7 +21,7 @@ from .configuration_lstm import LSTMConfig
 from .data import DEFAULT_CORPUS, DataSource, check_block_size
 from .presets import DEFAULT_PRESET
 from .streams import check_stateful_arguments
-from .tokenization import TOKENIZER_KINDS
+from .tokenization import TOKENIZER_KINDS, document_start_id
 
 # `LSTMConfig` fields that are not model options: the tokenizer sets these, and `use_cache` is an inference switch.
 NOT_OPTIONS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "use_cache")
@@ -104,7 +104,7 @@ class ModelSource:
         tokens = {
             "vocab_size": len(tokenizer),
             "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
+            "bos_token_id": document_start_id(tokenizer),
             "eos_token_id": tokenizer.eos_token_id,
         }
         if self.config_name:

@@ -13,6 +13,8 @@ from matplotlib.figure import Figure
 
 from .evaluation import bits_per_byte
 
+from .tokenization import tokenizer_kind  # noqa: E402
+
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 CURVE_FILE = "training_curve.png"
 TAGS = ["lstm", "rnn", "awd-lstm", "lm-lstm", "text-generation", "causal-lm"]
@@ -82,11 +84,6 @@ def plot_training_curve(log_history: list[dict], path: Path) -> None:
     figure.savefig(path)
 
 
-def _tokenizer_kind(tokenizer) -> str:
-    model_type = type(tokenizer.backend_tokenizer.model).__name__ if hasattr(tokenizer, "backend_tokenizer") else ""
-    return {"WordLevel": "character-level", "BPE": "byte-level BPE"}.get(model_type, model_type or "custom")
-
-
 def _format(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
@@ -128,7 +125,7 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
         example_prompt=repr(run.example_prompt),
         num_layers=config.num_hidden_layers,
         vocab_size=config.vocab_size,
-        tokenizer_kind=_tokenizer_kind(tokenizer),
+        tokenizer_kind=tokenizer_kind(tokenizer),
         parameters=f"{model.num_parameters():,}",
         embedding_size=config.embedding_size,
         layer_sizes=", ".join(str(size) for _, size in config.layer_sizes),

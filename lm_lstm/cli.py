@@ -63,7 +63,7 @@ def train_command(argv: list[str]) -> int:
 def _generation_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm-lstm generate", description="Generate text from a trained model.")
     parser.add_argument("--model", required=True, help="Model folder (or Hub name).")
-    parser.add_argument("--prompt", default="\n", help="Text to continue (default: a new line).")
+    parser.add_argument("--prompt", default="\n", help="Text to continue (default: a new line); '' starts a document.")
     parser.add_argument("--max_new_tokens", type=int, default=200, help="Tokens to generate.")
     parser.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=None,
                         help="Sample (default: as in the model's generation_config.json); --no-do_sample is greedy.")
@@ -84,6 +84,7 @@ def generate_command(argv: list[str]) -> int:
     from transformers import TextStreamer, set_seed
 
     from .evaluation import load_model_and_tokenizer
+    from .tokenization import encode_prompt
 
     if args.seed is not None:
         set_seed(args.seed)
@@ -93,7 +94,7 @@ def generate_command(argv: list[str]) -> int:
         for name in ("do_sample", "temperature", "top_k", "top_p", "num_beams", "repetition_penalty")
         if getattr(args, name) is not None
     }
-    inputs = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False)
+    inputs = encode_prompt(tokenizer, args.prompt)
     streams = options.get("num_beams", 1) == 1 and args.num_return_sequences == 1
     streamer = TextStreamer(tokenizer, skip_special_tokens=True) if streams else None
     output = model.generate(

@@ -18,6 +18,8 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import PreTrainedTokenizerBase
 
+from .tokenization import document_start_id
+
 DEFAULT_CORPUS = Path(__file__).with_name("corpus") / "tiny_shakespeare.txt"
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PIECE_CHARS = 1 << 16  # documents are tokenised in pieces of about this many characters
@@ -158,7 +160,7 @@ def split_into_pieces(batch: dict[str, list]) -> dict[str, list]:
 
 def tokenize_documents(raw, tokenizer: PreTrainedTokenizerBase, num_proc: int | None = None):
     """Tokenises a `Dataset` or `DatasetDict` of documents into pieces of `input_ids`, each document ending in EOS."""
-    eos = tokenizer.eos_token_id
+    eos = document_start_id(tokenizer)  # ends each document and starts the next
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+
+from .tokenization import document_start_id, load_tokenizer
 
 CONTEXT_POLICIES = ("carry", "blocks")
 
@@ -55,9 +57,9 @@ class Score:
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """Loads a saved model and its tokenizer in evaluation mode."""
+    """Loads a saved model in evaluation mode and its tokenizer as `load_tokenizer` does."""
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
 
 
@@ -108,7 +110,7 @@ def evaluate_file(
     documents = load_documents([str(path)])
     pieces = tokenize_documents(documents, tokenizer)
     if context == "carry":
-        stream = [tokenizer.eos_token_id] + [t for piece in pieces["input_ids"] for t in piece][:-1]
+        stream = [document_start_id(tokenizer)] + [t for piece in pieces["input_ids"] for t in piece][:-1]
         nll, count = score_stream(model, stream, block_size)
         num_bytes = sum(len(text.encode("utf-8")) for text in documents["text"])
         return Score(nll=nll, tokens=count, bytes=num_bytes)
@@ -130,12 +132,12 @@ def text_perplexities(
 ) -> list[float]:
     """Perplexity of each text on its own (as the Hub's `perplexity` metric computes it), batched with padding.
 
-    With `add_start_token`, the BOS token is prepended so that the first token is predicted too. `max_length`
-    truncates each text's tokens (only when given).
+    With `add_start_token`, the document-start token (`document_start_id`: what the model was trained to start
+    documents from, the BOS of lm-lstm tokenizers) is prepended so that the first token is predicted too; it counts
+    towards `max_length`, which truncates each text's tokens (only when given). Raises `ValueError` for a text of
+    fewer than two tokens (start token included) and, with `add_start_token`, a tokenizer without EOS.
     """
-    start = [tokenizer.bos_token_id] if add_start_token else []
-    if add_start_token and tokenizer.bos_token_id is None:
-        raise ValueError("`add_start_token=True` needs a tokenizer with a BOS token.")
+    start = [document_start_id(tokenizer)] if add_start_token else []
     encoded = [start + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     if max_length is not None:
         encoded = [ids[:max_length] for ids in encoded]

@@ -44,6 +44,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from .configuration_lstm import LSTMConfig
 from .data import DataError, TrainingData, check_block_size, tokenize_documents
 from .modeling_lstm import CELL_STATE, HIDDEN_STATE
+from .tokenization import document_start_id
 
 STREAM_COLUMNS = ("shift_labels", "reset")  # what a stream batch holds beside `input_ids`
 STATE_FILE = "stream_state_{}.safetensors"  # in a checkpoint, per process, beside Trainer's rng_state_{}.pth
@@ -105,10 +106,11 @@ class StreamBlocks(Dataset):
     @classmethod
     def from_pieces(cls, pieces, tokenizer: PreTrainedTokenizerBase, block_size: int, num_streams: int, **kwargs):
         """Lays out the documents of a `tokenize_documents` result (pieces, each document's last ending in EOS)."""
+        start = document_start_id(tokenizer)
         return cls(
-            join_documents(pieces["input_ids"], tokenizer.eos_token_id),
+            join_documents(pieces["input_ids"], start),
             block_size,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=start,
             pad_token_id=tokenizer.pad_token_id,
             num_streams=num_streams,
             **kwargs,

@@ -1,20 +1,44 @@
 """Tokenizers trained from text files with `tokenizers`, wrapped as `PreTrainedTokenizerFast`.
 
-Two kinds: byte-level BPE (any UTF-8 text round-trips exactly) and character level (one token per character seen in
-training; others map to `<unk>`). Both carry the same four special tokens, and load back with
-`AutoTokenizer.from_pretrained(folder)` without remote code.
+Two kinds, both exact on any text (`decode(encode(text)) == text`, with or without `skip_special_tokens=True`):
+byte-level BPE, and character level (one token per character seen in training; any other character becomes its
+UTF-8 bytes, one byte token each). Both load back with `AutoTokenizer.from_pretrained(folder)` without remote code.
+
+User text is always text: the strings `</s>`, `<pad>`, `<unk>` in it are encoded as the characters they are
+(`split_special_tokens=True`, saved in `tokenizer_config.json`); special tokens enter a sequence only where lm-lstm
+puts them in by id. (`tokenizer.json` cannot record this: code that loads it with `tokenizers` alone must set
+`Tokenizer.encode_special_tokens = True` itself.)
+
+There are three special tokens: `<pad>`, `<unk>`, and `</s>`, which is both EOS and BOS. lm-lstm separates documents
+with this one token, which ends each document and starts the next (as GPT-2's `<|endoftext|>` does), so it is the
+token a model starts every document from: in training (`lm_lstm.data`), evaluation, the perplexity metric, generation
+without a prompt (the generation config's `bos_token_id`), and libraries that start from the tokenizer's BOS (such as
+lm-evaluation-harness). `document_start_id` names it.
+
+Folders saved by earlier versions (BOS `<s>`, a token their models never saw; special-token strings in text read as
+special tokens; character tokenizers that map unseen characters to `<unk>`) load unchanged with `AutoTokenizer`, so
+code that reads their BOS still starts from `<s>`. lm-lstm's own loader, `load_tokenizer` (used by training,
+evaluation, the metric and `lm-lstm generate`), makes their BOS the EOS token and reads special-token strings as
+text, and a folder it saves (fine-tuning) keeps both. Their character tokenizers still map unseen characters to
+`<unk>`: the models have no byte tokens.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+DOCUMENT_BOUNDARY = "</s>"
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>", "bos_token": DOCUMENT_BOUNDARY, "eos_token": DOCUMENT_BOUNDARY, "unk_token": "<unk>"
+}
+SPECIAL_VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(SPECIAL_TOKENS.values()))  # ids 0, 1, 2 in new vocabularies
+BYTE_TOKENS = 256  # `<0x00>` .. `<0xFF>`
 TokenizerKind = Literal["bpe", "char"]
 TOKENIZER_KINDS: tuple[str, ...] = ("bpe", "char")
 
@@ -24,13 +48,17 @@ def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
         tokenizer_object=tokenizer,
         clean_up_tokenization_spaces=False,
         padding_side="left",  # what batched generation needs; training batches come unpadded from `data`
+        split_special_tokens=True,  # user text is text: "</s>" in it is four characters, not EOS
         **SPECIAL_TOKENS,
     )
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedTokenizerFast:
-    """Trains a byte-level BPE tokenizer of at most `vocab_size` tokens (special tokens included)."""
-    minimum = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+    """Trains a byte-level BPE tokenizer of at most `vocab_size` tokens (special tokens included).
+
+    Raises `ValueError` if `vocab_size` is below 259 (the special tokens and the 256 byte symbols).
+    """
+    minimum = len(SPECIAL_VOCABULARY) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < minimum:
         raise ValueError(f"`vocab_size` of a byte-level BPE tokenizer must be at least {minimum}, got {vocab_size}.")
     tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
@@ -38,7 +66,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrai
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
+        special_tokens=list(SPECIAL_VOCABULARY),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -47,14 +75,22 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrai
 
 
 def train_char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    """Builds a character-level tokenizer over the characters of `texts`, in sorted order after the special tokens."""
+    """Builds a character-level tokenizer: one token per character of `texts`, UTF-8 byte tokens for any other.
+
+    The vocabulary holds, in id order, the 3 special tokens, the characters of `texts` (sorted), and the byte tokens
+    `<0xNN>` that a character outside the vocabulary is encoded as (one per UTF-8 byte; decoding joins them back),
+    less those of the ASCII characters in the vocabulary, which are never needed: 259 tokens plus one per non-ASCII
+    character seen (259 for Tiny Shakespeare, which is ASCII). It is a BPE model without merges and with byte
+    fallback, so `tokenizers` and `transformers` load it as any other.
+    """
     characters = sorted(set().union(*(set(text) for text in texts)))
-    vocab = {token: idx for idx, token in enumerate(SPECIAL_TOKENS.values())}
-    for character in characters:
-        vocab.setdefault(character, len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    vocab = {token: idx for idx, token in enumerate((*SPECIAL_VOCABULARY, *characters))}
+    for byte in range(BYTE_TOKENS):
+        if not (byte < 0x80 and chr(byte) in vocab):
+            vocab[f"<0x{byte:02X}>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     return _wrap(tokenizer)
 
 
@@ -67,11 +103,55 @@ def train_tokenizer(texts: Iterable[str], kind: TokenizerKind = "bpe", vocab_siz
     raise ValueError(f"`kind` must be one of {TOKENIZER_KINDS}, got {kind!r}.")
 
 
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
-    """Loads an existing tokenizer (a folder or a Hub name) and makes sure it has EOS and padding tokens."""
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+def tokenizer_kind(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What a model card calls the tokenizer: "character-level" (lm-lstm's, new or old), "byte-level BPE", or the
+    name of its `tokenizers` model."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return "custom"
+    model = json.loads(backend.to_str())["model"]
+    if model["type"] == "WordLevel" or model["type"] == "BPE" and not model["merges"]:
+        return "character-level"
+    return {"BPE": "byte-level BPE"}.get(model["type"], model["type"])
+
+
+def document_start_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Id of the token lm-lstm models start every document from: EOS, which also ends every document.
+
+    Training, evaluation, the perplexity metric and generation without a prompt all start documents from it;
+    tokenizers made or loaded by lm-lstm also name it as their BOS. Raises `ValueError` if the tokenizer has no EOS.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no EOS token, which lm-lstm ends and starts documents with.")
+    return tokenizer.eos_token_id
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> BatchEncoding:
+    """`generate()` inputs for one prompt: `input_ids` and `attention_mask` of shape (1, tokens), as tensors.
+
+    The prompt is text (no special tokens are added); an empty prompt gives the document-start token alone, so that
+    generation starts a new document as the model was trained to.
+    """
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    if inputs["input_ids"].shape[1] == 0:
+        start = [[document_start_id(tokenizer)]]
+        inputs = BatchEncoding({"input_ids": start, "attention_mask": [[1]]}, tensor_type="pt")
+    return inputs
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Loads an existing tokenizer (a folder or a Hub name) for lm-lstm: special-token strings in text are read as
+    text, BOS is the EOS token (`document_start_id`), and a tokenizer without a padding token pads with EOS.
+
+    Folders written by earlier lm-lstm versions name `<s>` as BOS; models were trained to start documents from EOS
+    all the same, and so is a new model trained with any loaded tokenizer. Raises `ValueError` if it has no EOS.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(name_or_path), split_special_tokens=True, trust_remote_code=trust_remote_code
+    )
     if tokenizer.eos_token is None:
         raise ValueError(f"The tokenizer {name_or_path} has no EOS token, which separates documents in training.")
+    tokenizer.bos_token = tokenizer.eos_token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -20,7 +20,7 @@ from .card import RunSummary, write_model_card
 from .data import TrainingData, build_block_data, load_text_datasets
 from .modeling_lstm import LSTMForCausalLM
 from .streams import build_stream_data
-from .tokenization import load_tokenizer, train_tokenizer
+from .tokenization import document_start_id, encode_prompt, load_tokenizer, train_tokenizer
 from .trainer import LSTMTrainer
 
 
@@ -79,11 +79,12 @@ def build_training_data(
 
 
 def configure_generation(model, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Sampling defaults for `generate()`, saved as `generation_config.json`."""
+    """Sampling defaults for `generate()`, saved as `generation_config.json`; generation without a prompt (and the
+    model config's `bos_token_id`) starts from the document-start token, as training does."""
     config = model.generation_config
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
-    config.bos_token_id = tokenizer.bos_token_id
+    config.bos_token_id = model.config.bos_token_id = document_start_id(tokenizer)
     config.do_sample = True
     config.temperature = 0.8
     config.top_k = 50
@@ -93,7 +94,7 @@ def configure_generation(model, tokenizer: PreTrainedTokenizerBase) -> None:
 def sample_text(model, tokenizer: PreTrainedTokenizerBase, prompt: str = "\n", max_new_tokens: int = 200) -> str:
     """A short sample from the model, for the end-of-training report."""
     model.eval()
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    inputs = encode_prompt(tokenizer, prompt).to(model.device)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens)
     return tokenizer.decode(output[0], skip_special_tokens=True)

@@ -4,10 +4,13 @@ import json
 
 import pandas as pd
 import pytest
+from datasets import Dataset
 
 from lm_lstm.data import (
-    DataError, DataSource, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset,
+    DataError, DataSource, StreamBlocks, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset,
+    tokenize_documents,
 )
+from lm_lstm.tokenization import document_start_id
 
 DOCUMENTS = [f"Document {i}: " + "words " * (5 + i) for i in range(20)]
 
@@ -53,6 +56,18 @@ def test_documents_end_with_eos_and_fill_blocks(tmp_path, char_tokenizer):
     expected = char_tokenizer("abc\n" * 30, add_special_tokens=False).input_ids + [char_tokenizer.eos_token_id]
     assert stream == expected[: len(expected) - len(expected) % 16]
     assert all(block == labels for block, labels in zip(blocks["train"]["input_ids"], blocks["train"]["labels"]))
+
+
+def test_special_token_strings_in_documents_are_text(char_tokenizer):
+    texts = ["<p>old</s> new</p>", "<s>b<pad>"]
+    pieces = tokenize_documents(Dataset.from_dict({"text": texts}), char_tokenizer)
+    start = document_start_id(char_tokenizer)
+    # one document-start token after each document, none inside: a literal "</s>" does not end the first one
+    assert [piece.count(start) for piece in pieces["input_ids"]] == [1, 1]
+    assert [char_tokenizer.decode(piece, skip_special_tokens=True) for piece in pieces["input_ids"]] == texts
+    layout = StreamBlocks.from_pieces(pieces, char_tokenizer, block_size=32, num_streams=1)
+    assert layout.inputs[0, :, 0].tolist() == [start, start] and layout.resets.tolist() == [[True, True]]
+    assert layout.target_ids() == [token for piece in pieces["input_ids"] for token in piece]
 
 
 def test_second_run_reuses_the_datasets_cache(tmp_path, char_tokenizer, shakespeare_text):

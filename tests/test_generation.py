@@ -1,11 +1,21 @@
-"""`generate()` and `pipeline("text-generation")` in every mode the model serves."""
+"""`generate()` and `pipeline("text-generation")` in every mode the model serves; where generation starts."""
 
+import random
 import threading
+from types import SimpleNamespace
 
+import evaluate
 import pytest
 import torch
 from conftest import tiny_model
-from transformers import TextIteratorStreamer, TextStreamer, pipeline
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer, TextStreamer, pipeline
+
+import lm_lstm
+from lm_lstm.cli import main
+from lm_lstm.data import StreamBlocks, tokenize_documents
+from lm_lstm.tokenization import document_start_id, train_char_tokenizer
+from lm_lstm.training import ModelArguments, configure_generation
 
 MODES = {
     "greedy": dict(do_sample=False),
@@ -108,3 +118,71 @@ def test_text_generation_pipeline_with_batched_prompts(char_model, char_tokenize
         text = result[0]["generated_text"]
         assert text.startswith(prompt) and len(text) > len(prompt)
         assert text == generator(prompt, max_new_tokens=10, do_sample=False)[0]["generated_text"]
+
+
+@pytest.fixture(scope="module")
+def z_run(tmp_path_factory):
+    """A tiny char model trained on 120 one-line documents that all begin with "Z: ", laid out as `lm-lstm train`
+    lays them out (`StreamBlocks`: each document one block, from a zero state), and saved as training saves it."""
+    rng = random.Random(0)
+    words = ["apple", "bird", "cold", "dusk", "even", "fig", "gold", "hill", "ink", "jay"]
+    texts = ["Z: " + " ".join(rng.choices(words, k=3)) for _ in range(120)]
+    tokenizer = train_char_tokenizer(texts)
+    layout = StreamBlocks.from_pieces(
+        tokenize_documents(Dataset.from_dict({"text": texts}), tokenizer), tokenizer, block_size=32, num_streams=1
+    )
+    assert layout.resets.all()  # one block per document: the whole layout is one batch of independent rows
+    inputs, targets = torch.from_numpy(layout.inputs[0]), torch.from_numpy(layout.targets[0])
+    arguments = ModelArguments(embedding_size=16, hidden_size=32, num_hidden_layers=1, input_dropout=0.0,
+                               hidden_dropout=0.0, output_dropout=0.0, weight_dropout=0.0)
+    torch.manual_seed(0)
+    model = lm_lstm.LSTMForCausalLM(arguments.new_config(tokenizer))
+    configure_generation(model, tokenizer)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains several times faster on one thread
+    try:
+        for _ in range(150):
+            loss = torch.nn.functional.cross_entropy(model(inputs).logits.transpose(1, 2), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    folder = tmp_path_factory.mktemp("z") / "model"
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return SimpleNamespace(folder=folder, training_starts=set(inputs[:, 0].tolist()))
+
+
+def test_every_path_starts_documents_from_the_token_training_starts_them_from(z_run):
+    tokenizer = AutoTokenizer.from_pretrained(z_run.folder)  # what pipelines and lm-evaluation-harness read
+    model = AutoModelForCausalLM.from_pretrained(z_run.folder)
+    start = document_start_id(tokenizer)
+    assert z_run.training_starts == {start}
+    assert tokenizer.bos_token_id == model.config.bos_token_id == model.generation_config.bos_token_id == start
+    assert model.generate(max_new_tokens=1, do_sample=False)[0, 0] == start
+
+
+def test_the_metric_scores_the_first_character_from_the_document_start(z_run):
+    metric = evaluate.load(lm_lstm.PERPLEXITY_METRIC)
+    perplexity = metric.compute(model_id=str(z_run.folder), predictions=["Z"])["perplexities"][0]
+    assert 1 / perplexity > 0.95  # the perplexity of "Z" alone is 1 / P("Z" | start token)
+    model = AutoModelForCausalLM.from_pretrained(z_run.folder)
+    tokenizer = AutoTokenizer.from_pretrained(z_run.folder)
+    with torch.no_grad():  # the start token matters: from padding, a token never trained on, "Z" is less likely
+        from_padding = model(torch.tensor([[tokenizer.pad_token_id]])).logits[0, -1].softmax(-1)
+    assert from_padding[tokenizer.convert_tokens_to_ids("Z")] < 0.9
+
+
+def test_generate_command_with_an_empty_prompt_starts_a_document(z_run, capsys):
+    status = main(["generate", "--model", str(z_run.folder), "--prompt", "", "--no-do_sample", "--max_new_tokens", "3"])
+    assert status == 0
+    assert capsys.readouterr().out == "Z: \n"
+
+
+def test_text_generation_pipeline_with_an_empty_prompt_starts_a_document(z_run):
+    generator = pipeline("text-generation", model=str(z_run.folder), device="cpu")
+    assert generator("", max_new_tokens=3, do_sample=False)[0]["generated_text"] == "Z: "
+    ids = generator("", max_new_tokens=3, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    assert ids[0] == document_start_id(generator.tokenizer)

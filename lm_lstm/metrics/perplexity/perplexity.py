@@ -10,8 +10,9 @@ from lm_lstm.evaluation import load_model_and_tokenizer, text_perplexities
 
 _DESCRIPTION = """
 Perplexity of a causal language model on each text: exp of the mean negative log-likelihood of the text's tokens,
-each predicted from those before it. With `add_start_token=True` (the default) the BOS token is prepended, so the
-first token is predicted too. Texts are scored in padded batches; lm-lstm models skip padding exactly.
+each predicted from those before it. With `add_start_token=True` (the default) the token the model starts documents
+from is prepended (EOS, which lm-lstm tokenizers also name as BOS), so the first token is predicted too. Texts are
+scored in padded batches; lm-lstm models skip padding exactly.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -19,7 +20,7 @@ Args:
     predictions (`list[str]`): the texts to score.
     model_id (`str`): a saved model folder (or Hub name) with its tokenizer.
     batch_size (`int`, defaults to 16): texts per forward pass.
-    add_start_token (`bool`, defaults to True): prepend the BOS token.
+    add_start_token (`bool`, defaults to True): prepend the document-start token (see above).
     device (`str`, optional): where to run, e.g. "cpu" or "cuda".
     max_length (`int`, optional): truncate each text to this many tokens (no truncation by default).
 Returns:
