@@ -7,9 +7,9 @@ import pytest
 from datasets import Dataset
 
 from lm_lstm.data import (
-    DataError, DataSource, StreamBlocks, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset,
-    tokenize_documents,
+    DataError, DataSource, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset, tokenize_documents,
 )
+from lm_lstm.streams import StreamBlocks
 from lm_lstm.tokenization import document_start_id
 
 DOCUMENTS = [f"Document {i}: " + "words " * (5 + i) for i in range(20)]

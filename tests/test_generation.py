@@ -13,9 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 
 import lm_lstm
 from lm_lstm.cli import main
-from lm_lstm.data import StreamBlocks, tokenize_documents
+from lm_lstm.arguments import ModelArguments
+from lm_lstm.data import tokenize_documents
+from lm_lstm.streams import StreamBlocks
 from lm_lstm.tokenization import document_start_id, train_char_tokenizer
-from lm_lstm.training import ModelArguments, configure_generation
+from lm_lstm.training import configure_generation
 
 MODES = {
     "greedy": dict(do_sample=False),

@@ -15,7 +15,8 @@ from conftest import NO_DROPOUT, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM, LSTMModel
-from lm_lstm.training import LSTMTrainer, LSTMTrainingArguments
+from lm_lstm.arguments import LSTMTrainingArguments
+from lm_lstm.trainer import LSTMTrainer
 from lm_lstm import modeling_lstm
 from lm_lstm.modeling_lstm import PaddingLayout, has_step_matmul, real_position_mask, step_matmul
 
