@@ -81,3 +81,21 @@ def test_one_bits_per_byte_formula_for_files_and_cards():
                      scored_tokens=6, validation_bytes=4, evaluation_method="", wall_time_seconds=0.0,
                      data_description="")
     assert run.bits_per_byte == pytest.approx(3.0)
+
+
+@pytest.mark.slow
+def test_lm_evaluation_harness_scores_a_text_as_lm_lstm_evaluate_does(saved_model):
+    """With `max_length` covering the text, lm-evaluation-harness scores it in one window from the tokenizer's BOS,
+    the document-start token: the state is carried over the whole text, as `lm-lstm evaluate` does."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    harness = HFLM(pretrained=str(saved_model), max_length=4096, batch_size=1, device="cpu")
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(TEXT,), idx=0)
+    (loglikelihood,) = harness.loglikelihood_rolling([request])
+    model, tokenizer = load_model_and_tokenizer(str(saved_model))
+    score = evaluate_file(model, tokenizer, saved_model / "text.txt", context="carry")
+    assert -loglikelihood == pytest.approx(score.nll, rel=1e-5)
+    windowed = HFLM(pretrained=str(saved_model), max_length=64, batch_size=1, device="cpu").loglikelihood_rolling([request])[0]
+    assert -windowed > score.nll * (1 + 1e-4)  # short windows, each from a zero state, lose context
