@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -39,8 +38,7 @@ SPECIAL_TOKENS = {
 }
 SPECIAL_VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(SPECIAL_TOKENS.values()))  # ids 0, 1, 2 in new vocabularies
 BYTE_TOKENS = 256  # `<0x00>` .. `<0xFF>`
-TokenizerKind = Literal["bpe", "char"]
-TOKENIZER_KINDS: tuple[str, ...] = ("bpe", "char")
+TOKENIZER_KINDS: tuple[str, ...] = ("bpe", "char")  # what `train_tokenizer` builds
 
 
 def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
@@ -94,8 +92,10 @@ def train_char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     return _wrap(tokenizer)
 
 
-def train_tokenizer(texts: Iterable[str], kind: TokenizerKind = "bpe", vocab_size: int = 8192) -> PreTrainedTokenizerFast:
-    """Trains a tokenizer of the given kind (`"bpe"` or `"char"`; `vocab_size` applies to BPE)."""
+def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8192) -> PreTrainedTokenizerFast:
+    """Trains a tokenizer of the given kind (a key of `TOKENIZER_KINDS`; `vocab_size` applies to BPE).
+
+    Raises `ValueError` for an unknown kind."""
     if kind == "bpe":
         return train_bpe_tokenizer(texts, vocab_size)
     if kind == "char":
