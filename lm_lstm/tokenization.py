@@ -93,7 +93,7 @@ def train_char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
 
 
 def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8192) -> PreTrainedTokenizerFast:
-    """Trains a tokenizer of the given kind (a key of `TOKENIZER_KINDS`; `vocab_size` applies to BPE).
+    """Trains a tokenizer of the given kind (one of `TOKENIZER_KINDS`; `vocab_size` applies to BPE).
 
     Raises `ValueError` for an unknown kind."""
     if kind == "bpe":
