@@ -370,6 +370,24 @@ def real_position_mask(
     return torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
 
 
+ASSISTED_DECODING = "assisted decoding (it rolls the state back to before rejected tokens)"
+# Generation options (with their unset value) of decoding methods this model does not run: those transformers moved
+# to Hub code written for attention caches, and assisted decoding. `generate` would otherwise ignore some of them
+# silently (`penalty_alpha` with sampling, `dola_layers` with beam search...).
+UNSUPPORTED_GENERATION_OPTIONS = {
+    "penalty_alpha": (0.0, "contrastive search"),
+    "low_memory": (None, "contrastive search"),
+    "dola_layers": (None, "DoLa decoding"),
+    "num_beam_groups": (1, "group beam search"),
+    "diversity_penalty": (0.0, "group beam search"),
+    "constraints": (None, "constrained beam search"),
+    "force_words_ids": (None, "constrained beam search"),
+    "prompt_lookup_num_tokens": (None, ASSISTED_DECODING),
+    "assistant_early_exit": (None, ASSISTED_DECODING),
+    "use_mtp": (None, ASSISTED_DECODING),
+}
+
+
 class LSTMPreTrainedModel(PreTrainedModel):
     """Weight initialisation and the flags `transformers` reads, shared by the LSTM models."""
 
@@ -385,16 +403,6 @@ class LSTMPreTrainedModel(PreTrainedModel):
         GenerationMode.BEAM_SEARCH,
         GenerationMode.BEAM_SAMPLE,
     ]
-
-    def _get_deprecated_gen_repo(self, generation_mode, trust_remote_code, custom_generate=None):
-        # Modes moved to Hub repositories (contrastive search, DoLa, group beam search...) would be downloaded and
-        # run against a recurrent cache they do not handle: refuse them before anything is fetched.
-        if custom_generate is None and generation_mode not in self._supported_generation_modes:
-            raise ValueError(
-                f"{type(self).__name__} only supports {[mode.value for mode in self._supported_generation_modes]}, "
-                f"but got generation mode '{generation_mode.value}'."
-            )
-        return super()._get_deprecated_gen_repo(generation_mode, trust_remote_code, custom_generate)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Classic LSTM LM initialisation: uniform embeddings and output weights, zero output bias, and PyTorch's
@@ -577,6 +585,24 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
+
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        for option, (unset, method) in UNSUPPORTED_GENERATION_OPTIONS.items():
+            if getattr(generation_config, option, None) not in (None, False, unset):
+                self._refuse_generation_option(option, method)
+        return generation_config, model_kwargs
+
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        if generation_mode_kwargs.get("assistant_model") is not None:
+            self._refuse_generation_option("assistant_model", ASSISTED_DECODING)
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+
+    def _refuse_generation_option(self, option: str, method: str) -> None:
+        raise ValueError(
+            f"`{option}` asks for {method}, which {type(self).__name__} cannot do: it only supports greedy search, "
+            "sampling and beam search (with or without sampling)."
+        )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         # The cache must count positions from the start: `generate` reads its length before the first forward pass

@@ -125,6 +125,27 @@ def test_generating_from_embeddings_equals_generating_from_their_ids(with_ids):
                                           max_new_tokens=6, do_sample=False), expected[:, ids.shape[1] :])
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(penalty_alpha=0.6, top_k=4), dict(penalty_alpha=0.6, top_k=4, do_sample=False), dict(low_memory=True),
+        dict(dola_layers="high"), dict(dola_layers="low", num_beams=2), dict(num_beam_groups=2, num_beams=4),
+        dict(diversity_penalty=1.0, num_beams=2), dict(constraints=[]), dict(force_words_ids=[[5]], num_beams=2),
+        dict(prompt_lookup_num_tokens=2), dict(prompt_lookup_num_tokens=2, num_beams=2), dict(assistant_early_exit=1),
+        dict(use_mtp=True), dict(assistant_model="tiny"), dict(assistant_model="tiny", num_beams=2),
+    ],
+    ids=lambda options: "-".join(options),
+)
+def test_options_the_model_cannot_honour_are_refused_by_name(options):
+    model = tiny_model()
+    model.generation_config.do_sample = True  # as saved models have it: sampling would ignore some options
+    option = next(iter(options))
+    if options.get("assistant_model") == "tiny":
+        options = {**options, "assistant_model": tiny_model()}
+    with pytest.raises(ValueError, match=f"^`{option}` asks for .* only supports greedy search, sampling and beam"):
+        model.generate(PROMPT, max_new_tokens=2, **options)
+
+
 @pytest.fixture
 def char_model(char_tokenizer):
     model = tiny_model(
