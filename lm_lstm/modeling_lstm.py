@@ -22,7 +22,7 @@ from transformers.cache_utils import (
     LinearAttentionCacheLayerMixin,
     LinearAttentionLayer,
 )
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -31,7 +31,7 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from .configuration_lstm import LSTMConfig
 
 HIDDEN_STATE, CELL_STATE = 0, 1  # state slots of a cache layer
-STEP_MATMUL_MAX_ROWS = 256  # `F.linear` was faster from 1024 rows on every machine measured
+STEP_MATMUL_MAX_ROWS = 256  # beyond, `F.linear` without measuring: it was the faster at 1024 rows wherever measured
 # Whether one-token steps use `step_matmul`: None measures it per shape, once per process (it depends on the machine);
 # True or False forces the choice (deterministic tests, benchmarks).
 STEP_MATMUL: bool | None = None
@@ -586,14 +586,19 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
-    def _prepare_generation_config(self, generation_config, **kwargs):
+    def _prepare_generation_config(
+        self, generation_config: GenerationConfig | None, **kwargs
+    ) -> tuple[GenerationConfig, dict]:
+        # The merged options are checked here, before `generate` picks a decoding method (and fetches Hub code).
         generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
         for option, (unset, method) in UNSUPPORTED_GENERATION_OPTIONS.items():
             if getattr(generation_config, option, None) not in (None, False, unset):
                 self._refuse_generation_option(option, method)
         return generation_config, model_kwargs
 
-    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+    def _validate_generation_mode(
+        self, generation_mode: GenerationMode, generation_config: GenerationConfig, generation_mode_kwargs: dict
+    ) -> None:
         if generation_mode_kwargs.get("assistant_model") is not None:
             self._refuse_generation_option("assistant_model", ASSISTED_DECODING)
         super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
@@ -604,7 +609,9 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             "sampling and beam search (with or without sampling)."
         )
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+    def _prepare_cache_for_generation(
+        self, generation_config: GenerationConfig, model_kwargs: dict, *args, **kwargs
+    ) -> None:
         # The cache must count positions from the start: `generate` reads its length before the first forward pass
         # when it prefills in chunks (`prefill_chunk_size`).
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
