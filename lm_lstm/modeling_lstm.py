@@ -15,8 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
+)
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -25,7 +31,7 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from .configuration_lstm import LSTMConfig
 
 HIDDEN_STATE, CELL_STATE = 0, 1  # state slots of a cache layer
-STEP_MATMUL_MAX_ROWS = 256  # `F.linear` was faster from 1024 rows on every machine measured
+STEP_MATMUL_MAX_ROWS = 256  # beyond, `F.linear` without measuring: it was the faster at 1024 rows wherever measured
 # Whether one-token steps use `step_matmul`: None measures it per shape, once per process (it depends on the machine);
 # True or False forces the choice (deterministic tests, benchmarks).
 STEP_MATMUL: bool | None = None
@@ -275,6 +281,82 @@ class LSTMLayer(GradientCheckpointingLayer):
         return hidden[:, None], hidden, cell
 
 
+class LSTMCacheLayer(LinearAttentionLayer, CacheLayerMixin):
+    """One LSTM layer's state in a transformers `Cache`: h and c (recurrent state slots 0 and 1), and the number of
+    positions (padding included) they have consumed.
+
+    `get_seq_length` reports that count, so that `generate`, continuing from a returned cache, feeds only the positions
+    that follow, as it does for attention caches. It asks only caches that have a `CacheLayerMixin` layer (it takes
+    the others to have no length), hence the second base, as transformers' hybrid recurrent-attention layers have.
+    """
+
+    # Not compileable, so that `generate` neither builds 4D attention masks for it nor compiles the forward pass
+    # (`torch.compile` breaks the graph at `nn.LSTM`).
+    is_compileable = False
+
+    def __init__(self):
+        CacheLayerMixin.__init__(self)
+        LinearAttentionLayer.__init__(self, number_of_states=2)
+        self.seen_tokens = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise NotImplementedError("An LSTM cache layer holds h and c (`update_recurrent_state`), not keys and values.")
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+
+def prepare_cache(cache: Cache, config: LSTMConfig) -> Cache:
+    """Makes `cache` hold this model's states, in place, and returns it; raises a ValueError if it cannot.
+
+    It must have one recurrent layer with h and c per LSTM layer. Layers without a state yet, and the missing layers of
+    an empty `DynamicCache()`, become `LSTMCacheLayer`s, which count the positions they consume. Layers holding a
+    state stay as they are (a trainer's `DynamicCache(config=...)` filled with `update_recurrent_state`).
+    """
+    if not isinstance(cache, Cache):
+        raise ValueError(f"`cache` must be a transformers `Cache` such as `DynamicCache()`, got {type(cache).__name__}.")
+    num_layers = config.num_hidden_layers
+    if not cache.layers:  # `DynamicCache()` adds layers on its first `update`, attention ones
+        cache.layers.extend(LSTMCacheLayer() for _ in range(num_layers))
+    if len(cache.layers) != num_layers:
+        raise ValueError(
+            f"The `cache` has {len(cache.layers)} layers, but the model has {num_layers}. Pass `DynamicCache()`, "
+            "`DynamicCache(config=model.config)` or a cache this model returned."
+        )
+    for layer_idx, layer in enumerate(cache.layers):
+        if isinstance(layer, LSTMCacheLayer):
+            continue
+        if not isinstance(layer, LinearAttentionCacheLayerMixin) or isinstance(layer, CacheLayerMixin):
+            raise ValueError(
+                f"The `cache` holds a {type(layer).__name__} at layer {layer_idx}, which keeps attention keys and "
+                "values; an LSTM needs recurrent layers for h and c. Pass `DynamicCache()`, "
+                "`DynamicCache(config=model.config)` or a cache this model returned."
+            )
+        if not any(layer.is_recurrent_states_initialized.values()):
+            cache.layers[layer_idx] = LSTMCacheLayer()
+        elif layer.number_of_states < 2:
+            raise ValueError(
+                f"The `cache` layer {layer_idx} has {layer.number_of_states} state slot; an LSTM needs two (h and c)."
+            )
+    return cache
+
+
+def store_state(cache: Cache, layer_idx: int, hidden: torch.Tensor, cell: torch.Tensor, num_positions: int) -> None:
+    """Writes a layer's final h and c into `cache`, which has consumed `num_positions` more positions."""
+    cache.update_recurrent_state(hidden, layer_idx, state_idx=HIDDEN_STATE)
+    cache.update_recurrent_state(cell, layer_idx, state_idx=CELL_STATE)
+    layer_cache = cache.layers[layer_idx]
+    if isinstance(layer_cache, LSTMCacheLayer):
+        layer_cache.seen_tokens += num_positions
+
+
 def real_position_mask(
     attention_mask: torch.Tensor | None, shift_labels: torch.Tensor | None, hidden_states: torch.Tensor
 ) -> torch.Tensor:
@@ -286,6 +368,24 @@ def real_position_mask(
     if shift_labels is not None:
         return shift_labels != -100
     return torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+
+
+ASSISTED_DECODING = "assisted decoding (it rolls the state back to before rejected tokens)"
+# Generation options (with their unset value) of decoding methods this model does not run: those transformers moved
+# to Hub code written for attention caches, and assisted decoding. `generate` would otherwise ignore some of them
+# silently (`penalty_alpha` with sampling, `dola_layers` with beam search...).
+UNSUPPORTED_GENERATION_OPTIONS = {
+    "penalty_alpha": (0.0, "contrastive search"),
+    "low_memory": (None, "contrastive search"),
+    "dola_layers": (None, "DoLa decoding"),
+    "num_beam_groups": (1, "group beam search"),
+    "diversity_penalty": (0.0, "group beam search"),
+    "constraints": (None, "constrained beam search"),
+    "force_words_ids": (None, "constrained beam search"),
+    "prompt_lookup_num_tokens": (None, ASSISTED_DECODING),
+    "assistant_early_exit": (None, ASSISTED_DECODING),
+    "use_mtp": (None, ASSISTED_DECODING),
+}
 
 
 class LSTMPreTrainedModel(PreTrainedModel):
@@ -303,16 +403,6 @@ class LSTMPreTrainedModel(PreTrainedModel):
         GenerationMode.BEAM_SEARCH,
         GenerationMode.BEAM_SAMPLE,
     ]
-
-    def _get_deprecated_gen_repo(self, generation_mode, trust_remote_code, custom_generate=None):
-        # Modes moved to Hub repositories (contrastive search, DoLa, group beam search...) would be downloaded and
-        # run against a recurrent cache they do not handle: refuse them before anything is fetched.
-        if custom_generate is None and generation_mode not in self._supported_generation_modes:
-            raise ValueError(
-                f"{type(self).__name__} only supports {[mode.value for mode in self._supported_generation_modes]}, "
-                f"but got generation mode '{generation_mode.value}'."
-            )
-        return super()._get_deprecated_gen_repo(generation_mode, trust_remote_code, custom_generate)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Classic LSTM LM initialisation: uniform embeddings and output weights, zero output bias, and PyTorch's
@@ -366,20 +456,26 @@ class LSTMModel(LSTMPreTrainedModel):
         return embeds
 
     def _initial_states(self, cache: Cache | None, batch_size: int) -> list[tuple[torch.Tensor | None, ...]]:
-        """The (h, c) each layer starts from: the cache's, or None (zeros) for a fresh cache."""
+        """The (h, c) each layer starts from: the cache's, or None (zeros) where it holds none."""
+        if cache is None:
+            return [(None, None)] * len(self.layers)
         states = []
-        for layer_idx in range(self.config.num_hidden_layers):
-            layer_cache = cache.layers[layer_idx] if cache is not None else None
-            if layer_cache is None or not layer_cache.is_recurrent_states_initialized[HIDDEN_STATE]:
+        for layer_idx, layer_cache in enumerate(cache.layers):
+            if not layer_cache.is_recurrent_states_initialized[HIDDEN_STATE]:
                 states.append((None, None))
                 continue
-            hidden = layer_cache.recurrent_states[HIDDEN_STATE]
+            hidden, cell = layer_cache.recurrent_states[HIDDEN_STATE], layer_cache.recurrent_states[CELL_STATE]
             if hidden.shape[0] != batch_size:
                 raise ValueError(
                     f"The `cache` holds states for a batch of {hidden.shape[0]}, but the inputs have a batch of "
                     f"{batch_size}. Continue from a cache with inputs of the batch it was built with."
                 )
-            cell = layer_cache.recurrent_states[CELL_STATE]
+            expected = (batch_size, self.config.layer_sizes[layer_idx][1])
+            if hidden.shape != expected or cell.shape != expected:
+                raise ValueError(
+                    f"The `cache` holds states of shape {tuple(hidden.shape)} and {tuple(cell.shape)} at layer "
+                    f"{layer_idx}, where this model's are {expected}: it comes from another model."
+                )
             if torch.is_grad_enabled():
                 # The cache is updated in place after the layer ran; autograd needs the states it started from.
                 hidden, cell = hidden.clone(), cell.clone()
@@ -408,7 +504,9 @@ class LSTMModel(LSTMPreTrainedModel):
                 Embeddings to use instead of looking `input_ids` up.
             cache (`Cache`, *optional*):
                 The recurrent state (h and c of every layer) to continue from; it is updated in place. Feed only the
-                tokens that follow the ones already consumed.
+                tokens that follow the ones already consumed. `DynamicCache()`, `DynamicCache(config=model.config)`
+                and the caches the model returns all serve (see `prepare_cache`); their `get_seq_length()` is the
+                number of positions consumed.
             use_cache (`bool`, *optional*):
                 Whether to return the cache (a new one when none is given). Defaults to `config.use_cache` in
                 evaluation mode and `False` in training.
@@ -439,8 +537,10 @@ class LSTMModel(LSTMPreTrainedModel):
 
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            prepare_cache(cache, self.config)
+        elif use_cache:
+            cache = prepare_cache(DynamicCache(), self.config)
         initial_states = self._initial_states(cache, batch_size)
 
         all_hidden_states = (inputs_embeds,) if output_hidden_states else None
@@ -450,8 +550,7 @@ class LSTMModel(LSTMPreTrainedModel):
                 hidden_states = self.hidden_dropout(hidden_states)
             hidden_states, hidden, cell = layer(hidden_states, hidden, cell, padding)
             if cache is not None:
-                cache.update_recurrent_state(hidden, layer_idx, state_idx=HIDDEN_STATE)
-                cache.update_recurrent_state(cell, layer_idx, state_idx=CELL_STATE)
+                store_state(cache, layer_idx, hidden, cell, seq_len)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.output_dropout(hidden_states)
@@ -510,19 +609,63 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    def _prepare_generation_config(
+        self, generation_config: GenerationConfig | None, **kwargs
+    ) -> tuple[GenerationConfig, dict]:
+        # The merged options are checked here, before `generate` picks a decoding method (and fetches Hub code).
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        for option, (unset, method) in UNSUPPORTED_GENERATION_OPTIONS.items():
+            if getattr(generation_config, option, None) not in (None, False, unset):
+                self._refuse_generation_option(option, method)
+        return generation_config, model_kwargs
+
+    def _validate_generation_mode(
+        self, generation_mode: GenerationMode, generation_config: GenerationConfig, generation_mode_kwargs: dict
+    ) -> None:
+        if generation_mode_kwargs.get("assistant_model") is not None:
+            self._refuse_generation_option("assistant_model", ASSISTED_DECODING)
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+
+    def _refuse_generation_option(self, option: str, method: str) -> None:
+        raise ValueError(
+            f"`{option}` asks for {method}, which {type(self).__name__} cannot do: it only supports greedy search, "
+            "sampling and beam search (with or without sampling)."
+        )
+
+    def _prepare_cache_for_generation(
+        self, generation_config: GenerationConfig, model_kwargs: dict, *args, **kwargs
+    ) -> None:
+        # The cache must count positions from the start: `generate` reads its length before the first forward pass
+        # when it prefills in chunks (`prefill_chunk_size`).
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("cache") is not None:
+            prepare_cache(model_kwargs["cache"], self.config)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
         cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
     ) -> dict:
+        if next_sequence_length is not None and next_sequence_length <= 0:
+            # `generate` continuing from a cache feeds what follows the positions it consumed: here, nothing.
+            given = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+            raise ValueError(
+                f"The `cache` has consumed {cache.get_seq_length()} positions, but the inputs hold {given}: continue "
+                "with the whole sequence (the consumed positions, then the new ones), or with only the new tokens and "
+                "an `attention_mask` covering the whole sequence."
+            )
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
+            next_sequence_length=next_sequence_length,
             cache=cache,
             attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             is_first_iteration=is_first_iteration,
             **kwargs,
@@ -531,6 +674,10 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         if use_cache and not is_first_iteration:
             # The state already skipped the prompt's padding; every new token is real.
             model_inputs["attention_mask"] = None
+        elif attention_mask is not None:
+            # The mask covers the whole sequence; the state holds everything before these inputs.
+            inputs = model_inputs["input_ids"] if model_inputs["input_ids"] is not None else model_inputs["inputs_embeds"]
+            model_inputs["attention_mask"] = attention_mask[:, -inputs.shape[1] :]
         return model_inputs
 
     def forward(

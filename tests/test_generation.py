@@ -71,13 +71,91 @@ def test_greedy_stops_after_the_eos_it_would_emit():
     assert out[0, 3:].tolist() == free[: first + 1].tolist()
 
 
-def test_continuing_from_a_returned_cache():
-    model = tiny_model(eos_token_id=None)
-    first = model.generate(PROMPT, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+def never_pads(model):
+    """`model` with the pad token never generated, so that `generate` infers no padding inside its own output."""
+    with torch.no_grad():
+        model.lm_head.bias[model.config.pad_token_id] = -1e4
+    return model
+
+
+LEFT_PADDED = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]]), torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+@pytest.mark.parametrize("batch", ["one", "left_padded"])
+def test_continuing_from_a_returned_cache_equals_one_call(mode, batch):
+    model = never_pads(tiny_model(eos_token_id=None))
+    prompt, mask = (PROMPT[:1], torch.ones(1, 3, dtype=torch.long)) if batch == "one" else LEFT_PADDED
+    mask_kwargs = lambda mask: {} if batch == "one" else {"attention_mask": mask}  # noqa: E731
+    torch.manual_seed(3)
+    whole = model.generate(prompt, max_new_tokens=8, **mask_kwargs(mask), **MODES[mode])
+    torch.manual_seed(3)
+    first = model.generate(prompt, max_new_tokens=4, return_dict_in_generate=True, **mask_kwargs(mask), **MODES[mode])
+    assert first.cache.get_seq_length() == prompt.shape[1] + 3  # the last generated token is not fed yet
+    longer_mask = torch.cat([mask, torch.ones(len(mask), 4, dtype=mask.dtype)], dim=1)
+    more = model.generate(first.sequences, cache=first.cache, max_new_tokens=4, **mask_kwargs(longer_mask),
+                          **MODES[mode])
+    assert torch.equal(more, whole)
+    assert not torch.equal(whole[:, -4:], first.sequences[:, -4:])  # the continuation is not a repeat
+
+
+def test_continuing_with_only_the_new_tokens_needs_the_whole_mask():
+    model = never_pads(tiny_model(eos_token_id=None))
     whole = model.generate(PROMPT, max_new_tokens=8, do_sample=False)
-    # the cache has consumed everything but the last generated token: feed only that one
-    more = model.generate(first.sequences[:, -1:], cache=first.cache, max_new_tokens=4, do_sample=False)
+    first = model.generate(PROMPT, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    more = model.generate(first.sequences[:, -1:], attention_mask=torch.ones(2, 7, dtype=torch.long),
+                          cache=first.cache, max_new_tokens=4, do_sample=False)
     assert torch.equal(more[:, 1:], whole[:, 7:])
+    with pytest.raises(ValueError, match="`cache` has consumed 10 positions, but the inputs hold 1"):
+        model.generate(more[:, -1:], cache=first.cache, max_new_tokens=4)  # the state has read `more` up to there
+    with pytest.raises(ValueError, match="`cache` has consumed 10 positions, but the inputs hold 10"):
+        model.generate(whole[:, :10], cache=first.cache, max_new_tokens=4)  # what it has read: nothing new
+
+
+def test_prefill_in_chunks_equals_prefill_at_once():
+    model = tiny_model(eos_token_id=None)
+    ids, mask = LEFT_PADDED
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, prefill_chunk_size=1),
+                       expected)
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_generating_from_embeddings_equals_generating_from_their_ids(with_ids):
+    model = tiny_model(eos_token_id=None)
+    ids, mask = LEFT_PADDED
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    embeds = model.get_input_embeddings()(ids).detach()
+    if with_ids:  # decoder-only models take both: the embeddings feed the first step, the ids are the sequence
+        out = model.generate(ids, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert torch.equal(out, expected)
+    else:
+        out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert torch.equal(out, expected[:, ids.shape[1] :])
+    torch.manual_seed(0)
+    assert not torch.equal(model.generate(inputs_embeds=torch.randn_like(embeds), attention_mask=mask,
+                                          max_new_tokens=6, do_sample=False), expected[:, ids.shape[1] :])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(penalty_alpha=0.6, top_k=4), dict(penalty_alpha=0.6, top_k=4, do_sample=False), dict(low_memory=True),
+        dict(dola_layers="high"), dict(dola_layers="low", num_beams=2), dict(num_beam_groups=2, num_beams=4),
+        dict(diversity_penalty=1.0, num_beams=2), dict(constraints=[]), dict(force_words_ids=[[5]], num_beams=2),
+        dict(prompt_lookup_num_tokens=2), dict(prompt_lookup_num_tokens=2, num_beams=2), dict(assistant_early_exit=1),
+        dict(use_mtp=True), dict(assistant_model="tiny"), dict(assistant_model="tiny", num_beams=2),
+    ],
+    ids=lambda options: "-".join(options),
+)
+def test_options_the_model_cannot_honour_are_refused_by_name(options):
+    model = tiny_model()
+    model.generation_config.do_sample = True  # as saved models have it: sampling would ignore some options
+    option = next(iter(options))
+    if options.get("assistant_model") == "tiny":
+        options = {**options, "assistant_model": tiny_model()}
+    with pytest.raises(ValueError, match=f"^`{option}` asks for .* only supports greedy search, sampling and beam"):
+        model.generate(PROMPT, max_new_tokens=2, **options)
 
 
 @pytest.fixture

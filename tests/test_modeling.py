@@ -259,6 +259,55 @@ def test_real_positions_come_from_the_mask_else_the_targets():
     assert real_position_mask(None, None, hidden_states).all() and real_position_mask(None, None, hidden_states).shape == (2, 3)
 
 
+def test_an_empty_cache_made_without_the_config_serves():
+    model = tiny_model()
+    ids = random_ids(2, 7)
+    cache = DynamicCache()
+    first = model(ids[:, :4], cache=cache, use_cache=True)
+    assert first.cache is cache and cache.get_seq_length() == 4
+    second = model(ids[:, 4:], cache=cache, use_cache=True)
+    assert cache.get_seq_length() == 7
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), model(ids).logits, atol=1e-5, rtol=0)
+    greedy = model.generate(ids, max_new_tokens=5, do_sample=False)
+    for made in (dict(cache=DynamicCache()), dict(past_key_values=DynamicCache()),
+                 dict(cache=DynamicCache(config=model.config))):
+        assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, **made), greedy), made
+
+
+def attention_cache() -> DynamicCache:
+    cache = DynamicCache()
+    for layer_idx in range(2):
+        cache.update(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4), layer_idx=layer_idx)
+    return cache
+
+
+def one_state_cache() -> DynamicCache:
+    cache = DynamicCache(config=tiny_config())
+    for layer in cache.layers:
+        layer.__init__(number_of_states=1)
+        layer.update_recurrent_state(torch.zeros(2, 10))
+    return cache
+
+
+@pytest.mark.parametrize(
+    "make_cache, message",
+    [
+        (attention_cache, "DynamicLayer at layer 0"),
+        (lambda: DynamicCache(config=tiny_config(num_hidden_layers=3)), "has 3 layers, but the model has 2"),
+        (lambda: tiny_model(hidden_size=12)(random_ids(2, 3), use_cache=True).cache, "another model"),
+        (lambda: tiny_model()(random_ids(3, 3), use_cache=True).cache, "batch of 3"),
+        (one_state_cache, "1 state slot"),
+        (lambda: ((torch.zeros(2, 10), torch.zeros(2, 10)),) * 2, "must be a transformers `Cache`"),
+    ],
+)
+def test_a_cache_that_cannot_serve_is_refused_naming_it(make_cache, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=f"`cache`.*{message}|{message}.*`cache`"):
+        model(random_ids(2, 3), cache=make_cache(), use_cache=True)
+    with pytest.raises(ValueError, match="`cache`"):
+        model.generate(random_ids(2, 5), cache=make_cache(), max_new_tokens=2)
+
+
 def test_right_padded_training_batch_gives_the_unpadded_loss():
     model = tiny_model()
     a, b = random_ids(1, 7, seed=2), random_ids(1, 4, seed=3)
