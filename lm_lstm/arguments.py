@@ -19,6 +19,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase, TrainingArguments
 from .averaging import NonMonotonicAveraging
 from .configuration_lstm import LSTMConfig
 from .data import DEFAULT_CORPUS, DataSource, check_block_size
+from .modeling_lstm import cpu_autocast_runs_lstm
 from .presets import DEFAULT_PRESET
 from .streams import check_stateful_arguments
 from .tokenization import TOKENIZER_KINDS, document_start_id
@@ -28,14 +29,16 @@ NOT_OPTIONS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "us
 
 
 def fast_bf16_available() -> bool:
-    """Whether bf16 autocast is fast here: a GPU with bf16 support, or a CPU with AVX-512 BF16 / AMX instructions."""
+    """Whether bf16 autocast is fast here: a GPU with bf16 support, or a CPU with AVX-512 BF16 / AMX instructions
+    that oneDNN uses (it does not under `ONEDNN_MAX_CPU_ISA=AVX2`, say). Elsewhere bf16 matrix products are emulated,
+    30-60x slower than fp32 (DEVELOPERS.md's AVX2-only AMD EPYC)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
-    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16")) and cpu_autocast_runs_lstm(torch.bfloat16)
 
 
 def config_help(name: str) -> str:

@@ -226,3 +226,14 @@ def test_named_tokenizer_and_config_are_reused(trained, corpus, tmp_path):
     assert (result.output_dir / "tokenizer.json").read_text() == (output / "tokenizer.json").read_text()
     config = json.loads((result.output_dir / "config.json").read_text())
     assert config["hidden_size"] == 40 and config["embedding_size"] == 24  # from the named config, then overridden
+
+
+def test_bf16_is_on_by_default_only_where_onednn_runs_a_bf16_lstm(monkeypatch, tmp_path):
+    import lm_lstm.arguments as arguments
+
+    default = LSTMTrainingArguments(output_dir=str(tmp_path), report_to="none").bf16
+    assert default == arguments.fast_bf16_available()
+    monkeypatch.setattr(arguments, "cpu_autocast_runs_lstm", lambda dtype: False)  # an AVX2-only CPU's oneDNN
+    assert not arguments.fast_bf16_available()
+    assert LSTMTrainingArguments(output_dir=str(tmp_path), report_to="none").bf16 is False
+    assert LSTMTrainingArguments(output_dir=str(tmp_path), report_to="none", bf16=True).bf16 is True  # explicit wins
