@@ -38,13 +38,13 @@ class RunSummary:
     validation_bytes: int  # bytes of text those tokens stand for
     evaluation_method: str
     wall_time_seconds: float
-    time_budget_seconds: float | None  # `--max_time`
-    training_limit: str  # what ended training: 'time', 'steps' or 'epochs' (`LSTMTrainer.training_limit`)
     data_description: str
     dataset_ids: list[str] = field(default_factory=list)
     language: str | None = None
     license: str = "apache-2.0"
     example_prompt: str = "The"
+    time_budget_seconds: float | None = None  # `--max_time`
+    training_limit: str = "steps"  # what ended training: 'time', 'steps' or 'epochs' (`LSTMTrainer.training_limit`)
 
     @property
     def bits_per_byte(self) -> float:
