@@ -200,7 +200,8 @@ class LSTMTrainingArguments(TrainingArguments):
                   "limit comes first ends training. A resumed run trains for the time it had left."},
     )
     max_steps: int = field(
-        default=-1, metadata={"help": "Stop after this many optimisation steps (overrides --num_train_epochs)."}
+        default=-1,
+        metadata={"help": "Stop after this many optimisation steps (-1: no step limit; overrides --num_train_epochs)."},
     )
     num_train_epochs: float | None = field(
         default=None,
