@@ -1,6 +1,7 @@
 """bf16 autocast against fp32 training: validation loss at the same step count, and wall time.
 
-The default `lm-lstm train` recipe on Tiny Shakespeare, the same seed and data order, run once in each precision.
+The default `lm-lstm train` recipe on Tiny Shakespeare, the same seed and data order, run once in each precision, by
+steps (no time budget: both runs follow the same step schedule).
 
     python benchmarks/bf16_quality.py --max_steps 300
     python benchmarks/bf16_quality.py --quick
@@ -26,7 +27,7 @@ def run(bf16: bool, max_steps: int, quick: bool, output_dir: str) -> dict[str, o
     model_args = ModelArguments(tokenizer_type="char", **({"embedding_size": 16, "hidden_size": 32} if quick else {}))
     data_args = DataArguments(max_train_samples=64 if quick else None, max_eval_samples=16 if quick else None)
     training_args = LSTMTrainingArguments(
-        output_dir=output_dir, max_steps=max_steps, bf16=bf16, eval_strategy="no", save_strategy="no",
+        output_dir=output_dir, max_steps=max_steps, max_time=None, bf16=bf16, eval_strategy="no", save_strategy="no",
         load_best_model_at_end=False, eval_on_start=False, report_to="none", disable_tqdm=True,
         **({"per_device_train_batch_size": 8} if quick else {}),
     )

@@ -1,12 +1,17 @@
-"""Model quality at equal wall-clock: lm-lstm's default recipe against a GPT of similar size, on Tiny Shakespeare.
+"""Model quality at equal wall-clock: lm-lstm's default recipe against GPTs of similar or smaller size, on Tiny
+Shakespeare.
 
-Both models are trained by the same `Trainer` (`LSTMTrainer`) on the same character-level data (the last 10% of the
-text by position held out) for the same training time (`--minutes`; evaluation is not counted). The learning rate
-follows a cosine over the time budget after a linear warm-up, and training stops when the budget is spent. The metric
-is the exact mean negative log-likelihood per character over the entire validation text, every character predicted
-with its full left context within that text: the LSTM reads the text as one stream with its state carried; the GPT
-reads it through sliding windows of its context length moved by a quarter of it (every character has at least 3/4
-of a full context).
+The LSTM and the `gpt` variant are trained by the same `Trainer` (`LSTMTrainer`) on the same character-level data
+(the last 10% of the text by position held out) for the same training time (`--minutes`, as `--max_time`, with
+evaluation and checkpoints off): the learning rate warms up, then follows a cosine over the time budget, and
+training stops when the budget is spent (`lm_lstm.budget`). The `small-gpt` variant is the strongest small-GPT
+reference: a nanoGPT-style 4 x 128 GPT (context 64, batch 12, no dropout, AdamW betas (0.9, 0.99), weight decay 0.1
+on the matrices, 1e-3 after 100 warm-up steps with a cosine over the time budget to 1e-4 at the last step, clipping
+1.0) trained by a plain PyTorch loop on random windows of the training text for the same time. The metric is the exact
+mean negative log-likelihood per character over the entire validation text: the LSTM reads the text as one stream
+with its state carried (every character predicted with its full left context); `gpt` reads it through sliding
+windows of its context length moved by a quarter of it (every character has at least 3/4 of a full context);
+`small-gpt` scores it in non-overlapping windows of its context (64 characters), as it was trained.
 
     python benchmarks/quality.py --minutes 5 10              # one result file per budget
     python benchmarks/quality.py --minutes 10 --variants lstm lstm-blocks
@@ -26,43 +31,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import argument_parser, write_results  # noqa: E402
 
 import torch  # noqa: E402
-from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, set_seed  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, set_seed  # noqa: E402
 
 from lm_lstm.data import DataSource, load_text_datasets  # noqa: E402
+from lm_lstm.budget import learning_rate_factor  # noqa: E402
 from lm_lstm.evaluation import score_stream  # noqa: E402
 from lm_lstm.tokenization import train_char_tokenizer  # noqa: E402
-from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments  # noqa: E402
+from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments, fast_bf16_available  # noqa: E402
 from lm_lstm.trainer import LSTMTrainer  # noqa: E402
 from lm_lstm.training import build_model, build_training_data, configure_generation, sample_text  # noqa: E402
 
-VARIANTS = ("lstm", "lstm-blocks", "gpt")
+VARIANTS = ("lstm", "lstm-blocks", "gpt", "small-gpt")
+GPT_VARIANTS = ("gpt", "small-gpt")  # the references the other rows are compared with
 DEFAULT_SEED = 42
 GPT_RECIPE = dict(n_layer=4, n_head=4, n_embd=256, n_positions=128, dropout=0.1, learning_rate=2e-3, batch_size=16,
                   weight_decay=0.1, max_grad_norm=1.0)
-
-
-class TimeBudget(TrainerCallback):
-    """Stops training after `minutes` of training time and drives a warm-up + cosine schedule over that time."""
-
-    def __init__(self, minutes: float, warmup_steps: int):
-        self.seconds = minutes * 60
-        self.warmup_steps = warmup_steps
-        self.start: float | None = None
-
-    def fraction(self) -> float:
-        return 0.0 if self.start is None else min(1.0, (time.perf_counter() - self.start) / self.seconds)
-
-    def learning_rate_factor(self, step: int) -> float:
-        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        return warmup * 0.5 * (1 + math.cos(math.pi * self.fraction()))
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.fraction() >= 1.0:
-            control.should_training_stop = True
+SMALL_GPT_RECIPE = dict(n_layer=4, n_head=4, n_embd=128, n_positions=64, dropout=0.0, batch_size=12,
+                        betas=(0.9, 0.99), weight_decay=0.1, learning_rate=1e-3, min_learning_rate=1e-4,
+                        warmup_steps=100, max_grad_norm=1.0)
 
 
 @dataclass
@@ -86,10 +72,11 @@ def prepare(quick: bool) -> Setup:
                  sample_length=20 if quick else 200)
 
 
-def training_arguments(output_dir: str, quick: bool, seed: int, **overrides) -> LSTMTrainingArguments:
-    """The default recipe's arguments with evaluation and checkpoints off (the budget is training time)."""
+def training_arguments(output_dir: str, quick: bool, seed: int, minutes: float, **overrides) -> LSTMTrainingArguments:
+    """The default recipe's arguments for a budget of `minutes`, with evaluation and checkpoints off (the budget is
+    training time)."""
     arguments = dict(
-        output_dir=output_dir, seed=seed, max_steps=10**7, eval_strategy="no", save_strategy="no",
+        output_dir=output_dir, seed=seed, max_time=minutes * 60, eval_strategy="no", save_strategy="no",
         load_best_model_at_end=False, eval_on_start=False, report_to="none", disable_tqdm=True, logging_steps=50,
     )
     if quick:
@@ -97,16 +84,16 @@ def training_arguments(output_dir: str, quick: bool, seed: int, **overrides) -> 
     return LSTMTrainingArguments(**{**arguments, **overrides})
 
 
-def train_for(model, args, train_dataset, collator, tokenizer, minutes: float) -> tuple[int, float]:
-    """Trains under the time budget; returns the steps taken and the training seconds."""
-    budget = TimeBudget(minutes, int(args.warmup_steps))
+def train_for(model, args, train_dataset, collator, tokenizer) -> tuple[int, float]:
+    """Trains until the time budget (`args.max_time`) is spent, with the schedule over it; returns the steps taken
+    and the training seconds."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     trainer = LSTMTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=collator, processing_class=tokenizer,
-        callbacks=[budget], optimizers=(optimizer, LambdaLR(optimizer, budget.learning_rate_factor)),
+        optimizers=(optimizer, None),
     )
-    trainer.train()
-    return trainer.state.global_step, time.perf_counter() - budget.start
+    output = trainer.train()
+    return trainer.state.global_step, output.metrics["train_runtime"]
 
 
 def recipe_overrides(assignments: list[str]) -> dict[str, dict[str, object]]:
@@ -128,11 +115,11 @@ def run_lstm(setup: Setup, minutes: float, stateful: bool, quick: bool, output_d
     sizes = {"embedding_size": 16, "hidden_size": 32} if quick else {}
     model_args = ModelArguments(tokenizer_type="char", **{**sizes, **overrides["model"]})
     data_args = DataArguments(**overrides["data"])
-    args = training_arguments(output_dir, quick, seed, **{"stateful": stateful, **overrides["training"]})
+    args = training_arguments(output_dir, quick, seed, minutes, **{"stateful": stateful, **overrides["training"]})
     data = build_training_data(setup.raw, setup.tokenizer, data_args, args)
     model = build_model(model_args, setup.tokenizer)
     configure_generation(model, setup.tokenizer)  # samples as `lm-lstm generate` does (and as the GPT's below)
-    steps, seconds = train_for(model, args, data.train, data.collator, setup.tokenizer, minutes)
+    steps, seconds = train_for(model, args, data.train, data.collator, setup.tokenizer)
     model.eval()
     nll, count = score_stream(model, setup.validation_ids, block_size=1024)
     tokens = steps * args.per_device_train_batch_size * data_args.block_size
@@ -164,31 +151,76 @@ def score_windows(model, ids: list[int], context: int, stride: int, batch_size: 
     return total, len(ids) - 1
 
 
-def run_gpt(setup: Setup, minutes: float, quick: bool, output_dir: str, recipe: dict[str, object],
-            seed: int) -> dict[str, object]:
-    if quick:
-        recipe = dict(recipe, n_layer=1, n_embd=16, n_head=2, n_positions=32)
-    tokenizer = setup.tokenizer
+def gpt_model(tokenizer, recipe: dict[str, object]) -> GPT2LMHeadModel:
+    """A new GPT-2 of the recipe's shape and dropout for the character tokenizer."""
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=recipe["n_positions"], n_embd=recipe["n_embd"],
         n_layer=recipe["n_layer"], n_head=recipe["n_head"], resid_pdrop=recipe["dropout"],
         embd_pdrop=recipe["dropout"], attn_pdrop=recipe["dropout"], bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    model = GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(config)
+
+
+def run_gpt(setup: Setup, minutes: float, quick: bool, output_dir: str, recipe: dict[str, object],
+            seed: int) -> dict[str, object]:
+    if quick:
+        recipe = dict(recipe, n_layer=1, n_embd=16, n_head=2, n_positions=32)
+    tokenizer = setup.tokenizer
+    model = gpt_model(tokenizer, recipe)
     data_args = DataArguments(block_size=recipe["n_positions"])
     args = training_arguments(
-        output_dir, quick, seed, stateful=False, learning_rate=recipe["learning_rate"],
+        output_dir, quick, seed, minutes, stateful=False, learning_rate=recipe["learning_rate"],
         weight_decay=recipe["weight_decay"], max_grad_norm=recipe["max_grad_norm"],
         **({} if quick else {"per_device_train_batch_size": recipe["batch_size"]}),
     )
     data = build_training_data(setup.raw, tokenizer, data_args, args)
-    steps, seconds = train_for(model, args, data.train, data.collator, tokenizer, minutes)
+    steps, seconds = train_for(model, args, data.train, data.collator, tokenizer)
     model.eval()
     context = recipe["n_positions"]
     nll, count = score_windows(model, setup.validation_ids, context, stride=context // 4)
     tokens = steps * args.per_device_train_batch_size * context
     return result_row("gpt", model, setup, steps, tokens, seconds, nll / count)
+
+
+def run_small_gpt(setup: Setup, minutes: float, seed: int) -> dict[str, object]:
+    """The small GPT (`SMALL_GPT_RECIPE`) trained by a plain loop for `minutes`, nanoGPT-style: batches of random
+    windows of the training text, weight decay on the matrices only, the learning rate by elapsed time (the last
+    step is the one that spends the budget), bf16 autocast where it is fast."""
+    recipe = SMALL_GPT_RECIPE
+    model = gpt_model(setup.tokenizer, recipe).train()
+    text = setup.raw["train"][0]["text"]
+    train_ids = torch.tensor(setup.tokenizer(text, add_special_tokens=False)["input_ids"])
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": recipe["weight_decay"]}, {"params": others, "weight_decay": 0.0}],
+        lr=recipe["learning_rate"], betas=recipe["betas"],
+    )
+    min_lr_rate = recipe["min_learning_rate"] / recipe["learning_rate"]
+    context, batch_size = recipe["n_positions"], recipe["batch_size"]
+    generator = torch.Generator().manual_seed(seed)
+    budget, steps, progress = minutes * 60, 0, 0.0
+    start = time.perf_counter()
+    while progress < 1.0:
+        rate = learning_rate_factor(steps, progress, recipe["warmup_steps"], "cosine", min_lr_rate)
+        for group in optimizer.param_groups:
+            group["lr"] = recipe["learning_rate"] * rate
+        offsets = torch.randint(len(train_ids) - context, (batch_size,), generator=generator)
+        windows = torch.stack([train_ids[offset : offset + context + 1] for offset in offsets])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16_available()):
+            logits = model(windows[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        progress = min(1.0, (time.perf_counter() - start) / budget)
+    seconds = time.perf_counter() - start
+    model.eval()
+    nll, count = score_windows(model, setup.validation_ids, context, stride=context)  # non-overlapping windows
+    return result_row("small-gpt", model, setup, steps, steps * batch_size * context, seconds, nll / count)
 
 
 @torch.no_grad()
@@ -218,8 +250,9 @@ def result_row(name, model, setup, steps, tokens, seconds, loss) -> dict[str, ob
 def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0], help="Training-time budgets, one run each.")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["lstm", "gpt"],
-                        help="lstm: the default recipe (stateful); lstm-blocks: the same on independent blocks; gpt.")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["lstm", "gpt", "small-gpt"],
+                        help="lstm: the default recipe (stateful); lstm-blocks: the same on independent blocks; gpt: "
+                        "a GPT of similar size by the same Trainer; small-gpt: the small GPT by a plain loop.")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="Seeds the models' initialisation, the data order and dropout.")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
@@ -242,14 +275,17 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as scratch:
                 if variant == "gpt":
                     rows.append(run_gpt(setup, minutes, args.quick, scratch, gpt_recipe, args.seed))
+                elif variant == "small-gpt":
+                    rows.append(run_small_gpt(setup, minutes, args.seed))
                 else:
                     rows.append(run_lstm(setup, minutes, variant == "lstm", args.quick, scratch, overrides, args.seed))
-        reference = next((row for row in rows if row["model"] == "gpt"), rows[-1])
-        for row in rows:
-            row["vs " + reference["model"]] = row["nats/char"] / reference["nats/char"]
+        for reference in [row for row in rows if row["model"] in GPT_VARIANTS] or rows[-1:]:
+            for row in rows:
+                row["vs " + reference["model"]] = row["nats/char"] / reference["nats/char"]
         columns = [column for column in rows[0] if column != "sample"]
         samples = "".join(f"\n## Sample: {row['model']}\n\n```\n{row['sample']}\n```\n" for row in rows)
-        extra = {"budget minutes": minutes, "seed": args.seed, "gpt recipe": gpt_recipe, "lstm recipe changes": args.set}
+        extra = {"budget minutes": minutes, "seed": args.seed, "gpt recipe": gpt_recipe,
+                 "small-gpt recipe": SMALL_GPT_RECIPE, "lstm recipe changes": args.set}
         name = f"quality_{minutes:g}min" + "".join(f"_{assignment}" for assignment in args.set + args.gpt_set)
         if args.seed != DEFAULT_SEED:
             name += f"_seed{args.seed}"

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase, TrainingArguments
 
 from .averaging import NonMonotonicAveraging
+from .budget import NO_STEP_LIMIT, check_budget_arguments, parse_duration
 from .configuration_lstm import LSTMConfig
 from .data import DEFAULT_CORPUS, DataSource, check_block_size
 from .modeling_lstm import cpu_autocast_runs_lstm
@@ -194,7 +195,22 @@ class LSTMTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the default recipe's values and the options of LSTM training."""
 
     output_dir: str | None = field(default="lm-lstm-model", metadata={"help": "Where the trained model is written."})
-    max_steps: int = _recipe("max_steps", "Total optimisation steps (overrides num_train_epochs).")
+    max_time: float | str | None = field(
+        default=DEFAULT_PRESET.training["max_time"],
+        metadata={"help": "Time budget: train for this long (seconds, or 30s / 10m / 1h; 0 or 'none': no time limit), "
+                  "evaluations and checkpoints included, stopping early enough for the final evaluation and save; the "
+                  "learning-rate schedule runs over this time. With --max_steps or --num_train_epochs, whichever "
+                  "limit comes first ends training. A resumed run trains for the time it had left."},
+    )
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "Stop after this many optimisation steps (-1: no step limit; overrides --num_train_epochs)."},
+    )
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Stop after this many passes over the training data. Default: no epoch limit with "
+                  "--max_time, else 3 (Trainer's default)."},
+    )
     per_device_train_batch_size: int = _recipe(
         "per_device_train_batch_size", "Training blocks per batch and device (with --stateful: streams per device)."
     )
@@ -242,6 +258,11 @@ class LSTMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        self.max_time = parse_duration(self.max_time)
+        if self.num_train_epochs is None:
+            if self.max_time is not None and self.max_steps <= 0:
+                self.max_steps = NO_STEP_LIMIT  # the budget alone ends training
+            self.num_train_epochs = TrainingArguments.num_train_epochs
         if self.bf16 is None:
             self.bf16 = fast_bf16_available()
         if not torch.accelerator.is_available():
@@ -249,6 +270,7 @@ class LSTMTrainingArguments(TrainingArguments):
             self.use_cpu = True
             self.dataloader_pin_memory = False  # nothing to pin for
         super().__post_init__()
+        check_budget_arguments(self)
         if self.stateful:
             check_stateful_arguments(self)
         if self.weight_averaging_patience is not None:

@@ -11,9 +11,9 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from matplotlib.figure import Figure
 
+from .budget import format_duration
 from .evaluation import bits_per_byte
-
-from .tokenization import tokenizer_kind  # noqa: E402
+from .tokenization import tokenizer_kind
 
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 CURVE_FILE = "training_curve.png"
@@ -43,6 +43,8 @@ class RunSummary:
     language: str | None = None
     license: str = "apache-2.0"
     example_prompt: str = "The"
+    time_budget_seconds: float | None = None  # `--max_time`
+    training_limit: str = "steps"  # what ended training: 'time', 'steps' or 'epochs' (`LSTMTrainer.training_limit`)
 
     @property
     def bits_per_byte(self) -> float:
@@ -86,6 +88,16 @@ def plot_training_curve(log_history: list[dict], path: Path) -> None:
 
 def _format(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
+
+
+def describe_limit(run: RunSummary) -> str:
+    """What ended training, in words."""
+    h = run.hyperparameters
+    if run.training_limit == "time":
+        return f"the time budget ({format_duration(run.time_budget_seconds)})"
+    if run.training_limit == "steps":
+        return f"the step limit ({h['steps']:,} steps)"
+    return f"the epoch limit ({_format(h['epochs'], 2)} epochs)"
 
 
 def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) -> Path:
@@ -154,6 +166,11 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
         precision=h["precision"],
         seed=h["seed"],
         hardware=hardware_description(),
+        time_budget=(
+            f"{format_duration(run.time_budget_seconds)} of training, evaluations included"
+            if run.time_budget_seconds else "none"
+        ),
+        training_limit=describe_limit(run),
         wall_time=f"{run.wall_time_seconds / 60:.1f} minutes",
         curve_file=CURVE_FILE,
         eval_loss=_format(run.metrics["eval_loss"]),

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from transformers import Trainer
+from transformers import ProgressCallback, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .averaging import NonMonotonicAveraging
+from .budget import OpenEndedProgressCallback, TimeBudget, budget_seconds
 from .evaluation import perplexity
 from .hub import push_folder
 from .streams import STREAM_COLUMNS, StatefulBPTT
@@ -18,8 +19,10 @@ TRAINING_ARGS_JSON = "training_args.json"
 
 class LSTMTrainer(Trainer):
     """`Trainer` that reports validation perplexity beside the loss, evaluates and saves the averaged weights once
-    NT-ASGD-style averaging has started, pushes Hub-complete folders, and runs stateful truncated BPTT when its
-    datasets are `StreamBlocks` (`--stateful`; see `lm_lstm.streams`).
+    NT-ASGD-style averaging has started, pushes Hub-complete folders, runs stateful truncated BPTT when its
+    datasets are `StreamBlocks` (`--stateful`; see `lm_lstm.streams`), and trains for a time budget with
+    `args.max_time` (seconds; see `lm_lstm.budget`: a `TimeBudget` callback, added unless one is passed, ends
+    training and drives the learning-rate schedule).
 
     Raises `ValueError` when stateful BPTT is asked of a model without a recurrent state or with options it cannot
     honour.
@@ -33,6 +36,32 @@ class LSTMTrainer(Trainer):
         self.stateful_bptt = StatefulBPTT.for_datasets(
             self.model, self.args, self.train_dataset, self.eval_dataset, compute_metrics=self.compute_metrics
         )
+        if budget_seconds(self.args) is not None and self.time_budget is None:
+            self.add_callback(TimeBudget())
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(OpenEndedProgressCallback)
+
+    @property
+    def time_budget(self) -> TimeBudget | None:
+        """The `TimeBudget` callback, if any (looked up each time: restoring callback states from a checkpoint
+        replaces it)."""
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, TimeBudget)), None)
+
+    def training_limit(self) -> str:
+        """Which limit ended the last training: 'time' (`max_time`), 'steps' (`max_steps`) or 'epochs'."""
+        budget = self.time_budget
+        if budget is not None and budget.stopped_training:
+            return "time"
+        return "steps" if self.state.global_step >= self.state.max_steps else "epochs"
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer's schedule, or with a time budget the same kind of schedule over the training time."""
+        budget = self.time_budget
+        if budget is None or budget_seconds(self.args) is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = budget.schedule(optimizer or self.optimizer, self.args, num_training_steps)
+        self._created_lr_scheduler = True  # as Trainer's own: the next `train()` makes a new one
+        return self.lr_scheduler
 
     def push_to_hub(self, commit_message: str = "End of training", blocking: bool = True, token=None, revision=None,
                     **kwargs):

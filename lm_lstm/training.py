@@ -149,6 +149,8 @@ def summarize_run(
         },
         **data_summary,
         wall_time_seconds=wall_time,
+        time_budget_seconds=args.max_time,
+        training_limit=trainer.training_limit(),
         data_description=description,
         dataset_ids=dataset_ids,
         language=card_args.language or language,
