@@ -196,11 +196,13 @@ class LSTMTrainingArguments(TrainingArguments):
 
     output_dir: str | None = field(default="lm-lstm-model", metadata={"help": "Where the trained model is written."})
     max_time: float | str | None = field(
-        default=DEFAULT_PRESET.training["max_time"],
+        default=None,
         metadata={"help": "Time budget: train for this long (seconds, or 30s / 10m / 1h; 0 or 'none': no time limit), "
                   "evaluations and checkpoints included, stopping early enough for the final evaluation and save; the "
                   "learning-rate schedule runs over this time. With --max_steps or --num_train_epochs, whichever "
-                  "limit comes first ends training. A resumed run trains for the time it had left."},
+                  "limit comes first ends training. A resumed run trains for the time it had left. Default: "
+                  f"{DEFAULT_PRESET.training['max_time']} (the default recipe) when neither --max_steps nor "
+                  "--num_train_epochs is given, else no time limit."},
     )
     max_steps: int = field(
         default=-1,
@@ -258,6 +260,9 @@ class LSTMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.max_time is None:  # not given: an explicit step or epoch limit is not cut short by a default budget
+            limited = self.max_steps > 0 or self.num_train_epochs is not None
+            self.max_time = None if limited else DEFAULT_PRESET.training["max_time"]
         self.max_time = parse_duration(self.max_time)
         if self.num_train_epochs is None:
             if self.max_time is not None and self.max_steps <= 0:

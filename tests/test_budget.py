@@ -85,6 +85,13 @@ def test_step_and_epoch_limits_under_a_budget(tmp_path):
     assert arguments(tmp_path, max_time="20s", max_steps=10, logging_steps=0.5).logging_steps == 0.5  # of 10 steps
 
 
+def test_the_default_budget_applies_only_without_a_step_or_epoch_limit(tmp_path):
+    assert arguments(tmp_path).max_time == 600  # the default recipe: 10 minutes
+    assert arguments(tmp_path, max_steps=2500).max_time is None  # the 2,500-step recipe runs all its steps
+    assert arguments(tmp_path, num_train_epochs=1).max_time is None
+    assert arguments(tmp_path, max_steps=2500, max_time="10m").max_time == 600  # both given: the first limit wins
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(lr_scheduler_type="polynomial"), "--lr_scheduler_type must be one of cosine, linear"),
     (dict(lr_scheduler_kwargs={"num_cycles": 2}), "--lr_scheduler_kwargs is not supported with --max_time"),
