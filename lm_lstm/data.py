@@ -8,8 +8,9 @@ step is a `Dataset.map`, so the `datasets` cache lets a second run skip the work
 
 from __future__ import annotations
 
+import bisect
 import codecs
-import math
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,27 +120,29 @@ def _text_column_only(dataset: Dataset, column: str) -> Dataset:
 
 
 def carve_validation(train: Dataset, percentage: float) -> DatasetDict:
-    """Splits off the last `percentage` % by position as validation text.
-
-    With a single document (one text file), the cut falls inside it, at a character position; with several, the
-    last documents go to validation. Either way validation text is never seen in training.
+    """Splits off the last `percentage` % of the text, by character position, as validation text: the documents after
+    the cut, and the end of the document the cut falls in (with one text file, the end of the file). Validation text
+    is never seen in training. Raises `DataError` when the text is too short to split.
     """
-    if len(train) == 1:
-        text = train[0]["text"]
-        cut = int(len(text) * (1 - percentage / 100))
-        if cut == 0 or cut == len(text):
-            raise DataError(f"The training text ({len(text)} characters) is too short to split off a validation part.")
+    lengths = train.map(
+        lambda batch: {"length": [len(text) for text in batch["text"]]}, batched=True, remove_columns=["text"],
+        desc="Measuring documents",
+    )["length"]
+    ends = list(itertools.accumulate(lengths))
+    cut = int(ends[-1] * (1 - percentage / 100))
+    if cut == 0 or cut == ends[-1]:
+        raise DataError(f"The training text ({ends[-1]} characters) is too short to split off a validation part.")
+    document = bisect.bisect_right(ends, cut)  # the document the cut falls in (or starts, at a boundary)
+    offset = cut - (ends[document - 1] if document else 0)  # its characters before the cut
+    head = train.select(range(document + (offset > 0)))
+    tail = train.select(range(document, len(train)))
+    if offset:
         # Maps rather than new in-memory datasets, so the `datasets` cache still covers what follows.
-        return DatasetDict(
-            train=train.map(lambda batch: {"text": [batch["text"][0][:cut]]}, batched=True, desc="Carving train"),
-            validation=train.map(
-                lambda batch: {"text": [batch["text"][0][cut:]]}, batched=True, desc="Carving validation"
-            ),
-        )
-    cut = len(train) - max(1, math.ceil(len(train) * percentage / 100))
-    if cut < 1:
-        raise DataError(f"The training data ({len(train)} documents) is too small to split off a validation part.")
-    return DatasetDict(train=train.select(range(cut)), validation=train.select(range(cut, len(train))))
+        head = head.map(lambda example, row: {"text": example["text"][:offset] if row == document else example["text"]},
+                        with_indices=True, desc="Carving train")
+        tail = tail.map(lambda example, row: {"text": example["text"][offset:] if row == 0 else example["text"]},
+                        with_indices=True, desc="Carving validation")
+    return DatasetDict(train=head, validation=tail)
 
 
 def split_into_pieces(batch: dict[str, list]) -> dict[str, list]:

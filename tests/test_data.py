@@ -33,7 +33,10 @@ def write_tabular(folder, kind):
 def test_tabular_files_with_a_text_column(tmp_path, kind):
     path = write_tabular(tmp_path, kind)
     raw = load_text_datasets(DataSource(train_files=[str(path)], text_column="body", validation_split_percentage=10))
-    assert raw["train"]["text"] == DOCUMENTS[:18] and raw["validation"]["text"] == DOCUMENTS[18:]  # last by position
+    whole, cut = "".join(DOCUMENTS), int(len("".join(DOCUMENTS)) * 0.9)  # the last 10% of the text by position
+    train, validation = list(raw["train"]["text"]), list(raw["validation"]["text"])
+    assert "".join(train) == whole[:cut] and "".join(validation) == whole[cut:]
+    assert train[:18] == DOCUMENTS[:18] and validation[1:] == DOCUMENTS[19:]  # the cut falls in document 18
     with pytest.raises(DataError, match="no column 'text'"):
         load_text_datasets(DataSource(train_files=[str(path)]))
 
@@ -44,6 +47,15 @@ def test_single_text_file_is_split_by_character_position(tmp_path, shakespeare_t
     raw = load_text_datasets(DataSource(train_files=[str(path)], validation_split_percentage=10))
     assert raw["train"]["text"][0] + raw["validation"]["text"][0] == shakespeare_text[:10_000]
     assert len(raw["validation"]["text"][0]) == 1000
+
+
+def test_several_files_give_the_last_percent_of_their_text_not_a_whole_file(tmp_path, shakespeare_text):
+    files = [tmp_path / "book1.txt", tmp_path / "book2.txt"]
+    files[0].write_text(shakespeare_text[:35_000])
+    files[1].write_text(shakespeare_text[35_000:52_000])
+    raw = load_text_datasets(DataSource(train_files=[str(f) for f in files], validation_split_percentage=10))
+    assert raw["train"]["text"] == [shakespeare_text[:35_000], shakespeare_text[35_000:46_800]]
+    assert raw["validation"]["text"] == [shakespeare_text[46_800:52_000]]  # 10% of 52,000 characters
 
 
 def test_documents_end_with_eos_and_fill_blocks(tmp_path, char_tokenizer):
