@@ -96,6 +96,11 @@ class ModelSource:
     def __post_init__(self) -> None:
         if self.model_name_or_path is not None and (self.config_name or self.config_overrides):
             raise ValueError("--config_name and --config_overrides build a new model; drop --model_name_or_path.")
+        given = [f"--{name}" for name, _, option in model_options() if getattr(self, name) != option.default]
+        if given and (self.model_name_or_path or self.config_name):
+            source = "--model_name_or_path" if self.model_name_or_path else "--config_name"
+            raise ValueError(f"{', '.join(given)} would be ignored: the model comes from {source}. "
+                             "Change a new model's config with --config_overrides.")
         if self.model_name_or_path is None and self.config_name is None:
             self._apply_overrides(LSTMConfig(**self.architecture()))  # rejects bad values before any work
 
@@ -158,6 +163,9 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         check_block_size(self.block_size)
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         self.source()  # checks the split percentage before any work
 
     def source(self) -> DataSource:
@@ -195,6 +203,11 @@ class LSTMTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the default recipe's values and the options of LSTM training."""
 
     output_dir: str | None = field(default="lm-lstm-model", metadata={"help": "Where the trained model is written."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into --output_dir even if it already holds a model or checkpoints (they are replaced). "
+                  "Without it such a folder is refused, unless the run resumes from it (--resume_from_checkpoint)."},
+    )
     max_time: float | str | None = field(
         default=None,
         metadata={"help": "Time budget: train for this long (seconds, or 30s / 10m / 1h; 0 or 'none': no time limit), "
@@ -275,8 +288,24 @@ class LSTMTrainingArguments(TrainingArguments):
             self.use_cpu = True
             self.dataloader_pin_memory = False  # nothing to pin for
         super().__post_init__()
+        check_output_dir(self)
+        if not 0 <= self.label_smoothing_factor < 1:
+            raise ValueError(f"--label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}.")
         check_budget_arguments(self)
         if self.stateful:
             check_stateful_arguments(self)
         if self.weight_averaging_patience is not None:
             NonMonotonicAveraging(self.weight_averaging_patience)  # checks the value before any work
+
+
+def check_output_dir(args: LSTMTrainingArguments) -> None:
+    """Raises `ValueError` rather than replace a model or checkpoints already in `output_dir`, unless the run resumes
+    from it or `--overwrite_output_dir` says to."""
+    folder = Path(args.output_dir)
+    if args.overwrite_output_dir or args.resume_from_checkpoint or not folder.is_dir():
+        return
+    found = sorted(p.name for p in folder.iterdir() if p.name in ("config.json", "model.safetensors")
+                   or p.name.startswith("checkpoint-"))
+    if found:
+        raise ValueError(f"--output_dir {folder} already holds a model ({', '.join(found[:3])}): choose another "
+                         "folder, resume with --resume_from_checkpoint, or replace it with --overwrite_output_dir.")

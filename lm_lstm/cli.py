@@ -42,6 +42,7 @@ def train_command(argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
     from .arguments import CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
+    from .card import describe_limit
     from .training import train
 
     parser = one_line_errors(
@@ -52,9 +53,19 @@ def train_command(argv: list[str]) -> int:
         )
     )
     model_args, data_args, training_args, card_args = parser.parse_args_into_dataclasses(args=argv)
-    result = train(model_args, data_args, training_args, card_args)
-    if not result.is_main_process:
+    if training_args.do_predict:
+        raise UsageError("lm-lstm train: --do_predict is not supported (there is no prediction step); drop it.")
+    # As in run_clm.py, --do_train / --do_eval choose the steps; with neither, the job trains and evaluates.
+    do_train, do_eval = (training_args.do_train, training_args.do_eval)
+    if not (do_train or do_eval):
+        do_train = do_eval = True
+    result = train(model_args, data_args, training_args, card_args, do_train=do_train, do_eval=do_eval)
+    if not result.is_main_process or not do_eval:
         return 0
+    if result.run is not None:
+        run = result.run
+        print(f"\nTraining ended by {describe_limit(run)}: {run.hyperparameters['steps']:,} steps, "
+              f"{run.wall_time_seconds / 60:.1f} minutes.")
     print(f"\nValidation perplexity: {result.metrics['eval_perplexity']:.3f} (loss {result.metrics['eval_loss']:.4f})")
     print(f"Model, tokenizer and card written to {result.output_dir}\n\nSample:\n{result.sample}")
     return 0
@@ -81,6 +92,11 @@ def _generation_parser() -> argparse.ArgumentParser:
 @command("generate", "continue a prompt with a trained model (streamed)")
 def generate_command(argv: list[str]) -> int:
     args = _generation_parser().parse_args(argv)
+    for name in ("num_beams", "num_return_sequences", "max_new_tokens", "top_k"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"lm-lstm generate: --{name} must be at least 1, got {getattr(args, name)}.")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"lm-lstm generate: --top_p must be in (0, 1], got {args.top_p}.")
     from transformers import TextStreamer, set_seed
 
     from .evaluation import load_model_and_tokenizer
@@ -177,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[name][1](rest)
-    except (ValueError, OSError) as error:  # UsageError and DataError are ValueErrors
+    # UsageError and DataError are ValueErrors; RuntimeError and ImportError come from torch and from optional
+    # integrations (out of memory, --report_to a tracker that is not installed).
+    except (ValueError, OSError, RuntimeError, ImportError) as error:
         if os.environ.get("LM_LSTM_DEBUG"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
 from .tokenization import document_start_id
@@ -95,7 +96,13 @@ def load_documents(files: list[str], text_column: str = "text") -> Dataset:
         raise DataError(f"All data files must be of one kind, got {', '.join(suffixes)}.")
     builder = builders.pop()
     options = {"sample_by": "document"} if builder == "text" else {}
-    return _text_column_only(load_dataset(builder, data_files={"train": files}, split="train", **options), text_column)
+    try:
+        dataset = load_dataset(builder, data_files={"train": files}, split="train", **options)
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"{', '.join(files)}: cannot be read as {suffixes[0]} ({message}).") from None
+    return _text_column_only(dataset, text_column, ", ".join(files))
 
 
 def load_text_datasets(source: DataSource) -> DatasetDict:
@@ -112,10 +119,21 @@ def load_text_datasets(source: DataSource) -> DatasetDict:
     return DatasetDict(train=raw["train"], validation=raw["validation"])
 
 
-def _text_column_only(dataset: Dataset, column: str) -> Dataset:
+def _text_column_only(dataset: Dataset, column: str, source: str = "The data") -> Dataset:
+    """`dataset` with only its text column, named `text`; missing values (an empty CSV cell) become empty documents.
+
+    Raises `DataError` if the column is missing or holds something other than text.
+    """
     if column not in dataset.column_names:
-        raise DataError(f"The data has no column {column!r} (it has {dataset.column_names}); name it with --text_column.")
+        raise DataError(f"{source} has no column {column!r} (it has {dataset.column_names}); name it with --text_column.")
+    kind = dataset.features[column]
+    if getattr(kind, "dtype", None) not in ("string", "large_string"):
+        found = getattr(kind, "dtype", None) or type(kind).__name__
+        raise DataError(f"{source}: column {column!r} holds {found} values, not text.")
     dataset = dataset.select_columns([column])
+    if dataset.data.column(column).null_count:
+        dataset = dataset.map(lambda batch: {column: [text or "" for text in batch[column]]}, batched=True,
+                              desc="Filling missing texts")
     return dataset if column == "text" else dataset.rename_column(column, "text")
 
 
@@ -170,6 +188,9 @@ def tokenize_documents(raw, tokenizer: PreTrainedTokenizerBase, num_proc: int | 
         return {"input_ids": [piece + [eos] if end else piece for piece, end in zip(ids, batch["ends_document"])]}
 
     pieces = raw.map(split_into_pieces, batched=True, remove_columns=["text"], desc="Cutting documents")
+    for split, dataset in pieces.items() if isinstance(pieces, DatasetDict) else [("", pieces)]:
+        if len(dataset) == 0:
+            raise DataError(f"The {split + ' ' if split else ''}text is empty: every document is an empty string.")
     return pieces.map(
         tokenize, batched=True, num_proc=num_proc, remove_columns=["text", "ends_document"], desc="Tokenizing"
     )

@@ -57,7 +57,13 @@ class Score:
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """Loads a saved model in evaluation mode and its tokenizer as `load_tokenizer` does."""
+    """Loads a saved model in evaluation mode and its tokenizer as `load_tokenizer` does.
+
+    Raises `OSError` when `name_or_path` is a path (it cannot be a Hub name) to no folder.
+    """
+    looks_like_path = str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1
+    if looks_like_path and not Path(name_or_path).expanduser().is_dir():
+        raise OSError(f"{name_or_path}: no such model folder.")
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer

@@ -27,6 +27,7 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_lstm import LSTMConfig
 
@@ -482,6 +483,7 @@ class LSTMModel(LSTMPreTrainedModel):
             states.append((hidden, cell))
         return states
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -518,6 +520,9 @@ class LSTMModel(LSTMPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        if cache is not None and use_cache is False:
+            # The state in `cache` would move on in place while the caller re-feeds the whole sequence.
+            raise ValueError("`use_cache=False` with a `cache`: pass `use_cache=True` to continue from it, or no cache.")
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
@@ -680,6 +685,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             model_inputs["attention_mask"] = attention_mask[:, -inputs.shape[1] :]
         return model_inputs
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

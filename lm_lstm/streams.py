@@ -77,10 +77,10 @@ class StreamBlocks(Dataset):
         check_block_size(block_size)
         if num_streams < 1 or world_size < 1:
             raise ValueError(f"num_streams and world_size must be >= 1, got {num_streams} and {world_size}.")
+        documents = [document for document in documents if document]
+        check_padding(documents, block_size)
         inputs, targets, starts = [], [], []
         for document in documents:
-            if not document:
-                continue
             padding = -len(document) % block_size
             inputs.append(np.array([eos_token_id, *document[:-1]] + [pad_token_id] * padding, dtype=np.int64))
             targets.append(np.array(document + [-100] * padding, dtype=np.int64))
@@ -143,6 +143,22 @@ class StreamBlocks(Dataset):
         """All targets in text order (every token of the text once)."""
         flat = self.targets.reshape(-1)
         return flat[flat != -100].tolist()
+
+
+MAX_PADDING_RATIO = 16  # padded tokens per real token beyond which a layout is refused (on more than a million)
+
+
+def check_padding(documents: list[list[int]], block_size: int) -> None:
+    """Raises `DataError` when padding each document to whole blocks would blow the text up (`--block_size` far
+    longer than the documents): more than `MAX_PADDING_RATIO` times its tokens, and over a million."""
+    real = sum(len(document) for document in documents)
+    padded = sum(-(-len(document) // block_size) * block_size for document in documents)
+    if padded > max(MAX_PADDING_RATIO * real, 1 << 20):
+        longest = max(len(document) for document in documents)
+        raise DataError(
+            f"--block_size {block_size} would pad the text's {real:,} tokens to {padded:,} (its longest document has "
+            f"{longest:,}); use a smaller --block_size."
+        )
 
 
 def join_documents(pieces: Iterable[list[int]], eos_token_id: int) -> Iterator[list[int]]:
@@ -293,14 +309,28 @@ class StatefulBPTT:
                    for name, state in zip(("hidden", "cell"), layer_states)}
         save_file(tensors, str(Path(folder) / STATE_FILE.format(process_index)))
 
-    def load(self, folder: str | Path, process_index: int = 0, device: torch.device | str = "cpu") -> None:
-        """Restores the training streams' state that `save` wrote; a checkpoint without one restarts from zeros."""
+    def load(
+        self, folder: str | Path, num_streams: int, process_index: int = 0, device: torch.device | str = "cpu"
+    ) -> None:
+        """Restores the training streams' state that `save` wrote; a checkpoint without one restarts from zeros.
+
+        Raises `ValueError` if it was written for another number of streams (`--per_device_train_batch_size`) or
+        another model."""
         path = Path(folder) / STATE_FILE.format(process_index)
         if not path.is_file():
             logger.warning(f"{path} not found: the resumed run restarts the carried state of its streams from zeros.")
             self.reset("train")
             return
         tensors = {name: tensor.to(device) for name, tensor in load_file(str(path)).items()}
+        found = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+        expected = {f"{name}.{layer_idx}": (num_streams, size) for layer_idx, (_, size) in
+                    enumerate(self.config.layer_sizes) for name in ("hidden", "cell")}
+        if found != expected:
+            raise ValueError(
+                f"{path} holds states of shapes {sorted(set(found.values()))}, this run's are "
+                f"{sorted(set(expected.values()))} (streams x hidden size): resume with the "
+                "--per_device_train_batch_size and model of the run that wrote it."
+            )
         self._states["train"] = [
             (tensors[f"hidden.{layer_idx}"], tensors[f"cell.{layer_idx}"]) for layer_idx in range(len(tensors) // 2)
         ]

@@ -140,7 +140,9 @@ class LSTMTrainer(Trainer):
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         if self.stateful_bptt is not None and checkpoint is not None:
-            self.stateful_bptt.load(checkpoint, self.args.process_index, self.args.device)
+            self.stateful_bptt.load(
+                checkpoint, self.args.per_device_train_batch_size, self.args.process_index, self.args.device
+            )
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):

@@ -32,6 +32,7 @@ class TrainingResult:
     metrics: dict[str, float]
     sample: str
     is_main_process: bool = True
+    run: RunSummary | None = None  # what the card reports (main process, training and evaluation)
 
 
 def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_texts) -> PreTrainedTokenizerBase:
@@ -159,6 +160,18 @@ def summarize_run(
     )
 
 
+def final_evaluation(trainer: LSTMTrainer, trained: bool) -> dict[str, float]:
+    """The validation metrics of the final weights. When training ended with an evaluation of these very weights (its
+    last step, and no earlier best checkpoint loaded back), its metrics are reused rather than a second pass made over
+    the validation text, which can cost more than a short time budget's training."""
+    state = trainer.state
+    last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
+    same_weights = not trainer.args.load_best_model_at_end or state.best_global_step in (None, state.global_step)
+    if trained and last is not None and last.get("step") == state.global_step and same_weights:
+        return {key: value for key, value in last.items() if key.startswith("eval_") or key == "epoch"}
+    return trainer.evaluate()
+
+
 def train(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -200,9 +213,10 @@ def train(
         # `_internal_call` keeps `save_model` from pushing now, before the card is written; the push comes last.
         trainer.save_model(str(output_dir), _internal_call=True)
     if do_eval:
-        eval_metrics = trainer.evaluate()
+        eval_metrics = final_evaluation(trainer, trained=do_train)
         eval_metrics["perplexity"] = eval_metrics["eval_perplexity"]  # the key run_clm.py writes
         metrics.update(eval_metrics)
+    run = None
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         if do_train:
@@ -218,5 +232,5 @@ def train(
         trainer.push_to_hub()
     sample = sample_text(trainer.model, tokenizer)
     return TrainingResult(
-        output_dir=output_dir, metrics=metrics, sample=sample, is_main_process=trainer.is_world_process_zero()
+        output_dir=output_dir, metrics=metrics, sample=sample, is_main_process=trainer.is_world_process_zero(), run=run
     )

@@ -10,7 +10,7 @@ from lm_lstm.data import (
     DataError, DataSource, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset, tokenize_documents,
 )
 from lm_lstm.streams import StreamBlocks
-from lm_lstm.tokenization import document_start_id
+from lm_lstm.tokenization import document_start_id, train_char_tokenizer
 
 DOCUMENTS = [f"Document {i}: " + "words " * (5 + i) for i in range(20)]
 
@@ -110,3 +110,23 @@ def test_collate_pads_short_blocks_on_the_right():
     assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert "attention_mask" not in collate_blocks([{"input_ids": [5, 6], "labels": [5, 6]}])
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ('{"text": 42}\n', "jsonl", "column 'text' holds int64 values, not text"),
+    ("this is not json\n", "jsonl", "cannot be read as .jsonl"),
+    ('{"text": ""}\n{"text": ""}\n', "jsonl", "every document is an empty string"),
+])
+def test_unusable_records_fail_with_one_clear_error(tmp_path, content, suffix, message):
+    path = tmp_path / f"data.{suffix}"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        raw = load_text_datasets(DataSource(train_files=[str(path)], validation_files=[str(path)]))
+        tokenize_documents(raw, train_char_tokenizer(["abc"]))
+
+
+def test_a_missing_csv_cell_is_an_empty_document(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("text,other\nhello,1\n,2\nworld,3\n")
+    raw = load_text_datasets(DataSource(train_files=[str(path)], validation_files=[str(path)]))
+    assert raw["train"]["text"] == ["hello", "", "world"]

@@ -99,3 +99,8 @@ def test_lm_evaluation_harness_scores_a_text_as_lm_lstm_evaluate_does(saved_mode
     assert -loglikelihood == pytest.approx(score.nll, rel=1e-5)
     windowed = HFLM(pretrained=str(saved_model), max_length=64, batch_size=1, device="cpu").loglikelihood_rolling([request])[0]
     assert -windowed > score.nll * (1 + 1e-4)  # short windows, each from a zero state, lose context
+
+
+def test_a_missing_model_folder_is_named(tmp_path):
+    with pytest.raises(OSError, match="nope: no such model folder"):
+        load_model_and_tokenizer(str(tmp_path / "nope"))

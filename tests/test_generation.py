@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer, TextStreamer, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TextIteratorStreamer, TextStreamer, pipeline
 
 import lm_lstm
 from lm_lstm.cli import main
@@ -266,3 +266,13 @@ def test_text_generation_pipeline_with_an_empty_prompt_starts_a_document(z_run):
     assert generator("", max_new_tokens=3, do_sample=False)[0]["generated_text"] == "Z: "
     ids = generator("", max_new_tokens=3, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
     assert ids[0] == document_start_id(generator.tokenizer)
+
+
+def test_a_cache_with_use_cache_false_is_refused_and_past_key_values_is_an_alias_of_cache():
+    model = tiny_model()
+    ids = torch.randint(3, 40, (1, 6), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="use_cache=False` with a `cache`"):
+        model.generate(ids, cache=DynamicCache(), use_cache=False, max_new_tokens=3, do_sample=False)
+    cache = DynamicCache()
+    model(ids[:, :4], past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(model(ids[:, 4:], past_key_values=cache, use_cache=True).logits, model(ids).logits[:, 4:])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from lm_lstm.data import BlockData
+from lm_lstm.data import BlockData, DataError
 from lm_lstm.streams import (
     StatefulBPTT,
     StreamBlocks,
@@ -107,3 +107,22 @@ def test_block_data_summary_counts_scored_tokens_and_their_bytes(char_tokenizer)
     summary = BlockData(train=blocks, validation=blocks, collator=None, block_size=4).summary(char_tokenizer)
     assert (summary["train_tokens"], summary["scored_tokens"], summary["validation_bytes"]) == (12, 9, 9)
     assert summary["bptt"].startswith("truncated at each block")
+
+
+def test_a_block_size_far_beyond_the_documents_is_refused_before_any_padding():
+    with pytest.raises(DataError, match="--block_size 100000000 would pad the text's 3 tokens"):
+        StreamBlocks([[5, 6, EOS]], block_size=100_000_000, eos_token_id=EOS, pad_token_id=PAD, num_streams=1)
+    short_documents = [[5, EOS]] * 10  # padded 64x, but small: a legitimate layout of short documents
+    assert len(StreamBlocks(short_documents, block_size=128, eos_token_id=EOS, pad_token_id=PAD, num_streams=2)) == 10
+
+
+def test_a_checkpoint_state_for_other_streams_is_refused(tmp_path):
+    model = tiny_model()
+    carrier = StatefulBPTT(model, arguments())
+    outputs = model(**carrier.model_inputs("train", {"input_ids": torch.ones(3, 4, dtype=torch.long),
+                                                      "reset": torch.tensor([True] * 3)}))
+    carrier.carry("train", outputs.cache)
+    carrier.save(tmp_path)
+    carrier.load(tmp_path, num_streams=3)  # the same run resumes
+    with pytest.raises(ValueError, match="--per_device_train_batch_size"):
+        carrier.load(tmp_path, num_streams=2)

@@ -58,6 +58,7 @@ def test_training_lowers_validation_perplexity(trained):
     final = json.loads((output / "eval_results.json").read_text())
     assert final["eval_perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
     assert f"Validation perplexity: {final['eval_perplexity']:.3f}" in stdout
+    assert "Training ended by the step limit (40 steps): 40 steps," in stdout
     assert "Sample:" in stdout
     assert list((output / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs"
 
@@ -243,3 +244,28 @@ def test_bf16_is_on_by_default_only_where_onednn_runs_a_bf16_lstm(monkeypatch, t
     assert not arguments.fast_bf16_available()
     assert LSTMTrainingArguments(output_dir=str(tmp_path), report_to="none").bf16 is False
     assert LSTMTrainingArguments(output_dir=str(tmp_path), report_to="none", bf16=True).bf16 is True  # explicit wins
+
+
+def test_options_that_would_lose_work_or_be_ignored_are_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a model"):
+        LSTMTrainingArguments(output_dir=str(tmp_path / "model"), report_to="none")
+    assert LSTMTrainingArguments(output_dir=str(tmp_path / "model"), report_to="none", overwrite_output_dir=True)
+    with pytest.raises(ValueError, match="--label_smoothing_factor must be in"):
+        LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", label_smoothing_factor=-0.5)
+    with pytest.raises(ValueError, match="--hidden_size would be ignored: the model comes from --config_name"):
+        ModelArguments(config_name=str(tmp_path / "model"), hidden_size=8)
+    with pytest.raises(ValueError, match="--max_train_samples must be at least 1"):
+        DataArguments(max_train_samples=0)
+
+
+def test_cli_refuses_bad_generation_counts_and_do_predict_in_one_line(capsys):
+    from lm_lstm.cli import main
+
+    assert main(["generate", "--model", "x", "--num_beams", "0"]) == 2
+    assert main(["train", "--do_predict"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == ["lm-lstm generate: error: lm-lstm generate: --num_beams must be at least 1, got 0.",
+                      "lm-lstm train: error: lm-lstm train: --do_predict is not supported (there is no prediction "
+                      "step); drop it."]
