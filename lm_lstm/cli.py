@@ -55,12 +55,10 @@ def train_command(argv: list[str]) -> int:
     model_args, data_args, training_args, card_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.do_predict:
         raise UsageError("lm-lstm train: --do_predict is not supported (there is no prediction step); drop it.")
-    # As in run_clm.py, --do_train / --do_eval choose the steps; with neither, the job trains and evaluates.
-    do_train, do_eval = (training_args.do_train, training_args.do_eval)
-    if not (do_train or do_eval):
-        do_train = do_eval = True
-    result = train(model_args, data_args, training_args, card_args, do_train=do_train, do_eval=do_eval)
-    if not result.is_main_process or not do_eval:
+    # The command always trains and evaluates: TrainingArguments turns --do_eval on by itself whenever evaluations
+    # are scheduled, so --do_train / --do_eval cannot say what was asked (examples/run_clm.py takes them).
+    result = train(model_args, data_args, training_args, card_args)
+    if not result.is_main_process:
         return 0
     if result.run is not None:
         run = result.run
@@ -199,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("LM_LSTM_DEBUG"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = message.removeprefix(f"lm-lstm {name}: ")  # usage errors name the command already
         print(f"lm-lstm {name}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -266,6 +266,5 @@ def test_cli_refuses_bad_generation_counts_and_do_predict_in_one_line(capsys):
     assert main(["generate", "--model", "x", "--num_beams", "0"]) == 2
     assert main(["train", "--do_predict"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert errors == ["lm-lstm generate: error: lm-lstm generate: --num_beams must be at least 1, got 0.",
-                      "lm-lstm train: error: lm-lstm train: --do_predict is not supported (there is no prediction "
-                      "step); drop it."]
+    assert errors == ["lm-lstm generate: error: --num_beams must be at least 1, got 0.",
+                      "lm-lstm train: error: --do_predict is not supported (there is no prediction step); drop it."]
