@@ -137,12 +137,14 @@ def evaluate_command(argv: list[str]) -> int:
     parser.add_argument("--block_size", type=int, default=512, help="Tokens per forward pass (carry) or per block.")
     parser.add_argument("--context", choices=CONTEXT_POLICIES, default="carry", help="Context policy (see above).")
     parser.add_argument("--batch_size", type=int, default=16, help="Blocks per forward pass (blocks policy).")
+    parser.add_argument("--text_column", default="text", help="The column holding the text in tabular files.")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow the model folder's code.")
     args = one_line_errors(parser).parse_args(argv)
     if args.block_size < 2 or args.batch_size < 1:
         raise UsageError("lm-lstm evaluate: --block_size must be >= 2 and --batch_size >= 1.")
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    score = evaluate_file(model, tokenizer, args.file, args.block_size, args.context, args.batch_size)
+    score = evaluate_file(model, tokenizer, args.file, args.block_size, args.context, args.batch_size,
+                          args.text_column)
     print(f"file            {args.file}")
     print(f"context         {args.context} (block_size {args.block_size})")
     print(f"tokens scored   {score.tokens}")

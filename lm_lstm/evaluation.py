@@ -106,14 +106,16 @@ def evaluate_file(
     block_size: int = 512,
     context: Literal["carry", "blocks"] = "carry",
     batch_size: int = 16,
+    text_column: str = "text",
 ) -> Score:
-    """Scores a text file (see the module docstring for the context policies)."""
+    """Scores a text file (see the module docstring for the context policies); `text_column` names the text of
+    .json/.jsonl/.csv/.parquet records."""
     if context not in CONTEXT_POLICIES:
         raise ValueError(f"`context` must be one of {CONTEXT_POLICIES}, got {context!r}.")
     # Imported here: `datasets` is slow to import, and loading a model for `lm-lstm generate` does not need it.
     from .data import group_blocks, load_documents, predicted_bytes, tokenize_documents
 
-    documents = load_documents([str(path)])
+    documents = load_documents([str(path)], text_column)
     pieces = tokenize_documents(documents, tokenizer)
     if context == "carry":
         stream = [document_start_id(tokenizer)] + [t for piece in pieces["input_ids"] for t in piece][:-1]

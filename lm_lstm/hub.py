@@ -13,7 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 ALWAYS_IGNORED = ["*.bin", "*.pt", "*.pth", "*.pkl", "_*", ".*"]
 CHECKPOINT_PATTERNS = ["checkpoint-*", "checkpoint-*/*"]
 LOG_PATTERNS = ["runs", "runs/*", "trainer_state.json"]
-REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "README.md")
+REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md")
 
 
 class PublishError(OSError):

@@ -520,6 +520,8 @@ class LSTMModel(LSTMPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        if kwargs.get("output_attentions"):
+            raise ValueError("`output_attentions=True`: an LSTM has no attention weights to return.")
         if cache is not None and use_cache is False:
             # The state in `cache` would move on in place while the caller re-feeds the whole sequence.
             raise ValueError("`use_cache=False` with a `cache`: pass `use_cache=True` to continue from it, or no cache.")
@@ -729,6 +731,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states or penalize,
             return_dict=True,
+            output_attentions=kwargs.get("output_attentions"),  # refused there
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self._output_logits(hidden_states)

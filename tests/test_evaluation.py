@@ -1,5 +1,6 @@
 """Perplexity and bits per byte (`lm_lstm.evaluation`, the `evaluate` metric) on a tiny saved model: fast."""
 
+import json
 import math
 
 import evaluate
@@ -104,3 +105,10 @@ def test_lm_evaluation_harness_scores_a_text_as_lm_lstm_evaluate_does(saved_mode
 def test_a_missing_model_folder_is_named(tmp_path):
     with pytest.raises(OSError, match="nope: no such model folder"):
         load_model_and_tokenizer(str(tmp_path / "nope"))
+
+
+def test_a_tabular_file_is_scored_from_its_text_column(saved_model, tmp_path):
+    model, tokenizer = load_model_and_tokenizer(str(saved_model))
+    (tmp_path / "plays.jsonl").write_text('{"body": %s}\n' % json.dumps(TEXT))
+    tabular = evaluate_file(model, tokenizer, tmp_path / "plays.jsonl", text_column="body")
+    assert tabular.nll == pytest.approx(evaluate_file(model, tokenizer, saved_model / "text.txt").nll, rel=1e-6)

@@ -276,3 +276,13 @@ def test_a_cache_with_use_cache_false_is_refused_and_past_key_values_is_an_alias
     cache = DynamicCache()
     model(ids[:, :4], past_key_values=cache, use_cache=True)
     torch.testing.assert_close(model(ids[:, 4:], past_key_values=cache, use_cache=True).logits, model(ids).logits[:, 4:])
+
+
+def test_attention_weights_are_refused_rather_than_returned_empty():
+    model = tiny_model()
+    ids = torch.randint(3, 40, (1, 4), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="no attention weights"):
+        model(ids, output_attentions=True)
+    with pytest.raises(ValueError, match="no attention weights"):
+        model.generate(ids, output_attentions=True, return_dict_in_generate=True, max_new_tokens=2, do_sample=False)
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 6)
