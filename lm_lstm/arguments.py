@@ -62,6 +62,10 @@ def model_options() -> list[tuple[str, type, dataclasses.Field]]:
     ]
 
 
+MODEL_OPTIONS = model_options()
+MODEL_OPTION_DEFAULTS = {name: option.default for name, _, option in MODEL_OPTIONS}
+
+
 @dataclass
 class ModelSource:
     """Where the model and tokenizer come from: new ones (sized by the model options) or existing ones."""
@@ -96,7 +100,7 @@ class ModelSource:
     def __post_init__(self) -> None:
         if self.model_name_or_path is not None and (self.config_name or self.config_overrides):
             raise ValueError("--config_name and --config_overrides build a new model; drop --model_name_or_path.")
-        given = [f"--{name}" for name, _, option in model_options() if getattr(self, name) != option.default]
+        given = [f"--{name}" for name, default in MODEL_OPTION_DEFAULTS.items() if getattr(self, name) != default]
         if given and (self.model_name_or_path or self.config_name):
             source = "--model_name_or_path" if self.model_name_or_path else "--config_name"
             raise ValueError(f"{', '.join(given)} would be ignored: the model comes from {source}. "
@@ -106,7 +110,7 @@ class ModelSource:
 
     def architecture(self) -> dict:
         """The `LSTMConfig` arguments the model options set."""
-        return {name: getattr(self, name) for name, _, _ in model_options()}
+        return {name: getattr(self, name) for name in MODEL_OPTION_DEFAULTS}
 
     def new_config(self, tokenizer: PreTrainedTokenizerBase) -> LSTMConfig:
         """The config of a new model for `tokenizer`: from --config_name or the model options, then the overrides."""
@@ -130,7 +134,7 @@ class ModelSource:
         return LSTMConfig(**config.to_dict())  # validates the overridden values
 
 
-ModelArguments = dataclasses.make_dataclass("ModelArguments", model_options(), bases=(ModelSource,))
+ModelArguments = dataclasses.make_dataclass("ModelArguments", MODEL_OPTIONS, bases=(ModelSource,))
 ModelArguments.__module__ = __name__
 ModelArguments.__doc__ = "The model to train: a new one (the options of `LSTMConfig`), or an existing one to fine-tune."
 
