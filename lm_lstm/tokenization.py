@@ -1,15 +1,16 @@
 """Tokenizers trained from text files with `tokenizers`, wrapped as `PreTrainedTokenizerFast`.
 
-Two kinds, both exact on any text (`decode(encode(text)) == text`, with or without `skip_special_tokens=True`):
-byte-level BPE, and character level (one token per character seen in training; any other character becomes its
-UTF-8 bytes, one byte token each). Both load back with `AutoTokenizer.from_pretrained(folder)` without remote code.
+Two kinds exact on any text (`decode(encode(text)) == text`, with or without `skip_special_tokens=True`): byte-level
+BPE, and character level (one token per character seen in training; any other character becomes its UTF-8 bytes,
+one byte token each). A third, word level (`word_tokenizer`), reads text as the classic word-level LSTM language
+models do and is not exact. All load back with `AutoTokenizer.from_pretrained(folder)` without remote code.
 
 User text is always text: the strings `</s>`, `<pad>`, `<unk>` in it are encoded as the characters they are
 (`split_special_tokens=True`, saved in `tokenizer_config.json`); special tokens enter a sequence only where lm-lstm
 puts them in by id. (`tokenizer.json` cannot record this: code that loads it with `tokenizers` alone must set
 `Tokenizer.encode_special_tokens = True` itself.)
 
-There are three special tokens: `<pad>`, `<unk>`, and `</s>`, which is both EOS and BOS. lm-lstm separates documents
+The byte-level BPE and character tokenizers have three special tokens: `<pad>`, `<unk>`, and `</s>`, which is both EOS and BOS. lm-lstm separates documents
 with this one token, which ends each document and starts the next (as GPT-2's `<|endoftext|>` does), so it is the
 token a model starts every document from: in training (`lm_lstm.data`), evaluation, the perplexity metric, generation
 without a prompt (the generation config's `bos_token_id`), and libraries that start from the tokenizer's BOS (such as
@@ -26,10 +27,10 @@ text, and a folder it saves (fine-tuning) keeps both. Their character tokenizers
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 DOCUMENT_BOUNDARY = "</s>"
@@ -38,7 +39,10 @@ SPECIAL_TOKENS = {
 }
 SPECIAL_VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(SPECIAL_TOKENS.values()))  # ids 0, 1, 2 in new vocabularies
 BYTE_TOKENS = 256  # `<0x00>` .. `<0xFF>`
-TOKENIZER_KINDS: tuple[str, ...] = ("bpe", "char")  # what `train_tokenizer` builds
+TOKENIZER_KINDS: tuple[str, ...] = ("bpe", "char", "word")  # what `train_tokenizer` builds
+LINE_END = "<eos>"  # a word-level tokenizer's token for a line end, as in PyTorch's word_language_model and AWD-LSTM
+UNKNOWN_WORD = "<unk>"
+LINE_BREAK = Regex(r"\r?\n")
 
 
 def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
@@ -92,25 +96,83 @@ def train_char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     return _wrap(tokenizer)
 
 
-def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8192) -> PreTrainedTokenizerFast:
-    """Trains a tokenizer of the given kind (one of `TOKENIZER_KINDS`; `vocab_size` applies to BPE).
+def word_tokenizer(vocabulary: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `vocabulary` (the words in id order), as PyTorch's word_language_model example and
+    AWD-LSTM read text: words are split at whitespace, every line end is the word `<eos>` (`LINE_END`), and a word
+    outside the vocabulary is `<unk>` (`UNKNOWN_WORD`).
+
+    `<eos>` is EOS, BOS and padding: it ends every line and so every document, and documents start from it. Text is
+    not kept exactly: decoding joins the words with single spaces. Like the example's corpora, the string "<eos>" in
+    text is a line end. Raises `ValueError` if `vocabulary` lacks `<eos>` or repeats a word. Without `<unk>` in the
+    vocabulary, encoding an unknown word raises an error.
+    """
+    vocab = {word: idx for idx, word in enumerate(vocabulary)}
+    if len(vocab) != len(vocabulary):
+        repeated = next(word for word in vocabulary if vocabulary.count(word) > 1)
+        raise ValueError(f"The vocabulary repeats the word {repeated!r}.")
+    if LINE_END not in vocab:
+        raise ValueError(f"A word-level vocabulary needs the line-end word {LINE_END!r}.")
+    unknown = UNKNOWN_WORD if UNKNOWN_WORD in vocab else None
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unknown))
+    tokenizer.normalizer = normalizers.Replace(LINE_BREAK, f" {LINE_END} ")
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    special = {"pad_token": LINE_END, "bos_token": LINE_END, "eos_token": LINE_END}
+    if unknown:
+        special["unk_token"] = unknown
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, padding_side="left",
+        split_special_tokens=True, **special,
+    )
+
+
+def train_word_tokenizer(texts: Iterable[str], vocab_size: int = 10000, min_frequency: int = 1) -> PreTrainedTokenizerFast:
+    """Trains a `word_tokenizer`: `<eos>`, `<unk>`, then the words of `texts` seen at least `min_frequency` times, most
+    frequent first, up to `vocab_size` entries in all. Any other word is `<unk>`.
+
+    Raises `ValueError` if `vocab_size` < 3 or `min_frequency` < 1.
+    """
+    if vocab_size < 3:
+        raise ValueError(f"`vocab_size` of a word-level tokenizer must be at least 3, got {vocab_size}.")
+    if min_frequency < 1:
+        raise ValueError(f"`min_frequency` must be at least 1, got {min_frequency}.")
+    counter = Tokenizer(models.WordLevel(unk_token=UNKNOWN_WORD))
+    counter.normalizer = normalizers.Replace(LINE_BREAK, " ")  # counts words only; line ends are `<eos>` anyway
+    counter.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[LINE_END, UNKNOWN_WORD],
+        show_progress=False,
+    )
+    counter.train_from_iterator(texts, trainer=trainer)
+    ranked = sorted(counter.get_vocab().items(), key=lambda item: item[1])
+    words = [word for word, _ in ranked if word not in (LINE_END, UNKNOWN_WORD)]
+    return word_tokenizer([LINE_END, UNKNOWN_WORD, *words][:vocab_size])
+
+
+def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8192,
+                    min_frequency: int = 1) -> PreTrainedTokenizerFast:
+    """Trains a tokenizer of the given kind (one of `TOKENIZER_KINDS`; `vocab_size` applies to BPE and word,
+    `min_frequency` to word).
 
     Raises `ValueError` for an unknown kind."""
     if kind == "bpe":
         return train_bpe_tokenizer(texts, vocab_size)
     if kind == "char":
         return train_char_tokenizer(texts)
+    if kind == "word":
+        return train_word_tokenizer(texts, vocab_size, min_frequency)
     raise ValueError(f"`kind` must be one of {TOKENIZER_KINDS}, got {kind!r}.")
 
 
 def tokenizer_kind(tokenizer: PreTrainedTokenizerBase) -> str:
-    """What a model card calls the tokenizer: "character-level" (lm-lstm's, new or old), "byte-level BPE", or the
-    name of its `tokenizers` model."""
+    """What a model card calls the tokenizer: "character-level" (lm-lstm's, new or old), "word-level", "byte-level
+    BPE", or the name of its `tokenizers` model."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return "custom"
     model = json.loads(backend.to_str())["model"]
-    if model["type"] == "WordLevel" or model["type"] == "BPE" and not model["merges"]:
+    if model["type"] == "WordLevel" and LINE_END in model["vocab"]:
+        return "word-level"
+    if model["type"] == "WordLevel" or model["type"] == "BPE" and not model["merges"]:  # WordLevel: earlier versions
         return "character-level"
     return {"BPE": "byte-level BPE"}.get(model["type"], model["type"])
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from lm_lstm.tokenization import (
     SPECIAL_TOKENS, document_start_id, encode_prompt, load_tokenizer, tokenizer_kind, train_char_tokenizer,
-    train_tokenizer,
+    train_tokenizer, word_tokenizer,
 )
 
 SAMPLES = [
@@ -150,3 +150,20 @@ def test_bad_tokenizer_options():
     no_eos.eos_token = None
     with pytest.raises(ValueError, match="no EOS token"):
         document_start_id(no_eos)
+
+
+def test_word_tokenizer_reads_text_as_the_word_language_model_example(tmp_path):
+    tokenizer = train_tokenizer(["the cat sat\nthe dog sat on the mat\n", "a cat"], kind="word", vocab_size=6)
+    assert tokenizer.convert_ids_to_tokens(range(len(tokenizer))) == ["<eos>", "<unk>", "the", "cat", "sat", "a"]
+    assert tokenizer_kind(tokenizer) == "word-level"
+    assert document_start_id(tokenizer) == tokenizer.bos_token_id == tokenizer.pad_token_id == 0
+    ids = tokenizer("the cat ate\r\n  a\tcat\n", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["the", "cat", "<unk>", "<eos>", "a", "cat", "<eos>"]
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)("the cat ate\n")["input_ids"] == [2, 3, 1, 0]
+    with pytest.raises(ValueError, match="<eos>"):
+        word_tokenizer(["<unk>", "a"])
+    with pytest.raises(ValueError, match="repeats the word 'a'"):
+        word_tokenizer(["<eos>", "a", "a"])
+    with pytest.raises(ValueError, match="min_frequency"):
+        train_tokenizer(["a"], kind="word", min_frequency=0)
