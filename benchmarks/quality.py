@@ -1,5 +1,6 @@
 """Model quality at equal wall-clock: lm-lstm's default recipe against GPTs of similar or smaller size, on Tiny
-Shakespeare.
+Shakespeare. The LSTM's hidden size is chosen for the budget and the machine as `lm-lstm train` chooses it
+(`lm_lstm.sizing`, measuring included in the budget) unless `--set hidden_size=N` fixes it.
 
 The LSTM and the `gpt` variant are trained by the same `Trainer` (`LSTMTrainer`) on the same character-level data
 (the last 10% of the text by position held out) for the same training time (`--minutes`, as `--max_time`, with
@@ -39,7 +40,9 @@ from lm_lstm.evaluation import score_stream  # noqa: E402
 from lm_lstm.tokenization import train_char_tokenizer  # noqa: E402
 from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments, fast_bf16_available  # noqa: E402
 from lm_lstm.trainer import LSTMTrainer  # noqa: E402
-from lm_lstm.training import build_model, build_training_data, configure_generation, sample_text  # noqa: E402
+from lm_lstm.training import (  # noqa: E402
+    build_model, build_training_data, configure_generation, sample_text, size_new_model,
+)
 
 VARIANTS = ("lstm", "lstm-blocks", "gpt", "small-gpt")
 GPT_VARIANTS = ("gpt", "small-gpt")  # the references the other rows are compared with
@@ -117,13 +120,21 @@ def run_lstm(setup: Setup, minutes: float, stateful: bool, quick: bool, output_d
     data_args = DataArguments(**overrides["data"])
     args = training_arguments(output_dir, quick, seed, minutes, **{"stateful": stateful, **overrides["training"]})
     data = build_training_data(setup.raw, setup.tokenizer, data_args, args)
+    choice = size_new_model(model_args, args, setup.tokenizer, data)  # the adaptive recipe, when no size is set
     model = build_model(model_args, setup.tokenizer)
     configure_generation(model, setup.tokenizer)  # samples as `lm-lstm generate` does (and as the GPT's below)
     steps, seconds = train_for(model, args, data.train, data.collator, setup.tokenizer)
     model.eval()
     nll, count = score_stream(model, setup.validation_ids, block_size=1024)
     tokens = steps * args.per_device_train_batch_size * data_args.block_size
-    return result_row("lstm" if stateful else "lstm-blocks", model, setup, steps, tokens, seconds, nll / count)
+    row = result_row("lstm" if stateful else "lstm-blocks", model, setup, steps, tokens, seconds, nll / count)
+    row["hidden size"] = model.config.hidden_size
+    if choice is not None:
+        row["measuring minutes"] = choice.probe_seconds / 60
+        row["expected nats/char"] = choice.chosen.loss
+        row["measured tokens/s"] = choice.chosen.measurement.tokens_per_second
+        row["trained tokens/s"] = tokens / seconds
+    return row
 
 
 @torch.no_grad()
@@ -251,7 +262,7 @@ def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0], help="Training-time budgets, one run each.")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["lstm", "gpt", "small-gpt"],
-                        help="lstm: the default recipe (stateful); lstm-blocks: the same on independent blocks; gpt: "
+                        help="lstm: the default recipe (stateful, sized for the budget); lstm-blocks: the same on independent blocks; gpt: "
                         "a GPT of similar size by the same Trainer; small-gpt: the small GPT by a plain loop.")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="Seeds the models' initialisation, the data order and dropout.")
@@ -282,7 +293,7 @@ def main() -> None:
         for reference in [row for row in rows if row["model"] in GPT_VARIANTS] or rows[-1:]:
             for row in rows:
                 row["vs " + reference["model"]] = row["nats/char"] / reference["nats/char"]
-        columns = [column for column in rows[0] if column != "sample"]
+        columns = list(dict.fromkeys(column for row in rows for column in row if column != "sample"))
         samples = "".join(f"\n## Sample: {row['model']}\n\n```\n{row['sample']}\n```\n" for row in rows)
         extra = {"budget minutes": minutes, "seed": args.seed, "gpt recipe": gpt_recipe,
                  "small-gpt recipe": SMALL_GPT_RECIPE, "lstm recipe changes": args.set}

@@ -50,16 +50,26 @@ def config_help(name: str) -> str:
     return " ".join(match.group(1).split())
 
 
+SIZED_OPTION = "hidden_size"
+SIZED_OPTION_HELP = (
+    f" Default: sized for the time budget and this machine (lm_lstm.sizing) when --max_time applies, else "
+    f"{DEFAULT_PRESET.model[SIZED_OPTION]}."
+)
+
+
 def model_options() -> list[tuple[str, type, dataclasses.Field]]:
     """One option per `LSTMConfig` field that shapes or regularises a new model, defaulting to the default recipe's
-    value, else to the config's."""
+    value, else to the config's; `SIZED_OPTION` defaults to None, for `lm_lstm.sizing` to choose."""
     own_fields = inspect.get_annotations(LSTMConfig, eval_str=True)  # those LSTMConfig declares, not its base's
     defaults = {f.name: f.default for f in dataclasses.fields(LSTMConfig)}
-    return [
-        (name, kind, field(default=DEFAULT_PRESET.model.get(name, defaults[name]), metadata={"help": config_help(name)}))
-        for name, kind in own_fields.items()
-        if name not in NOT_OPTIONS
-    ]
+    options = []
+    for name, kind in own_fields.items():
+        if name == SIZED_OPTION:
+            options.append((name, kind | None, field(default=None, metadata={"help": config_help(name) + SIZED_OPTION_HELP})))
+        elif name not in NOT_OPTIONS:
+            default = DEFAULT_PRESET.model.get(name, defaults[name])
+            options.append((name, kind, field(default=default, metadata={"help": config_help(name)})))
+    return options
 
 
 MODEL_OPTIONS = model_options()
@@ -109,8 +119,17 @@ class ModelSource:
             self._apply_overrides(LSTMConfig(**self.architecture()))  # rejects bad values before any work
 
     def architecture(self) -> dict:
-        """The `LSTMConfig` arguments the model options set."""
-        return {name: getattr(self, name) for name in MODEL_OPTION_DEFAULTS}
+        """The `LSTMConfig` arguments the model options set (the recipe's hidden size when none is given)."""
+        options = {name: getattr(self, name) for name in MODEL_OPTION_DEFAULTS}
+        if options[SIZED_OPTION] is None:
+            options[SIZED_OPTION] = DEFAULT_PRESET.model[SIZED_OPTION]
+        return options
+
+    def size_left_open(self) -> bool:
+        """Whether nothing sets a new model's hidden size (no option, --config_name or --config_overrides for it), so
+        that `lm_lstm.training.size_new_model` chooses it."""
+        overridden = re.search(rf"(^|,)\s*{SIZED_OPTION}\s*=", self.config_overrides or "")
+        return getattr(self, SIZED_OPTION) is None and not (self.model_name_or_path or self.config_name or overridden)
 
     def new_config(self, tokenizer: PreTrainedTokenizerBase) -> LSTMConfig:
         """The config of a new model for `tokenizer`: from --config_name or the model options, then the overrides."""

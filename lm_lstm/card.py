@@ -45,6 +45,7 @@ class RunSummary:
     example_prompt: str = "The"
     time_budget_seconds: float | None = None  # `--max_time`
     training_limit: str = "steps"  # what ended training: 'time', 'steps' or 'epochs' (`LSTMTrainer.training_limit`)
+    model_size: str = "set by the training options"  # how the size was chosen (`SizeChoice.describe`)
 
     @property
     def bits_per_byte(self) -> float:
@@ -171,6 +172,7 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
             if run.time_budget_seconds else "none"
         ),
         training_limit=describe_limit(run),
+        model_size=run.model_size,
         wall_time=f"{run.wall_time_seconds / 60:.1f} minutes",
         curve_file=CURVE_FILE,
         eval_loss=_format(run.metrics["eval_loss"]),

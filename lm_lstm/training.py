@@ -12,13 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
-from .arguments import CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
+from .arguments import SIZED_OPTION, CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
 from .averaging import NonMonotonicAveraging
 from .card import RunSummary, write_model_card
 from .data import TrainingData, build_block_data, load_text_datasets
+from .configuration_lstm import LSTMConfig
 from .modeling_lstm import LSTMForCausalLM
+from .sizing import SizeChoice, size_model
 from .streams import build_stream_data
 from .tokenization import document_start_id, encode_prompt, load_tokenizer, train_tokenizer
 from .trainer import LSTMTrainer
@@ -44,6 +48,41 @@ def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_
     if kind == "auto":
         kind = "char" if data_args.uses_default_corpus else "bpe"
     return train_tokenizer(train_texts, kind=kind, vocab_size=model_args.tokenizer_vocab_size)
+
+
+def size_new_model(model_args: ModelArguments, training_args: LSTMTrainingArguments, tokenizer: PreTrainedTokenizerBase,
+                   data: TrainingData) -> SizeChoice | None:
+    """Sets the hidden size of a new model when none is given (`ModelArguments.size_left_open`): a resumed run's is
+    its checkpoint's; a run with a time budget gets the one `lm_lstm.sizing` chooses for the budget and this machine
+    (measured by the main process, the same for all), and the time spent measuring is taken out of `max_time`;
+    otherwise the recipe's. Prints the choice and returns it (None when nothing was chosen)."""
+    if not model_args.size_left_open():
+        return None
+    resume = training_args.resume_from_checkpoint
+    if resume:
+        output_dir = Path(training_args.output_dir)
+        checkpoint = (get_last_checkpoint(output_dir) if output_dir.is_dir() else None) if resume is True else resume
+        if checkpoint is None:
+            raise ValueError(f"--resume_from_checkpoint: no checkpoint in {training_args.output_dir}.")
+        setattr(model_args, SIZED_OPTION, getattr(LSTMConfig.from_pretrained(checkpoint), SIZED_OPTION))
+        return None
+    if training_args.max_time is None:
+        return None
+    choices: list[SizeChoice | None] = [None]
+    if training_args.process_index == 0:
+        summary = data.summary(tokenizer)
+        choices[0] = size_model(
+            model_args.new_config(tokenizer), training_args.max_time, training_args.per_device_train_batch_size,
+            data.block_size, bool(training_args.bf16), summary["validation_bytes"] / summary["scored_tokens"],
+            training_args.world_size,
+        )
+        print(choices[0].describe(), flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(choices, src=0)
+    choice = choices[0]
+    setattr(model_args, SIZED_OPTION, choice.hidden_size)
+    training_args.max_time = max(1.0, training_args.max_time - choice.probe_seconds)
+    return choice
 
 
 def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> LSTMForCausalLM:
@@ -122,9 +161,10 @@ def describe_data(data_args: DataArguments) -> tuple[str, list[str], str | None]
 
 
 def summarize_run(
-    trainer: LSTMTrainer, data: TrainingData, data_args: DataArguments, card_args: CardArguments, metrics, wall_time
+    trainer: LSTMTrainer, data: TrainingData, data_args: DataArguments, card_args: CardArguments, metrics, wall_time,
+    size_choice: SizeChoice | None = None,
 ) -> RunSummary:
-    """What the model card reports about a finished run."""
+    """What the model card reports about a finished run (`size_choice`: how `size_new_model` chose its size)."""
     args, state = trainer.args, trainer.state
     data_summary = data.summary(trainer.processing_class)
     description, dataset_ids, language = describe_data(data_args)
@@ -150,8 +190,9 @@ def summarize_run(
         },
         **data_summary,
         wall_time_seconds=wall_time,
-        time_budget_seconds=args.max_time,
+        time_budget_seconds=size_choice.budget_seconds if size_choice else args.max_time,  # measuring included
         training_limit=trainer.training_limit(),
+        **({"model_size": size_choice.describe()} if size_choice else {}),
         data_description=description,
         dataset_ids=dataset_ids,
         language=card_args.language or language,
@@ -190,6 +231,7 @@ def train(
     raw = load_text_datasets(data_args.source())
     tokenizer = build_tokenizer(model_args, data_args, (row["text"] for row in raw["train"]))
     data = build_training_data(raw, tokenizer, data_args, training_args)
+    size_choice = size_new_model(model_args, training_args, tokenizer, data)
     model = build_model(model_args, tokenizer)
     configure_generation(model, tokenizer)
 
@@ -226,7 +268,9 @@ def train(
             trainer.save_metrics("eval", eval_metrics)
         trainer.save_metrics("all", metrics)
         if do_train and do_eval:
-            run = summarize_run(trainer, data, data_args, card_args or CardArguments(), metrics, time.time() - start)
+            run = summarize_run(
+                trainer, data, data_args, card_args or CardArguments(), metrics, time.time() - start, size_choice
+            )
             write_model_card(output_dir, trainer.model, tokenizer, run)
     if do_train and training_args.push_to_hub:
         trainer.push_to_hub()

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models and tokenizers built locally; nothing is ever downloaded."""
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -40,6 +41,14 @@ def shakespeare_text() -> str:
 @pytest.fixture(scope="session")
 def char_tokenizer(shakespeare_text):
     return train_char_tokenizer([shakespeare_text])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shakespeare_text) -> Path:
+    """A training file of the first 20,000 characters of Tiny Shakespeare (modules may define their own)."""
+    path = tmp_path_factory.mktemp("corpus") / "train.txt"
+    path.write_text(shakespeare_text[:20_000], encoding="utf-8")
+    return path
 
 
 @pytest.fixture(autouse=True)

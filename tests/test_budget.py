@@ -132,15 +132,9 @@ def test_learning_rate_factor_warms_up_by_steps_or_by_a_fraction_of_the_time():
     assert learning_rate_factor(500, 1.0, warmup=100, schedule="cosine", min_lr_rate=0.1) == pytest.approx(0.1)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shakespeare_text):
-    path = tmp_path_factory.mktemp("budget") / "train.txt"
-    path.write_text(shakespeare_text[:20_000], encoding="utf-8")
-    return path
-
-
-def run_train(corpus, output, callbacks, **overrides):
-    model_args = ModelArguments(tokenizer_type="char", embedding_size=16, hidden_size=32)
+def run_train(corpus, output, callbacks, hidden_size: int | None = 32, **overrides):
+    """`train()` of a tiny model (`hidden_size` None: sized for the budget) on `corpus`, `overrides` its arguments."""
+    model_args = ModelArguments(tokenizer_type="char", embedding_size=16, hidden_size=hidden_size)
     data_args = DataArguments(train_file=[str(corpus)], block_size=32)
     training_args = arguments(output, per_device_train_batch_size=4, per_device_eval_batch_size=4, **overrides)
     return train(model_args, data_args, training_args, callbacks=callbacks)
@@ -191,6 +185,8 @@ sys.path.insert(0, {tests!r})
 import torch
 from transformers import TrainerCallback
 from test_budget import StepClock, budget_callbacks, run_train
+import lm_lstm.sizing as sizing
+from lm_lstm.sizing import Measurement
 
 class Record(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -198,13 +194,17 @@ class Record(TrainerCallback):
 
 rank = int(os.environ["RANK"])
 clock = StepClock(step_seconds=1.0 + rank)  # process 1's clock runs twice as fast as process 0's
-run_train({corpus!r}, {output!r}, [*budget_callbacks(clock), Record()], max_time=12, ddp_timeout=60)
+# Each process would choose another size: the hidden size 32 is fast on process 0 and slow on process 1.
+sizing.CANDIDATE_HIDDEN_SIZES = (16, 32)
+sizing.measure = lambda config, size, *args: Measurement(size, size, 1e6 if (size == 32) == (rank == 0) else 1.0)
+run_train({corpus!r}, {output!r}, [*budget_callbacks(clock), Record()], hidden_size=None, max_time=12, ddp_timeout=60)
 """
 
 
-def test_ddp_processes_agree_on_the_time_and_stop_at_the_same_step(corpus, tmp_path):
+def test_ddp_processes_agree_on_the_size_and_the_time_and_stop_at_the_same_step(corpus, tmp_path):
     """Under torchrun (2 processes, gloo) each process reads its own clock, one twice as fast as the other; they
-    agree on the larger time spent, so both stop at step 6 (12 s at 2 s a step) with the same weights."""
+    agree on the larger time spent, so both stop at step 6 (12 s at 2 s a step) with the same weights. The model size
+    is the one process 0 measured and chose, although process 1's measurements would choose another."""
     script = tmp_path / "ddp_budget.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(TESTS), corpus=str(corpus), output=str(tmp_path))))
     torchrun = subprocess.Popen(
@@ -222,5 +222,6 @@ def test_ddp_processes_agree_on_the_time_and_stop_at_the_same_step(corpus, tmp_p
     assert [r["steps"] for r in ranks] == [6, 6]
     for name, weight in ranks[0]["weights"].items():
         torch.testing.assert_close(ranks[1]["weights"][name], weight, atol=0, rtol=0)
+    assert ranks[0]["weights"]["model.layers.0.rnn.weight_hh_l0"].shape == (4 * 32, 32)
     card = (tmp_path / "README.md").read_text()
-    assert "ended by the time budget (12 s)" in card
+    assert "ended by the time budget (12 s)" in card and "| model size | Sized for a 12 s budget: hidden size 32 (" in card

@@ -1,0 +1,180 @@
+"""Sizing a new model for its time budget and the machine: the adaptive recipe of `lm-lstm train`.
+
+A model that is too large for the time sees too little text; one that is too small stops improving early. Given the
+time budget, `size_model` measures how many training tokens per second the machine processes at each candidate
+size (a few timed training steps, in the precision training will use), and picks the size with the lowest expected
+validation loss after the tokens it can see in the budget. The expectation is a scaling-law fit (Hoffmann et al.,
+2022, "Training Compute-Optimal Large Language Models", approach 3),
+
+    loss(N, D) = E + A / N**alpha + B / D**beta    (nats per character),
+
+of the default recipe's final validation loss on the bundled corpus, over N, the LSTM layers' parameters, and D, the
+characters of training text seen. `benchmarks/scaling.py` trained the grid of sizes and lengths behind it and wrote
+the fit to `benchmarks/results/scaling.json`, whose numbers `SCALING_FIT` holds. Tokens and parameters do not depend
+on the machine: the same fit serves every machine, and only the measured speed differs.
+
+Only the hidden size changes (`CANDIDATE_HIDDEN_SIZES`, every layer); the number of layers, the embedding size, the
+streams and the BPTT length stay the recipe's (`presets.py`). Any size option given by the user disables sizing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .budget import format_duration
+from .configuration_lstm import LSTMConfig
+from .modeling_lstm import LSTMForCausalLM
+
+CANDIDATE_HIDDEN_SIZES: tuple[int, ...] = (128, 192, 256, 384, 512, 768, 1024)
+TRAINING_SHARE = 0.9
+"""The part of a time budget spent in training steps; the rest goes to evaluations and the final save (about 7% on
+the bundled corpus with the default recipe: benchmarks/results/quality_10min.json)."""
+PROBE_SHARE = 0.05
+"""At most this part of the budget is spent measuring candidates; larger ones are then not measured."""
+
+
+@dataclass(frozen=True)
+class LossFit:
+    """`loss(N, D) = irreducible + a / N**alpha + b / D**beta`, in nats per character, with N the parameters of the
+    LSTM layers and D the training characters seen."""
+
+    irreducible: float
+    a: float
+    alpha: float
+    b: float
+    beta: float
+
+    def loss(self, parameters: float, characters: float) -> float:
+        return self.irreducible + self.a / parameters**self.alpha + self.b / characters**self.beta
+
+
+SCALING_FIT = LossFit(irreducible=1.0, a=1.0, alpha=0.3, b=1.0, beta=0.3)  # replaced by the measured fit below
+
+
+def layer_parameters(config: LSTMConfig) -> int:
+    """Parameters of the LSTM layers of `config`: 4 gates' input and recurrent weights and their two biases."""
+    return sum(4 * hidden * (inputs + hidden) + 8 * hidden for inputs, hidden in config.layer_sizes)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Training speed of one candidate size on this machine."""
+
+    hidden_size: int
+    parameters: int  # of the LSTM layers (`layer_parameters`)
+    tokens_per_second: float  # training tokens per second, over all processes
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A measured size and what the budget gives it."""
+
+    measurement: Measurement
+    characters: float  # expected training characters seen in the budget
+    loss: float  # expected validation nats per character (`SCALING_FIT`)
+
+
+@dataclass
+class SizeChoice:
+    """What `size_model` chose, and why."""
+
+    budget_seconds: float  # the whole budget, measuring included
+    chosen: Candidate
+    candidates: list[Candidate] = field(default_factory=list)
+    probe_seconds: float = 0.0  # spent measuring, out of the budget
+
+    @property
+    def hidden_size(self) -> int:
+        return self.chosen.measurement.hidden_size
+
+    def describe(self) -> str:
+        """One line: the budget, the measured speed, the expected text and the chosen size."""
+        chosen = self.chosen
+        others = ", ".join(
+            f"{c.measurement.hidden_size}: {c.loss:.3f}" for c in self.candidates if c is not chosen
+        )
+        return (
+            f"Sized for a {format_duration(self.budget_seconds)} budget: hidden size {self.hidden_size} "
+            f"({chosen.measurement.parameters / 1e6:.2f}M LSTM parameters) trains at "
+            f"{chosen.measurement.tokens_per_second:,.0f} tokens/s here, so about {chosen.characters / 1e6:.1f}M "
+            f"characters in the budget, for an expected {chosen.loss:.3f} nats/char, the lowest of the sizes measured "
+            f"in {self.probe_seconds:.0f} s (others, hidden size: nats/char: {others or 'none'})."
+        )
+
+
+def expected_candidate(measurement: Measurement, budget_seconds: float, characters_per_token: float,
+                       fit: LossFit = SCALING_FIT) -> Candidate:
+    characters = measurement.tokens_per_second * budget_seconds * TRAINING_SHARE * characters_per_token
+    return Candidate(measurement, characters, fit.loss(measurement.parameters, characters))
+
+
+def choose_size(measurements: Sequence[Measurement], budget_seconds: float, characters_per_token: float = 1.0,
+                fit: LossFit = SCALING_FIT, probe_seconds: float = 0.0) -> SizeChoice:
+    """The measured size with the lowest expected loss for `budget_seconds` of training (ties: the smaller).
+
+    Deterministic given the measurements. Raises `ValueError` if there are none."""
+    if not measurements:
+        raise ValueError("No candidate size was measured.")
+    candidates = [expected_candidate(m, budget_seconds, characters_per_token, fit) for m in measurements]
+    chosen = min(candidates, key=lambda c: (c.loss, c.measurement.hidden_size))
+    return SizeChoice(budget_seconds, chosen, candidates, probe_seconds)
+
+
+def training_step_seconds(model: LSTMForCausalLM, batch_size: int, block_size: int, bf16: bool,
+                          steps: int = 2) -> float:
+    """Median seconds of one training step (forward, backward, AdamW update) of `model` on a random batch of
+    (batch_size, block_size) tokens, after one untimed step, with bf16 autocast if `bf16`. The model's weights
+    change: measure a throwaway copy."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(model.config.vocab_size, (batch_size, block_size), device=model.device)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    times = sorted(times[1:])
+    return times[len(times) // 2]
+
+
+def measure(config: LSTMConfig, hidden_size: int, batch_size: int, block_size: int, bf16: bool,
+            world_size: int = 1) -> Measurement:
+    """Training tokens per second of `config` with `hidden_size` here (`training_step_seconds`), times the
+    processes."""
+    sized = LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size})
+    seconds = training_step_seconds(LSTMForCausalLM(sized), batch_size, block_size, bf16)
+    return Measurement(hidden_size, layer_parameters(sized), world_size * batch_size * block_size / seconds)
+
+
+def size_model(config: LSTMConfig, budget_seconds: float, batch_size: int, block_size: int, bf16: bool,
+               characters_per_token: float = 1.0, world_size: int = 1, sizes: Sequence[int] | None = None,
+               fit: LossFit = SCALING_FIT, clock: Callable[[], float] = time.perf_counter) -> SizeChoice:
+    """Measures (`measure`) the candidate `sizes` (default `CANDIDATE_HIDDEN_SIZES`) of `config` from the smallest up and chooses one (`choose_size`);
+    `budget_seconds` includes the time spent measuring.
+
+    Measuring stops at the first size whose expected loss is higher than the previous one's (for a given budget the
+    expected loss falls, then rises, with the size), or once `PROBE_SHARE` of the budget is spent.
+    """
+    start = clock()
+    measurements: list[Measurement] = []
+    previous = math.inf
+    for hidden_size in sorted(sizes or CANDIDATE_HIDDEN_SIZES):
+        measurement = measure(config, hidden_size, batch_size, block_size, bf16, world_size)
+        measurements.append(measurement)
+        loss = expected_candidate(measurement, budget_seconds, characters_per_token, fit).loss
+        if loss > previous or clock() - start > PROBE_SHARE * budget_seconds:
+            break
+        previous = loss
+    probe_seconds = clock() - start
+    choice = choose_size(measurements, budget_seconds - probe_seconds, characters_per_token, fit, probe_seconds)
+    choice.budget_seconds = budget_seconds
+    return choice

@@ -1,0 +1,157 @@
+"""The adaptive recipe (`lm_lstm.sizing`): the choice of size from measured speeds, when measuring stops, and
+`lm-lstm train` sizing a model only when no size is given."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import lm_lstm.sizing as sizing
+from lm_lstm.arguments import DataArguments, ModelArguments
+from lm_lstm.configuration_lstm import LSTMConfig
+from lm_lstm.sizing import SCALING_FIT, LossFit, Measurement, choose_size, layer_parameters, size_model
+from lm_lstm.training import size_new_model, train
+
+from test_budget import StepClock, arguments, budget_callbacks
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "scaling.json"
+FIT = LossFit(irreducible=1.0, a=100.0, alpha=0.5, b=100.0, beta=0.5)
+
+
+def speeds(tokens_per_second_at_128: float) -> list[Measurement]:
+    """A machine whose speed falls as the layers' parameters grow: `tokens_per_second_at_128` at hidden size 128."""
+    config = LSTMConfig(vocab_size=65, embedding_size=128, hidden_size=128, num_hidden_layers=2,
+                        tie_word_embeddings=False)
+    measurements = []
+    for hidden_size in sizing.CANDIDATE_HIDDEN_SIZES:
+        parameters = layer_parameters(LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size}))
+        speed = tokens_per_second_at_128 * layer_parameters(config) / parameters
+        measurements.append(Measurement(hidden_size, parameters, speed))
+    return measurements
+
+
+def test_layer_parameters_count_the_lstm_weights_and_biases():
+    config = LSTMConfig(vocab_size=65, embedding_size=8, hidden_size=16, num_hidden_layers=2, tie_word_embeddings=True)
+    model = sizing.LSTMForCausalLM(config)
+    assert layer_parameters(config) == sum(p.numel() for p in model.model.layers.parameters())
+
+
+def test_the_expected_loss_is_the_fit_at_the_tokens_the_budget_gives():
+    measurements = speeds(10_000)
+    choice = choose_size(measurements, budget_seconds=600, fit=FIT)
+    for candidate in choice.candidates:
+        characters = candidate.measurement.tokens_per_second * 600 * sizing.TRAINING_SHARE
+        assert candidate.characters == pytest.approx(characters)
+        assert candidate.loss == pytest.approx(1 + 100 / candidate.measurement.parameters**0.5 + 100 / characters**0.5)
+    assert choice.chosen.loss == min(c.loss for c in choice.candidates)
+
+
+def test_faster_machines_and_longer_budgets_choose_larger_models_deterministically():
+    slow = choose_size(speeds(5_000), budget_seconds=300, fit=FIT).hidden_size
+    fast = choose_size(speeds(500_000), budget_seconds=300, fit=FIT).hidden_size
+    longer = choose_size(speeds(5_000), budget_seconds=30_000, fit=FIT).hidden_size
+    assert slow < fast and slow < longer
+    assert choose_size(speeds(5_000), budget_seconds=300, fit=FIT).hidden_size == slow  # same speeds, same size
+    reversed_order = choose_size(list(reversed(speeds(5_000))), budget_seconds=300, fit=FIT)
+    assert reversed_order.hidden_size == slow
+    with pytest.raises(ValueError, match="No candidate size"):
+        choose_size([], budget_seconds=300)
+
+
+def test_measuring_stops_once_a_larger_size_is_expected_to_do_worse(monkeypatch):
+    """The expected loss at 600 s falls up to the best size, then rises: the first larger size is measured, no more,
+    and the choice equals the one made from every measurement."""
+    table = {m.hidden_size: m for m in speeds(20_000)}
+    measured = []
+
+    def fake_measure(config, hidden_size, batch_size, block_size, bf16, world_size):
+        measured.append(hidden_size)
+        return table[hidden_size]
+
+    monkeypatch.setattr(sizing, "measure", fake_measure)
+    config = LSTMConfig(vocab_size=65, embedding_size=128, hidden_size=128, num_hidden_layers=2)
+    choice = size_model(config, 600, 16, 128, bf16=False, fit=FIT)
+    best = choose_size(list(table.values()), 600, fit=FIT).hidden_size
+    assert choice.hidden_size == best
+    sizes = sorted(table)
+    assert measured == sizes[: sizes.index(best) + 2]
+    assert choice.describe().startswith(f"Sized for a 10 min budget: hidden size {best} (")
+
+
+def test_measuring_stops_when_its_share_of_the_budget_is_spent(monkeypatch):
+    now = [0.0]
+
+    def slow_measure(config, hidden_size, *args):
+        now[0] += 4.0  # each measurement takes 4 s of a 100 s budget, whose 5% is 5 s
+        return Measurement(hidden_size, hidden_size, 1e9)
+
+    monkeypatch.setattr(sizing, "measure", slow_measure)
+    choice = size_model(LSTMConfig(vocab_size=65), 100, 16, 128, bf16=False, fit=FIT, clock=lambda: now[0])
+    assert [c.measurement.hidden_size for c in choice.candidates] == [128, 192]
+    assert choice.probe_seconds == 8.0 and choice.budget_seconds == 100
+    assert choice.chosen.characters == pytest.approx(1e9 * 92 * sizing.TRAINING_SHARE)  # the budget left to train
+
+
+def test_measurement_counts_tokens_per_second_of_real_training_steps():
+    config = LSTMConfig(vocab_size=40, embedding_size=8, hidden_size=16, num_hidden_layers=2)
+    measurement = sizing.measure(config, 24, batch_size=2, block_size=8, bf16=False, world_size=3)
+    assert measurement.hidden_size == 24
+    assert measurement.parameters == layer_parameters(LSTMConfig(**{**config.to_dict(), "hidden_size": 24}))
+    assert 0 < measurement.tokens_per_second < 1e9
+
+
+def test_the_shipped_fit_is_the_one_benchmarks_scaling_wrote():
+    fit = json.loads(RESULTS.read_text())["fit"]
+    shipped = SCALING_FIT.__dict__
+    assert shipped == pytest.approx({name: fit[name] for name in shipped}, rel=1e-3)
+
+
+def run_train(corpus, output, fake_speed: float | None, monkeypatch, **model_options):
+    measured = []
+
+    def fake_measure(config, hidden_size, batch_size, block_size, bf16, world_size):
+        measured.append((hidden_size, batch_size, block_size))
+        parameters = layer_parameters(LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size}))
+        return Measurement(hidden_size, parameters, fake_speed * 1e6 / parameters)
+
+    monkeypatch.setattr(sizing, "measure", fake_measure)
+    monkeypatch.setattr(sizing, "CANDIDATE_HIDDEN_SIZES", (8, 16, 32, 64))
+    model_args = ModelArguments(tokenizer_type="char", embedding_size=16, **model_options)
+    training_args = arguments(output, per_device_train_batch_size=4, max_time=20)
+    result = train(model_args, DataArguments(train_file=[str(corpus)], block_size=32), training_args,
+                   callbacks=budget_callbacks(StepClock()))
+    return result, measured
+
+
+def test_train_sizes_a_new_model_when_no_size_is_given_and_the_card_says_why(corpus, tmp_path, monkeypatch, capsys):
+    result, measured = run_train(corpus, tmp_path / "sized", 1.0, monkeypatch)
+    assert [m[1:] for m in measured] == [(4, 32)] * len(measured)  # the run's streams and BPTT length
+    config = json.loads((result.output_dir / "config.json").read_text())
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Sized for a 20 s budget")]
+    assert len(printed) == 1 and f"hidden size {config['hidden_size']} (" in printed[0]
+    assert config["hidden_size"] in [m[0] for m in measured]
+    card = (result.output_dir / "README.md").read_text()
+    assert f"| model size | {printed[0]} |" in card
+    assert "| time budget | 20 s of training" in card
+
+
+def test_an_explicit_size_always_wins(corpus, tmp_path, monkeypatch):
+    result, measured = run_train(corpus, tmp_path / "given", 1.0, monkeypatch, hidden_size=24)
+    assert measured == []
+    assert json.loads((result.output_dir / "config.json").read_text())["hidden_size"] == 24
+    assert "| model size | set by the training options |" in (result.output_dir / "README.md").read_text()
+    overridden = ModelArguments(tokenizer_type="char", config_overrides="num_hidden_layers=1,hidden_size=24")
+    assert not overridden.size_left_open() and ModelArguments().size_left_open()
+
+
+def test_a_resumed_run_takes_its_checkpoints_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(sizing, "measure", lambda *args: pytest.fail("a resumed run measured sizes"))
+    LSTMConfig(vocab_size=40, embedding_size=16, hidden_size=24).save_pretrained(tmp_path / "checkpoint-3")
+    for resume in (True, str(tmp_path / "checkpoint-3")):
+        model_args = ModelArguments(tokenizer_type="char", embedding_size=16)
+        training_args = arguments(tmp_path, max_time=20, resume_from_checkpoint=resume)
+        assert size_new_model(model_args, training_args, tokenizer=None, data=None) is None
+        assert model_args.hidden_size == 24
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        size_new_model(ModelArguments(), arguments(tmp_path / "empty", max_time=20, resume_from_checkpoint=True),
+                       tokenizer=None, data=None)
