@@ -272,6 +272,7 @@ LEGACY_GLOBALS: dict[str, object] = {
     "collections.Counter": Counter,
     "builtins.set": set,
     "torch.Size": torch.Size,
+    "torch.nn.parameter.Parameter": nn.Parameter,  # how torch < 1.0 pickled parameters: Parameter(data, requires_grad)
     "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
     "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
     "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
