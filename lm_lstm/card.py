@@ -16,6 +16,7 @@ from .evaluation import bits_per_byte
 from .tokenization import tokenizer_kind
 
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
+CONVERSION_TEMPLATE = Path(__file__).with_name("templates") / "converted_model_card.md"
 CURVE_FILE = "training_curve.png"
 TAGS = ["lstm", "rnn", "awd-lstm", "lm-lstm", "text-generation", "causal-lm"]
 
@@ -101,11 +102,28 @@ def describe_limit(run: RunSummary) -> str:
     return f"the epoch limit ({_format(h['epochs'], 2)} epochs)"
 
 
+def architecture_fields(model, tokenizer) -> dict[str, object]:
+    """The template fields that describe the model and its tokenizer (the cards' "Model" table)."""
+    config = model.config
+    return dict(
+        num_layers=config.num_hidden_layers,
+        vocab_size=config.vocab_size,
+        tokenizer_kind=tokenizer_kind(tokenizer),
+        parameters=f"{model.num_parameters():,}",
+        embedding_size=config.embedding_size,
+        layer_sizes=", ".join(str(size) for _, size in config.layer_sizes),
+        tied="yes" if config.tie_word_embeddings else "no",
+        dropouts=" / ".join(
+            str(getattr(config, name))
+            for name in ("embedding_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout")
+        ),
+    )
+
+
 def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) -> Path:
     """Writes `README.md` and the training-curve PNG into `output_dir`; returns the card's path."""
     output_dir = Path(output_dir)
     plot_training_curve(run.log_history, output_dir / CURVE_FILE)
-    config = model.config
     perplexity = run.metrics["eval_perplexity"]
     dataset_name = run.dataset_ids[0] if run.dataset_ids else "validation text"
     card_data = ModelCardData(
@@ -136,17 +154,7 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
         model_name=run.model_name,
         repo_id=run.repo_id,
         example_prompt=repr(run.example_prompt),
-        num_layers=config.num_hidden_layers,
-        vocab_size=config.vocab_size,
-        tokenizer_kind=tokenizer_kind(tokenizer),
-        parameters=f"{model.num_parameters():,}",
-        embedding_size=config.embedding_size,
-        layer_sizes=", ".join(str(size) for _, size in config.layer_sizes),
-        tied="yes" if config.tie_word_embeddings else "no",
-        dropouts=" / ".join(
-            str(getattr(config, name))
-            for name in ("embedding_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout")
-        ),
+        **architecture_fields(model, tokenizer),
         data_description=run.data_description,
         block_size=run.block_size,
         train_blocks=f"{run.train_blocks:,}",
@@ -181,5 +189,59 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
         data_caveat="" if run.dataset_ids else " The training text is described above; judge its contents before use.",
     )
     path = output_dir / "README.md"
+    card.save(path)
+    return path
+
+
+@dataclass
+class ConversionSummary:
+    """What the card of a converted checkpoint (`lm_lstm.convert`) reports about its source."""
+
+    model_name: str
+    repo_id: str
+    source_name: str  # the codebase, in words
+    source_url: str
+    checkpoint_file: str
+    checkpoint_sha256: str
+    checkpoint_kind: str  # how the checkpoint was saved, in words
+    vocabulary_source: str
+    dropouts_recorded: bool  # whether the config's dropouts come from the checkpoint (else they are 0)
+    max_logit_difference: float
+    checked_tokens: int
+    notes: list[str] = field(default_factory=list)
+    awd_lstm: bool = False  # cite AWD-LSTM (else the PyTorch example's reference, Zaremba et al.)
+
+
+def write_conversion_card(output_dir: str | Path, model, tokenizer, conversion: ConversionSummary) -> Path:
+    """Writes the `README.md` of a converted checkpoint into `output_dir`; returns its path."""
+    card_data = ModelCardData(
+        model_name=conversion.model_name,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=[tag for tag in TAGS if conversion.awd_lstm or tag != "awd-lstm"] + ["converted"],
+    )
+    dropouts = (
+        "the source model's, read from the checkpoint" if conversion.dropouts_recorded
+        else "0: a state_dict does not record them; set them before fine-tuning"
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(CONVERSION_TEMPLATE),
+        model_name=conversion.model_name,
+        repo_id=conversion.repo_id,
+        source_name=conversion.source_name,
+        source_url=conversion.source_url,
+        checkpoint_file=conversion.checkpoint_file,
+        checkpoint_sha256=conversion.checkpoint_sha256,
+        checkpoint_kind=conversion.checkpoint_kind,
+        vocabulary_source=conversion.vocabulary_source,
+        dropout_origin=dropouts,
+        max_logit_difference=f"{conversion.max_logit_difference:.2g}",
+        checked_tokens=conversion.checked_tokens,
+        notes="".join(f"- {note}\n" for note in conversion.notes),
+        awd_lstm=conversion.awd_lstm,
+        **architecture_fields(model, tokenizer),
+    )
+    path = Path(output_dir) / "README.md"
     card.save(path)
     return path

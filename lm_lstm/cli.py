@@ -1,4 +1,4 @@
-"""The `lm-lstm` command: train, generate, evaluate, push.
+"""The `lm-lstm` command: train, generate, evaluate, push, convert.
 
 Every failure the user can fix (a bad file, a bad option value, a missing model) ends with a one-line message on
 stderr and a non-zero exit status; set LM_LSTM_DEBUG=1 to see the traceback instead. Each command imports what it
@@ -173,6 +173,43 @@ def push_command(argv: list[str]) -> int:
         include_checkpoints=args.include_checkpoints, include_logs=args.include_logs,
     )
     print(f"Uploaded {len(files)} files to {args.repo_id}: {', '.join(files)}\n{url}")
+    return 0
+
+
+@command("convert", "convert a PyTorch-example or AWD-LSTM checkpoint into a model folder")
+def convert_command(argv: list[str]) -> int:
+    from .convert import SOURCES
+    from .convert import __doc__ as CONVERT_HELP
+
+    parser = argparse.ArgumentParser(
+        prog="lm-lstm convert", description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", help="The checkpoint: a whole pickled model, a state_dict, or .safetensors.")
+    vocabulary = parser.add_mutually_exclusive_group(required=True)
+    vocabulary.add_argument("--vocab", help="Vocabulary: one word per line (line i is id i), or a saved data.Corpus.")
+    vocabulary.add_argument("--train_file", nargs="+",
+                            help="Build the vocabulary as data.Corpus does from these files, in this order "
+                                 "(train.txt valid.txt test.txt).")
+    parser.add_argument("--output_dir", required=True, help="Folder to write the converted model to.")
+    parser.add_argument("--source", choices=SOURCES, help="The checkpoint's format (default: read from its keys).")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="Write into a non-empty --output_dir.")
+    args = one_line_errors(parser).parse_args(argv)
+    from .convert import SOURCE_NAMES, convert_checkpoint
+
+    result = convert_checkpoint(args.checkpoint, args.output_dir, vocab_file=args.vocab, train_files=args.train_file,
+                                source=args.source, overwrite=args.overwrite_output_dir)
+    checkpoint, config = result.checkpoint, result.config
+    sizes = ", ".join(str(size) for _, size in config.layer_sizes)
+    print(f"Read {checkpoint.path} ({SOURCE_NAMES[checkpoint.source]}, {checkpoint.kind}) without running code from it.")
+    print(f"Model: {config.num_hidden_layers} LSTM layers ({sizes}), embedding {config.embedding_size}, "
+          f"{'tied' if config.tie_word_embeddings else 'untied'}, vocabulary {config.vocab_size:,} words from "
+          f"{result.vocabulary_source}.")
+    print(f"Largest logit difference from the source on {result.checked_tokens} random tokens: "
+          f"{result.max_logit_difference:.2g}")
+    for note in checkpoint.notes:
+        print(f"Note: {note}")
+    print(f"Model, tokenizer and card written to {result.output_dir}; load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(result.output_dir)!r}, trust_remote_code=True).")
     return 0
 
 
