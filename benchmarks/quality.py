@@ -75,11 +75,19 @@ def prepare(quick: bool) -> Setup:
                  sample_length=20 if quick else 200)
 
 
+BF16: bool | None = None  # bf16 autocast for every variant: None, where it is fast (`fast_bf16_available`)
+
+
+def use_bf16() -> bool:
+    return fast_bf16_available() if BF16 is None else BF16
+
+
 def training_arguments(output_dir: str, quick: bool, seed: int, minutes: float, **overrides) -> LSTMTrainingArguments:
     """The default recipe's arguments for a budget of `minutes`, with evaluation and checkpoints off (the budget is
     training time)."""
     arguments = dict(
-        output_dir=output_dir, seed=seed, max_time=minutes * 60, eval_strategy="no", save_strategy="no",
+        output_dir=output_dir, seed=seed, bf16=use_bf16(), max_time=minutes * 60, eval_strategy="no",
+        save_strategy="no",
         load_best_model_at_end=False, eval_on_start=False, report_to="none", disable_tqdm=True, logging_steps=50,
     )
     if quick:
@@ -197,7 +205,7 @@ def run_gpt(setup: Setup, minutes: float, quick: bool, output_dir: str, recipe: 
 def run_small_gpt(setup: Setup, minutes: float, seed: int) -> dict[str, object]:
     """The small GPT (`SMALL_GPT_RECIPE`) trained by a plain loop for `minutes`, nanoGPT-style: batches of random
     windows of the training text, weight decay on the matrices only, the learning rate by elapsed time (the last
-    step is the one that spends the budget), bf16 autocast where it is fast."""
+    step is the one that spends the budget), bf16 autocast as the other variants (`use_bf16`)."""
     recipe = SMALL_GPT_RECIPE
     model = gpt_model(setup.tokenizer, recipe).train()
     text = setup.raw["train"][0]["text"]
@@ -219,7 +227,7 @@ def run_small_gpt(setup: Setup, minutes: float, seed: int) -> dict[str, object]:
             group["lr"] = recipe["learning_rate"] * rate
         offsets = torch.randint(len(train_ids) - context, (batch_size,), generator=generator)
         windows = torch.stack([train_ids[offset : offset + context + 1] for offset in offsets])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16_available()):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16()):
             logits = model(windows[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
         loss.backward()
@@ -270,7 +278,11 @@ def main() -> None:
                         help="Change the LSTM's recipe (arguments of `lm-lstm train`), to compare recipes.")
     parser.add_argument("--gpt_set", nargs="*", default=[], metavar="NAME=VALUE",
                         help=f"Change the GPT's recipe: {', '.join(GPT_RECIPE)}.")
+    parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
+                        help="bf16 autocast for every variant; auto: where it is fast (as lm-lstm train decides).")
     args = parser.parse_args()
+    global BF16
+    BF16 = {"auto": None, "true": True, "false": False}[args.bf16]
     overrides = recipe_overrides(args.set)
     gpt_recipe = dict(GPT_RECIPE)
     for assignment in args.gpt_set:
@@ -295,11 +307,13 @@ def main() -> None:
                 row["vs " + reference["model"]] = row["nats/char"] / reference["nats/char"]
         columns = list(dict.fromkeys(column for row in rows for column in row if column != "sample"))
         samples = "".join(f"\n## Sample: {row['model']}\n\n```\n{row['sample']}\n```\n" for row in rows)
-        extra = {"budget minutes": minutes, "seed": args.seed, "gpt recipe": gpt_recipe,
+        extra = {"budget minutes": minutes, "bf16": use_bf16(), "seed": args.seed, "gpt recipe": gpt_recipe,
                  "small-gpt recipe": SMALL_GPT_RECIPE, "lstm recipe changes": args.set}
         name = f"quality_{minutes:g}min" + "".join(f"_{assignment}" for assignment in args.set + args.gpt_set)
         if args.seed != DEFAULT_SEED:
             name += f"_seed{args.seed}"
+        if BF16 is not None:
+            name += "_bf16" if BF16 else "_fp32"
         write_results(args, name, rows, columns, extra, appendix=samples)
 
 if __name__ == "__main__":

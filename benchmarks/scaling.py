@@ -38,8 +38,9 @@ from lm_lstm.configuration_lstm import LSTMConfig  # noqa: E402
 from lm_lstm.presets import DEFAULT_PRESET  # noqa: E402
 from lm_lstm.sizing import layer_parameters  # noqa: E402
 
-# (hidden size, training tokens in millions): small sizes to long runs, large ones to short runs, as budgets reach
-GRID = [(128, 1), (128, 4), (128, 16), (256, 1), (256, 4), (256, 16), (384, 1), (384, 4), (512, 1), (512, 4), (768, 1)]
+# (hidden size, training tokens in millions): small sizes to long runs, large ones to short runs, as budgets reach;
+# run in this order, the costliest last
+GRID = [(128, 1), (128, 4), (128, 16), (256, 1), (384, 1), (512, 1), (256, 4), (384, 4), (512, 4), (768, 1), (256, 16)]
 QUICK_GRID = [(16, 0.002), (32, 0.002), (16, 0.004)]
 
 
