@@ -64,7 +64,9 @@ def train_command(argv: list[str]) -> int:
         run = result.run
         print(f"\nTraining ended by {describe_limit(run)}: {run.hyperparameters['steps']:,} steps, "
               f"{run.wall_time_seconds / 60:.1f} minutes.")
-    print(f"\nValidation perplexity: {result.metrics['eval_perplexity']:.3f} (loss {result.metrics['eval_loss']:.4f})")
+    unit = result.unit + (" (each line end, <eos>, counts as a word)" if result.unit == "word" else "")
+    print(f"\nValidation perplexity: {result.metrics['eval_perplexity']:.3f} per {unit}; "
+          f"loss {result.metrics['eval_loss']:.4f} nats per {result.unit}")
     print(f"Model, tokenizer and card written to {result.output_dir}\n\nSample:\n{result.sample}")
     return 0
 
@@ -126,7 +128,7 @@ def generate_command(argv: list[str]) -> int:
 
 @command("evaluate", "perplexity and bits per byte of a model on a text file")
 def evaluate_command(argv: list[str]) -> int:
-    from .evaluation import CONTEXT_POLICIES, evaluate_file, load_model_and_tokenizer
+    from .evaluation import CONTEXT_POLICIES, evaluate_file, load_model_and_tokenizer, perplexity_unit
     from .evaluation import __doc__ as CONTEXT_POLICIES_HELP
 
     parser = argparse.ArgumentParser(
@@ -145,10 +147,12 @@ def evaluate_command(argv: list[str]) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     score = evaluate_file(model, tokenizer, args.file, args.block_size, args.context, args.batch_size,
                           args.text_column)
+    unit = perplexity_unit(tokenizer)  # "word" for word-level tokenizers
     print(f"file            {args.file}")
     print(f"context         {args.context} (block_size {args.block_size})")
-    print(f"tokens scored   {score.tokens}")
-    print(f"loss (nats/tok) {score.loss:.6f}")
+    print(f"unit            {unit}" + (" (each line end, <eos>, counts as a word)" if unit == "word" else ""))
+    print(f"{unit + 's scored':<15} {score.tokens}")
+    print(f"{'loss (nats/' + unit + ')':<15} {score.loss:.6f}")
     print(f"perplexity      {score.perplexity:.4f}")
     print(f"bits per byte   {score.bits_per_byte:.4f}")
     return 0
