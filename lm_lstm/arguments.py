@@ -23,7 +23,7 @@ from .data import DEFAULT_CORPUS, DataSource, check_block_size
 from .modeling_lstm import cpu_autocast_runs_lstm
 from .presets import DEFAULT_PRESET
 from .streams import check_stateful_arguments
-from .tokenization import TOKENIZER_KINDS, document_start_id
+from .tokenization import BPE_MINIMUM_VOCABULARY, TOKENIZER_KINDS, WORD_MINIMUM_VOCABULARY, document_start_id
 
 # `LSTMConfig` fields that are not model options: the tokenizer sets these, and `use_cache` is an inference switch.
 NOT_OPTIONS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "use_cache")
@@ -97,17 +97,28 @@ class ModelSource:
     tokenizer_type: str = field(
         default="auto",
         metadata={
-            "help": "Kind of tokenizer to train: 'bpe' (byte-level BPE), 'char' (one token per character), or "
-            "'auto' (char for the bundled Tiny Shakespeare corpus, bpe otherwise).",
+            "help": "Kind of tokenizer to train: 'bpe' (byte-level BPE), 'char' (one token per character), 'word' "
+            "(whitespace-separated words, <eos> at every line end, <unk> for the others, as PyTorch's "
+            "word_language_model and AWD-LSTM read text), or 'auto' (char for the bundled Tiny Shakespeare corpus, "
+            "bpe otherwise).",
             "choices": ["auto", *TOKENIZER_KINDS],
         },
     )
-    tokenizer_vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size of a trained BPE tokenizer."})
+    tokenizer_vocab_size: int = field(
+        default=8192,
+        metadata={"help": "Vocabulary size of a trained bpe tokenizer (at least 259), or of a word tokenizer (at least "
+                  "3: <eos>, <unk> and the most frequent words); a char tokenizer's is set by the text."},
+    )
+    min_frequency: int = field(
+        default=1,
+        metadata={"help": "Word tokenizer only: words seen fewer times in the training text are <unk>."},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the model's folder or repository (other architectures)."}
     )
 
     def __post_init__(self) -> None:
+        self._check_tokenizer_options()
         if self.model_name_or_path is not None and (self.config_name or self.config_overrides):
             raise ValueError("--config_name and --config_overrides build a new model; drop --model_name_or_path.")
         given = [f"--{name}" for name, default in MODEL_OPTION_DEFAULTS.items() if getattr(self, name) != default]
@@ -117,6 +128,19 @@ class ModelSource:
                              "Change a new model's config with --config_overrides.")
         if self.model_name_or_path is None and self.config_name is None:
             self._apply_overrides(LSTMConfig(**self.architecture()))  # rejects bad values before any work
+
+    def _check_tokenizer_options(self) -> None:
+        """Raises `ValueError` for tokenizer options out of range, or that would be ignored."""
+        if self.min_frequency < 1:
+            raise ValueError(f"--min_frequency must be at least 1, got {self.min_frequency}.")
+        trains_words = self.tokenizer_type == "word" and not (self.tokenizer_name or self.model_name_or_path)
+        if self.min_frequency != 1 and not trains_words:
+            raise ValueError("--min_frequency applies to a word tokenizer trained on the text (--tokenizer_type word, "
+                             "no --tokenizer_name or --model_name_or_path); drop it.")
+        minimum = {"bpe": BPE_MINIMUM_VOCABULARY, "word": WORD_MINIMUM_VOCABULARY}.get(self.tokenizer_type)
+        if minimum is not None and self.tokenizer_vocab_size < minimum:
+            raise ValueError(f"--tokenizer_vocab_size must be at least {minimum} for a {self.tokenizer_type} "
+                             f"tokenizer, got {self.tokenizer_vocab_size}.")
 
     def architecture(self) -> dict:
         """The `LSTMConfig` arguments the model options set (the recipe's hidden size when none is given)."""

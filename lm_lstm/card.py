@@ -19,6 +19,13 @@ TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 CONVERSION_TEMPLATE = Path(__file__).with_name("templates") / "converted_model_card.md"
 CURVE_FILE = "training_curve.png"
 TAGS = ["lstm", "rnn", "awd-lstm", "lm-lstm", "text-generation", "causal-lm"]
+PERPLEXITY_NOTES = {
+    "token": "Perplexity here is per token of this model's own tokenizer; compare models with different tokenizers "
+    "by bits per byte.",
+    "word": "Perplexity here is per word of this model's vocabulary (the PTB convention: every line end, `<eos>`, "
+    "counts as a word, and a word outside the vocabulary is predicted as `<unk>`), comparable only between models "
+    "of the same vocabulary; compare other models by bits per byte.",
+}
 
 
 @dataclass
@@ -47,6 +54,7 @@ class RunSummary:
     time_budget_seconds: float | None = None  # `--max_time`
     training_limit: str = "steps"  # what ended training: 'time', 'steps' or 'epochs' (`LSTMTrainer.training_limit`)
     model_size: str = "set by the training options"  # how the size was chosen (`SizeChoice.describe`)
+    unit: str = "token"  # what loss and perplexity are per (`perplexity_unit`): "word" for word-level tokenizers
 
     @property
     def bits_per_byte(self) -> float:
@@ -69,8 +77,8 @@ def hardware_description() -> str:
     return f"{model}, {cores} cores"
 
 
-def plot_training_curve(log_history: list[dict], path: Path) -> None:
-    """Training and validation loss against steps, as a PNG."""
+def plot_training_curve(log_history: list[dict], path: Path, unit: str = "token") -> None:
+    """Training and validation loss (nats per `unit`) against steps, as a PNG."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
     # The object API draws without pyplot, so no process-wide backend is chosen or switched.
@@ -81,7 +89,7 @@ def plot_training_curve(log_history: list[dict], path: Path) -> None:
             steps, losses = zip(*points)
             axes.plot(steps, losses, style, label=label)
     axes.set_xlabel("step")
-    axes.set_ylabel("loss (nats per token)")
+    axes.set_ylabel(f"loss (nats per {unit})")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -123,7 +131,7 @@ def architecture_fields(model, tokenizer) -> dict[str, object]:
 def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) -> Path:
     """Writes `README.md` and the training-curve PNG into `output_dir`; returns the card's path."""
     output_dir = Path(output_dir)
-    plot_training_curve(run.log_history, output_dir / CURVE_FILE)
+    plot_training_curve(run.log_history, output_dir / CURVE_FILE, run.unit)
     perplexity = run.metrics["eval_perplexity"]
     dataset_name = run.dataset_ids[0] if run.dataset_ids else "validation text"
     card_data = ModelCardData(
@@ -141,9 +149,9 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
                 metric_value=round(value, 6),
             )
             for metric, name, value in (
-                ("perplexity", "Validation perplexity", perplexity),
+                ("perplexity", f"Validation perplexity per {run.unit}", perplexity),
                 ("bits_per_byte", "Validation bits per byte", run.bits_per_byte),
-                ("loss", "Validation loss (nats per token)", run.metrics["eval_loss"]),
+                ("loss", f"Validation loss (nats per {run.unit})", run.metrics["eval_loss"]),
             )
         ],
     )
@@ -187,6 +195,8 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
         perplexity=_format(perplexity, 3),
         bits_per_byte=_format(run.bits_per_byte),
         data_caveat="" if run.dataset_ids else " The training text is described above; judge its contents before use.",
+        unit=run.unit,
+        perplexity_note=PERPLEXITY_NOTES.get(run.unit, PERPLEXITY_NOTES["token"]),
     )
     path = output_dir / "README.md"
     card.save(path)

@@ -1,4 +1,4 @@
-"""The `lm-lstm` command: train, generate, evaluate, push, convert.
+"""The `lm-lstm` command: train, generate, evaluate, surprisal, push, convert.
 
 Every failure the user can fix (a bad file, a bad option value, a missing model) ends with a one-line message on
 stderr and a non-zero exit status; set LM_LSTM_DEBUG=1 to see the traceback instead. Each command imports what it
@@ -64,7 +64,9 @@ def train_command(argv: list[str]) -> int:
         run = result.run
         print(f"\nTraining ended by {describe_limit(run)}: {run.hyperparameters['steps']:,} steps, "
               f"{run.wall_time_seconds / 60:.1f} minutes.")
-    print(f"\nValidation perplexity: {result.metrics['eval_perplexity']:.3f} (loss {result.metrics['eval_loss']:.4f})")
+    unit = result.unit + (" (each line end, <eos>, counts as a word)" if result.unit == "word" else "")
+    print(f"\nValidation perplexity: {result.metrics['eval_perplexity']:.3f} per {unit}; "
+          f"loss {result.metrics['eval_loss']:.4f} nats per {result.unit}")
     print(f"Model, tokenizer and card written to {result.output_dir}\n\nSample:\n{result.sample}")
     return 0
 
@@ -126,7 +128,7 @@ def generate_command(argv: list[str]) -> int:
 
 @command("evaluate", "perplexity and bits per byte of a model on a text file")
 def evaluate_command(argv: list[str]) -> int:
-    from .evaluation import CONTEXT_POLICIES, evaluate_file, load_model_and_tokenizer
+    from .evaluation import CONTEXT_POLICIES, evaluate_file, load_model_and_tokenizer, perplexity_unit
     from .evaluation import __doc__ as CONTEXT_POLICIES_HELP
 
     parser = argparse.ArgumentParser(
@@ -145,12 +147,51 @@ def evaluate_command(argv: list[str]) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     score = evaluate_file(model, tokenizer, args.file, args.block_size, args.context, args.batch_size,
                           args.text_column)
+    unit = perplexity_unit(tokenizer)  # "word" for word-level tokenizers
     print(f"file            {args.file}")
     print(f"context         {args.context} (block_size {args.block_size})")
-    print(f"tokens scored   {score.tokens}")
-    print(f"loss (nats/tok) {score.loss:.6f}")
+    print(f"unit            {unit}" + (" (each line end, <eos>, counts as a word)" if unit == "word" else ""))
+    print(f"{unit + 's scored':<15} {score.tokens}")
+    print(f"{'loss (nats/' + unit + ')':<15} {score.loss:.6f}")
     print(f"perplexity      {score.perplexity:.4f}")
     print(f"bits per byte   {score.bits_per_byte:.4f}")
+    return 0
+
+
+@command("surprisal", "per-token or per-word surprisal (bits) of each line or document of a text file")
+def surprisal_command(argv: list[str]) -> int:
+    from . import surprisal
+
+    parser = argparse.ArgumentParser(
+        prog="lm-lstm surprisal", description=surprisal.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="Model folder (or Hub name).")
+    parser.add_argument("--file", required=True, help="Text file (.txt, or .json/.jsonl/.csv/.parquet records).")
+    parser.add_argument("--unit", choices=surprisal.UNITS, default="word", help="Report tokens or words (see above).")
+    parser.add_argument("--format", choices=surprisal.FORMATS, default="tsv",
+                        help="tsv: one row per token or word, with a header; jsonl: one object per line or document.")
+    parser.add_argument("--by", choices=surprisal.ITEMS, default="line", help="Report each line or each document.")
+    parser.add_argument("--carry_state", action="store_true",
+                        help="Carry the state from line to line (connected text) instead of starting each afresh.")
+    parser.add_argument("--output", help="Write here instead of to standard output.")
+    parser.add_argument("--block_size", type=int, default=512, help="Tokens per forward pass (the result is the same).")
+    parser.add_argument("--text_column", default="text", help="The column holding the text in tabular files.")
+    parser.add_argument("--trust_remote_code", action="store_true", help="Allow the model folder's code.")
+    args = one_line_errors(parser).parse_args(argv)
+    if args.block_size < 1:
+        raise UsageError(f"lm-lstm surprisal: --block_size must be at least 1, got {args.block_size}.")
+    from .data import check_text_file
+    from .evaluation import load_model_and_tokenizer
+
+    check_text_file(args.file)  # before the model loads
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    items = surprisal.file_surprisals(model, tokenizer, args.file, by=args.by, carry_state=args.carry_state,
+                                      block_size=args.block_size, text_column=args.text_column)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            surprisal.write_surprisals(items, out, unit=args.unit, format=args.format, by=args.by)
+    else:
+        surprisal.write_surprisals(items, sys.stdout, unit=args.unit, format=args.format, by=args.by)
     return 0
 
 

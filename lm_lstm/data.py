@@ -4,6 +4,17 @@ A `.txt` file is one document; each record of a `.json`/`.jsonl`/`.csv`/`.parque
 document. Documents are cut into pieces at line boundaries (so tokenisation runs in parallel and in bounded memory),
 tokenised, joined with the EOS token after each document, and grouped into blocks of `block_size` tokens. Every
 step is a `Dataset.map`, so the `datasets` cache lets a second run skip the work.
+
+Every document ends with exactly one EOS. With a word-level tokenizer, whose EOS `<eos>` is also the line end
+(`eos_ends_lines`), a document whose text ends with a line end already ends with it, and gets no second one; a
+document that does not gets one, which ends its last line: every line ends with one `<eos>`, as in PyTorch's
+word_language_model example.
+
+Each token carries the UTF-8 bytes of the text it stands for (`token_bytes`): the text from the end of the token
+before it (in the same piece) to its own end, so whitespace counts with the token after it, and a piece's trailing
+text with its last token. The bytes of a piece's tokens add up to the bytes of the piece, whatever the tokenizer
+(decoding, which a word-level tokenizer does not do exactly, is never used), and bits per byte divides by the bytes
+of the scored tokens. An EOS added at a document's end stands for the document's trailing whitespace, if any.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
@@ -179,21 +191,63 @@ def split_into_pieces(batch: dict[str, list]) -> dict[str, list]:
     return {"text": pieces, "ends_document": ends}
 
 
+def utf8_prefix(text: str) -> np.ndarray:
+    """UTF-8 byte offset of each character position of `text` (length `len(text) + 1`)."""
+    if text.isascii():
+        return np.arange(len(text) + 1)
+    code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    sizes = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int],
+                offsets: list[tuple[int, int]] | None) -> tuple[list[int], int]:
+    """UTF-8 bytes of the text each token of `text` stands for (from the previous token's end to its own end), and
+    the bytes of the text after the last token (trailing whitespace): together, the bytes of `text`.
+
+    `offsets` are a fast tokenizer's character offsets; without them (a slow tokenizer) each token counts the bytes
+    of its own decoding, an approximation.
+    """
+    total = len(text.encode("utf-8"))
+    if not ids:
+        return [], total
+    if offsets is None:
+        counts = [len(tokenizer.decode([token]).encode("utf-8")) for token in ids]
+        return counts, max(0, total - sum(counts))
+    prefix = utf8_prefix(text)
+    ends = np.maximum.accumulate(np.array([0] + [end for _, end in offsets], dtype=np.int64))
+    return np.diff(prefix[ends]).tolist(), int(total - prefix[ends[-1]])
+
+
+PIECE_COLUMNS = ["input_ids", "token_bytes", "ends_document"]
+
+
 def tokenize_documents(raw, tokenizer: PreTrainedTokenizerBase, num_proc: int | None = None):
-    """Tokenises a `Dataset` or `DatasetDict` of documents into pieces of `input_ids`, each document ending in EOS."""
+    """Tokenises a `Dataset` or `DatasetDict` of documents into pieces (`PIECE_COLUMNS`): `input_ids`, their
+    `token_bytes`, and whether the piece is its document's last (`ends_document`). Each document ends in exactly one
+    EOS (the module docstring says when it is added)."""
     eos = document_start_id(tokenizer)  # ends each document and starts the next
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [piece + [eos] if end else piece for piece, end in zip(ids, batch["ends_document"])]}
+        texts = batch["text"]
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+        all_offsets = encoded["offset_mapping"] if tokenizer.is_fast else [None] * len(texts)
+        ids, sizes = [], []
+        for text, piece, offsets, end in zip(texts, encoded["input_ids"], all_offsets, batch["ends_document"]):
+            counts, trailing = token_bytes(tokenizer, text, piece, offsets)
+            if end and (not piece or piece[-1] != eos):
+                piece, counts = piece + [eos], counts + [trailing]  # the added EOS stands for trailing whitespace
+            elif counts:
+                counts[-1] += trailing
+            ids.append(piece)
+            sizes.append(counts)
+        return {"input_ids": ids, "token_bytes": sizes}
 
     pieces = raw.map(split_into_pieces, batched=True, remove_columns=["text"], desc="Cutting documents")
     for split, dataset in pieces.items() if isinstance(pieces, DatasetDict) else [("", pieces)]:
         if len(dataset) == 0:
             raise DataError(f"The {split + ' ' if split else ''}text is empty: every document is an empty string.")
-    return pieces.map(
-        tokenize, batched=True, num_proc=num_proc, remove_columns=["text", "ends_document"], desc="Tokenizing"
-    )
+    return pieces.map(tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], desc="Tokenizing")
 
 
 def check_block_size(block_size: int) -> None:
@@ -202,7 +256,8 @@ def check_block_size(block_size: int) -> None:
 
 
 def group_blocks(tokens, block_size: int, num_proc: int | None = None):
-    """Joins token pieces and cuts them into blocks of `block_size` with `input_ids` and `labels`.
+    """Joins token pieces (`tokenize_documents`) and cuts them into blocks of `block_size` with `input_ids`,
+    `labels`, and `scored_bytes`: the bytes of text that the block's scored tokens (all but its first) stand for.
 
     The tokens left over at the end of each map batch (fewer than `block_size`) are dropped, as in `run_clm.py`:
     at most `block_size - 1` tokens per 1,000 pieces of text (per process).
@@ -211,11 +266,14 @@ def group_blocks(tokens, block_size: int, num_proc: int | None = None):
 
     def group(batch: dict[str, list]) -> dict[str, list]:
         stream = [token for piece in batch["input_ids"] for token in piece]
+        sizes = [size for piece in batch["token_bytes"] for size in piece]
         usable = len(stream) - len(stream) % block_size
         blocks = [stream[i : i + block_size] for i in range(0, usable, block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        scored = [sum(sizes[i + 1 : i + block_size]) for i in range(0, usable, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks], "scored_bytes": scored}
 
-    return tokens.map(group, batched=True, batch_size=1000, num_proc=num_proc, desc=f"Grouping in blocks of {block_size}")
+    return tokens.map(group, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=PIECE_COLUMNS,
+                      desc=f"Grouping in blocks of {block_size}")
 
 
 def tokenize_dataset(
@@ -278,16 +336,11 @@ class BlockData(TrainingData):
             "train_tokens": len(self.train) * block_size,
             "eval_tokens": len(self.validation) * block_size,
             "scored_tokens": len(self.validation) * (block_size - 1),
-            "validation_bytes": predicted_bytes(tokenizer, self.validation["input_ids"]),
+            "validation_bytes": max(1, sum(self.validation["scored_bytes"])),
             "evaluation_method": f"in independent blocks of {block_size} tokens (each block starts from a zero state; "
             "its first token is not scored)",
             "bptt": "truncated at each block (every block starts from a zero state)",
         }
-
-
-def predicted_bytes(tokenizer: PreTrainedTokenizerBase, blocks: list[list[int]]) -> int:
-    """UTF-8 bytes of the text that blocks' scored tokens (all but each block's first) stand for."""
-    return max(1, sum(len(tokenizer.decode(block[1:], skip_special_tokens=True).encode("utf-8")) for block in blocks))
 
 
 def _first(dataset: Dataset, count: int | None) -> Dataset:

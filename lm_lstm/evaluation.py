@@ -3,7 +3,9 @@
 Two context policies over a file:
 - `carry` (the default): the whole file is one token stream, preceded by EOS (a document start, as in training);
   it is fed in chunks of `block_size` with the recurrent state carried from chunk to chunk, so every token is
-  predicted with its full left context, and every token of the file is predicted exactly once.
+  predicted with its full left context, and every token of the file is predicted exactly once: the EOS between
+  documents too, but not the EOS that would end the last one, unless it is a line end (a word-level tokenizer's
+  `<eos>` ends every line, the last one included, and counts as a word).
 - `blocks`: the file is cut into independent blocks exactly as training data is (`lm_lstm.data`), each starting
   from a zero state; this reproduces `Trainer`'s `eval_loss` on those blocks.
 """
@@ -18,7 +20,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
 
-from .tokenization import document_start_id, load_tokenizer
+from .tokenization import document_start_id, eos_ends_lines, load_tokenizer, tokenizer_kind
 
 CONTEXT_POLICIES = ("carry", "blocks")
 
@@ -75,16 +77,40 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_stream(model, token_ids: list[int], block_size: int) -> tuple[float, int]:
-    """Sums the NLL of `token_ids[1:]`, each predicted from everything before it (state carried across chunks)."""
+def token_nlls(model, token_ids: list[int], block_size: int = 512) -> torch.Tensor:
+    """Negative log-likelihood (nats) of each of `token_ids[1:]`, predicted from everything before it: the sequence
+    is fed in chunks of `block_size` tokens with the state carried across them. Shape `(len(token_ids) - 1,)`,
+    float32, on the CPU. Raises `ValueError` for `block_size` < 1."""
+    if block_size < 1:
+        raise ValueError(f"`block_size` must be at least 1, got {block_size}.")
     ids = torch.tensor(token_ids, device=model.device)[None]
     cache = DynamicCache(config=model.config)
-    total = 0.0
+    nlls = []
     for start in range(0, ids.shape[1] - 1, block_size):
         chunk = ids[:, start : start + block_size + 1]
         logits = model(chunk[:, :-1], cache=cache, use_cache=True).logits
-        total += float(_token_nll(logits, chunk[:, 1:]).sum())
-    return total, ids.shape[1] - 1
+        nlls.append(_token_nll(logits, chunk[:, 1:])[0].float().cpu())
+    return torch.cat(nlls) if nlls else torch.zeros(0)
+
+
+def score_stream(model, token_ids: list[int], block_size: int) -> tuple[float, int]:
+    """Sums the NLL of `token_ids[1:]`, each predicted from everything before it (state carried across chunks)."""
+    nlls = token_nlls(model, token_ids, block_size)
+    return float(nlls.double().sum()), len(nlls)
+
+
+def file_stream(tokenizer: PreTrainedTokenizerBase, pieces) -> list[int]:
+    """The token stream the `carry` policy scores from the pieces of a file's documents (`tokenize_documents`): the
+    document-start token, then every token, less a last EOS that only separates documents (see the module
+    docstring)."""
+    stream = [document_start_id(tokenizer)] + [token for piece in pieces["input_ids"] for token in piece]
+    return stream if eos_ends_lines(tokenizer) else stream[:-1]
+
+
+def perplexity_unit(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What a perplexity of this tokenizer's model is per: "word" for a word-level tokenizer (each `<eos>` line end
+    counts as a word, as in the PTB convention), else "token"."""
+    return "word" if tokenizer_kind(tokenizer) == "word-level" else "token"
 
 
 @torch.no_grad()
@@ -113,20 +139,19 @@ def evaluate_file(
     if context not in CONTEXT_POLICIES:
         raise ValueError(f"`context` must be one of {CONTEXT_POLICIES}, got {context!r}.")
     # Imported here: `datasets` is slow to import, and loading a model for `lm-lstm generate` does not need it.
-    from .data import group_blocks, load_documents, predicted_bytes, tokenize_documents
+    from .data import group_blocks, load_documents, tokenize_documents
 
     documents = load_documents([str(path)], text_column)
     pieces = tokenize_documents(documents, tokenizer)
     if context == "carry":
-        stream = [document_start_id(tokenizer)] + [t for piece in pieces["input_ids"] for t in piece][:-1]
-        nll, count = score_stream(model, stream, block_size)
+        nll, count = score_stream(model, file_stream(tokenizer, pieces), block_size)
         num_bytes = sum(len(text.encode("utf-8")) for text in documents["text"])
         return Score(nll=nll, tokens=count, bytes=num_bytes)
-    blocks = group_blocks(pieces, block_size)["input_ids"]
-    if not blocks:
+    blocks = group_blocks(pieces, block_size)
+    if len(blocks) == 0:
         raise ValueError(f"{path}: shorter than one block of {block_size} tokens; use a smaller --block_size.")
-    nll, count = score_blocks(model, blocks, batch_size)
-    return Score(nll=nll, tokens=count, bytes=predicted_bytes(tokenizer, blocks))
+    nll, count = score_blocks(model, blocks["input_ids"], batch_size)
+    return Score(nll=nll, tokens=count, bytes=max(1, sum(blocks["scored_bytes"])))
 
 
 @torch.no_grad()

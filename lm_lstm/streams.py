@@ -61,6 +61,9 @@ class StreamBlocks(Dataset):
     (or never used), so the LSTM may run through the padding on its fast unpacked kernel; an attention mask would make
     it pack every batch holding a padded row (measured 1.5x slower).
 
+    `document_bytes`, if given, holds the UTF-8 bytes of text each token of `documents` stands for (`token_bytes`
+    of `lm_lstm.data`); `target_bytes` is then the bytes that the targets kept (after `max_blocks`) stand for.
+
     Raises `DataError` when there is no text, `ValueError` for counts below 1.
     """
 
@@ -73,17 +76,21 @@ class StreamBlocks(Dataset):
         num_streams: int,
         world_size: int = 1,
         max_blocks: int | None = None,
+        document_bytes: Iterable[list[int]] | None = None,
     ):
         check_block_size(block_size)
         if num_streams < 1 or world_size < 1:
             raise ValueError(f"num_streams and world_size must be >= 1, got {num_streams} and {world_size}.")
-        documents = [document for document in documents if document]
+        documents = list(documents)
+        sizes = list(document_bytes) if document_bytes is not None else [[0] * len(d) for d in documents]
+        documents, sizes = [d for d in documents if d], [b for d, b in zip(documents, sizes) if d]
         check_padding(documents, block_size)
-        inputs, targets, starts = [], [], []
-        for document in documents:
+        inputs, targets, target_sizes, starts = [], [], [], []
+        for document, document_sizes in zip(documents, sizes):
             padding = -len(document) % block_size
             inputs.append(np.array([eos_token_id, *document[:-1]] + [pad_token_id] * padding, dtype=np.int64))
             targets.append(np.array(document + [-100] * padding, dtype=np.int64))
+            target_sizes.append(np.array(document_sizes + [0] * padding, dtype=np.int64))
             first_blocks = np.zeros((len(document) + padding) // block_size, dtype=bool)
             first_blocks[0] = True
             starts.append(first_blocks)
@@ -93,6 +100,8 @@ class StreamBlocks(Dataset):
         starts = np.concatenate(starts)
         if max_blocks is not None:
             inputs, targets, starts = inputs[:max_blocks], targets[:max_blocks], starts[:max_blocks]
+        kept_sizes = np.concatenate(target_sizes)[: targets.size]
+        self.target_bytes = int(kept_sizes.sum()) if document_bytes is not None else None
         total_streams = num_streams * world_size
         self.blocks_per_stream = math.ceil(len(inputs) / total_streams)
         empty = total_streams * self.blocks_per_stream - len(inputs)
@@ -106,13 +115,14 @@ class StreamBlocks(Dataset):
     @classmethod
     def from_pieces(cls, pieces, tokenizer: PreTrainedTokenizerBase, block_size: int, num_streams: int, **kwargs):
         """Lays out the documents of a `tokenize_documents` result (pieces, each document's last ending in EOS)."""
-        start = document_start_id(tokenizer)
+        ends = pieces["ends_document"]
         return cls(
-            join_documents(pieces["input_ids"], start),
+            join_documents(pieces["input_ids"], ends),
             block_size,
-            eos_token_id=start,
+            eos_token_id=document_start_id(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             num_streams=num_streams,
+            document_bytes=join_documents(pieces["token_bytes"], ends),
             **kwargs,
         )
 
@@ -161,12 +171,14 @@ def check_padding(documents: list[list[int]], block_size: int) -> None:
         )
 
 
-def join_documents(pieces: Iterable[list[int]], eos_token_id: int) -> Iterator[list[int]]:
-    """Joins consecutive token pieces into documents, each ending at a piece that ends in EOS."""
+def join_documents(pieces: Iterable[list[int]], ends_document: Iterable[bool]) -> Iterator[list[int]]:
+    """Joins consecutive pieces (lists of token ids, or of their bytes) into documents, each ending at a piece marked
+    as its document's last. (A piece ending in EOS need not end its document: a word-level tokenizer's EOS is also
+    its line end.)"""
     document: list[int] = []
-    for piece in pieces:
+    for piece, end in zip(pieces, ends_document):
         document.extend(piece)
-        if piece and piece[-1] == eos_token_id:
+        if end:
             yield document
             document = []
     if document:
@@ -183,7 +195,9 @@ class StreamData(TrainingData):
 
     def summary(self, tokenizer: PreTrainedTokenizerBase) -> dict:
         targets = self.validation.target_ids()
-        text = tokenizer.decode(targets, skip_special_tokens=True)
+        num_bytes = self.validation.target_bytes
+        if num_bytes is None:  # a layout made from token ids alone
+            num_bytes = len(tokenizer.decode(targets, skip_special_tokens=True).encode("utf-8"))
         return {
             "train_blocks": len(self.train),
             "eval_blocks": len(self.validation),
@@ -191,7 +205,7 @@ class StreamData(TrainingData):
             "train_tokens": len(self.train.target_ids()),
             "eval_tokens": len(targets),
             "scored_tokens": len(targets),
-            "validation_bytes": max(1, len(text.encode("utf-8"))),
+            "validation_bytes": max(1, num_bytes),
             "evaluation_method": f"as {self.validation.total_streams} contiguous streams with the state carried from "
             "block to block (reset at document starts): every token is scored once",
             "bptt": f"stateful: {self.train.total_streams} streams, the state carried from batch to batch (reset at "

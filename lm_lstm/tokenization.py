@@ -43,6 +43,8 @@ TOKENIZER_KINDS: tuple[str, ...] = ("bpe", "char", "word")  # what `train_tokeni
 LINE_END = "<eos>"  # a word-level tokenizer's token for a line end, as in PyTorch's word_language_model and AWD-LSTM
 UNKNOWN_WORD = "<unk>"
 LINE_BREAK = Regex(r"\r?\n")
+BPE_MINIMUM_VOCABULARY = len(SPECIAL_VOCABULARY) + len(pre_tokenizers.ByteLevel.alphabet())  # 259
+WORD_MINIMUM_VOCABULARY = 3  # `<eos>`, `<unk>` and one word
 
 
 def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
@@ -60,9 +62,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrai
 
     Raises `ValueError` if `vocab_size` is below 259 (the special tokens and the 256 byte symbols).
     """
-    minimum = len(SPECIAL_VOCABULARY) + len(pre_tokenizers.ByteLevel.alphabet())
-    if vocab_size < minimum:
-        raise ValueError(f"`vocab_size` of a byte-level BPE tokenizer must be at least {minimum}, got {vocab_size}.")
+    if vocab_size < BPE_MINIMUM_VOCABULARY:
+        raise ValueError(
+            f"`vocab_size` of a byte-level BPE tokenizer must be at least {BPE_MINIMUM_VOCABULARY}, got {vocab_size}."
+        )
     tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -131,8 +134,10 @@ def train_word_tokenizer(texts: Iterable[str], vocab_size: int = 10000, min_freq
 
     Raises `ValueError` if `vocab_size` < 3 or `min_frequency` < 1.
     """
-    if vocab_size < 3:
-        raise ValueError(f"`vocab_size` of a word-level tokenizer must be at least 3, got {vocab_size}.")
+    if vocab_size < WORD_MINIMUM_VOCABULARY:
+        raise ValueError(
+            f"`vocab_size` of a word-level tokenizer must be at least {WORD_MINIMUM_VOCABULARY}, got {vocab_size}."
+        )
     if min_frequency < 1:
         raise ValueError(f"`min_frequency` must be at least 1, got {min_frequency}.")
     counter = Tokenizer(models.WordLevel(unk_token=UNKNOWN_WORD))
@@ -186,6 +191,15 @@ def document_start_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no EOS token, which lm-lstm ends and starts documents with.")
     return tokenizer.eos_token_id
+
+
+def eos_ends_lines(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's EOS is a line end, as a word-level tokenizer's `<eos>` is (it encodes "\\n" as EOS).
+
+    Then every line of a text, its last one included, ends with exactly one EOS, which counts as a token of the text
+    (a word, in per-word perplexity). Otherwise EOS only separates documents and stands for no text.
+    """
+    return tokenizer("\n", add_special_tokens=False)["input_ids"] == [document_start_id(tokenizer)]
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> BatchEncoding:

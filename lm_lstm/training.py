@@ -21,6 +21,7 @@ from .averaging import NonMonotonicAveraging
 from .card import RunSummary, write_model_card
 from .data import TrainingData, build_block_data, load_text_datasets
 from .configuration_lstm import LSTMConfig
+from .evaluation import perplexity_unit
 from .modeling_lstm import LSTMForCausalLM
 from .sizing import SizeChoice, size_model
 from .streams import build_stream_data
@@ -37,6 +38,7 @@ class TrainingResult:
     sample: str
     is_main_process: bool = True
     run: RunSummary | None = None  # what the card reports (main process, training and evaluation)
+    unit: str = "token"  # what loss and perplexity are per: "word" for a word-level tokenizer (`perplexity_unit`)
 
 
 def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_texts) -> PreTrainedTokenizerBase:
@@ -47,7 +49,8 @@ def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_
     kind = model_args.tokenizer_type
     if kind == "auto":
         kind = "char" if data_args.uses_default_corpus else "bpe"
-    return train_tokenizer(train_texts, kind=kind, vocab_size=model_args.tokenizer_vocab_size)
+    return train_tokenizer(train_texts, kind=kind, vocab_size=model_args.tokenizer_vocab_size,
+                           min_frequency=model_args.min_frequency)
 
 
 def size_new_model(model_args: ModelArguments, training_args: LSTMTrainingArguments, tokenizer: PreTrainedTokenizerBase,
@@ -198,6 +201,7 @@ def summarize_run(
         language=card_args.language or language,
         license=card_args.license,
         example_prompt="ROMEO:" if data_args.uses_default_corpus else "The",
+        unit=perplexity_unit(trainer.processing_class),
     )
 
 
@@ -276,5 +280,6 @@ def train(
         trainer.push_to_hub()
     sample = sample_text(trainer.model, tokenizer)
     return TrainingResult(
-        output_dir=output_dir, metrics=metrics, sample=sample, is_main_process=trainer.is_world_process_zero(), run=run
+        output_dir=output_dir, metrics=metrics, sample=sample, is_main_process=trainer.is_world_process_zero(), run=run,
+        unit=perplexity_unit(tokenizer),
     )

@@ -4,13 +4,14 @@ import json
 
 import pandas as pd
 import pytest
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
+import lm_lstm.data
 from lm_lstm.data import (
     DataError, DataSource, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset, tokenize_documents,
 )
-from lm_lstm.streams import StreamBlocks
-from lm_lstm.tokenization import document_start_id, train_char_tokenizer
+from lm_lstm.streams import StreamBlocks, build_stream_data
+from lm_lstm.tokenization import document_start_id, train_char_tokenizer, train_tokenizer
 
 DOCUMENTS = [f"Document {i}: " + "words " * (5 + i) for i in range(20)]
 
@@ -130,3 +131,35 @@ def test_a_missing_csv_cell_is_an_empty_document(tmp_path):
     path.write_text("text,other\nhello,1\n,2\nworld,3\n")
     raw = load_text_datasets(DataSource(train_files=[str(path)], validation_files=[str(path)]))
     assert raw["train"]["text"] == ["hello", "", "world"]
+
+
+def test_word_level_documents_end_with_one_eos_per_line():
+    """A document's tokens end with exactly one <eos>: its own, when its last word is followed by a line end (and
+    whitespace only), else one added; every token carries the bytes of the text it stands for (with the whitespace
+    before it; trailing whitespace with the added <eos>)."""
+    tokenizer = train_tokenizer(["the cat sat\nthe dog sat\n"], kind="word", vocab_size=10)
+    texts = ["the cat\nsat\n", "the dög", "sat \r\n\n", "\n", "cat  "]
+    pieces = tokenize_documents(Dataset.from_dict({"text": texts}), tokenizer)
+    assert [tokenizer.convert_ids_to_tokens(ids) for ids in pieces["input_ids"]] == [
+        ["the", "cat", "<eos>", "sat", "<eos>"], ["the", "<unk>", "<eos>"], ["sat", "<eos>", "<eos>"], ["<eos>"],
+        ["cat", "<eos>"],
+    ]
+    assert pieces["token_bytes"] == [[3, 4, 1, 3, 1], [3, 5, 0], [3, 3, 1], [1], [3, 2]]
+    assert [sum(sizes) for sizes in pieces["token_bytes"]] == [len(text.encode()) for text in texts]
+
+
+def test_a_word_level_document_in_several_pieces_is_one_document_in_the_streams(monkeypatch):
+    """Pieces end at line ends, so with a word-level tokenizer each ends in <eos>: the document still starts only
+    once, and bits per byte divides by the bytes of the whole text."""
+    monkeypatch.setattr(lm_lstm.data, "PIECE_CHARS", 10)
+    text = "the cat sat on the mat\nthe dog sat\nthe cat\nsat on the dog\n" * 2
+    tokenizer = train_tokenizer([text], kind="word", vocab_size=20)
+    raw = DatasetDict(train=Dataset.from_dict({"text": [text]}), validation=Dataset.from_dict({"text": [text, "é"]}))
+    data = build_stream_data(raw, tokenizer, block_size=4, train_streams=1, eval_streams=1)
+    pieces = tokenize_documents(raw["train"], tokenizer)["input_ids"]
+    assert len(pieces) == 6 and all(piece[-1] == tokenizer.eos_token_id for piece in pieces)
+    assert data.train.resets.sum() == 1  # one document: one reset
+    assert data.train.target_ids() == tokenizer(text)["input_ids"]  # one <eos> per line, none added
+    summary = data.summary(tokenizer)
+    assert summary["eval_tokens"] == len(tokenizer(text)["input_ids"]) + 2  # é is <unk>, then its <eos>
+    assert summary["validation_bytes"] == len(text) + 2

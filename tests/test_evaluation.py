@@ -9,7 +9,9 @@ import torch
 
 import lm_lstm
 from lm_lstm.card import RunSummary
+from lm_lstm.cli import main
 from lm_lstm.evaluation import Score, bits_per_byte, evaluate_file, load_model_and_tokenizer, text_perplexities
+from lm_lstm.tokenization import train_tokenizer
 
 from conftest import tiny_model
 
@@ -112,3 +114,43 @@ def test_a_tabular_file_is_scored_from_its_text_column(saved_model, tmp_path):
     (tmp_path / "plays.jsonl").write_text('{"body": %s}\n' % json.dumps(TEXT))
     tabular = evaluate_file(model, tokenizer, tmp_path / "plays.jsonl", text_column="body")
     assert tabular.nll == pytest.approx(evaluate_file(model, tokenizer, saved_model / "text.txt").nll, rel=1e-6)
+
+
+def test_word_level_evaluation_scores_every_line_end_as_a_word_over_the_bytes_of_the_text(
+    shakespeare_text, tmp_path, capsys
+):
+    tokenizer = train_tokenizer([shakespeare_text[:20_000]], kind="word", vocab_size=300)
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path))
+    text = "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east\n" * 3
+    (tmp_path / "text.txt").write_text(text)
+    carried = evaluate_file(model, tokenizer, tmp_path / "text.txt")
+    ids = tokenizer(text)["input_ids"]
+    assert carried.tokens == len(ids) == len(text.split()) + text.count("\n")  # every <eos> is scored, once
+    assert carried.bytes == len(text.encode())
+    stream = torch.tensor([[tokenizer.eos_token_id] + ids])
+    with torch.no_grad():
+        assert carried.nll == pytest.approx(model(stream, labels=stream).loss.item() * len(ids), rel=1e-5)
+    (tmp_path / "unended.txt").write_text(text[:-1])  # the last line still ends with <eos>: one text byte less
+    unended = evaluate_file(model, tokenizer, tmp_path / "unended.txt")
+    assert (unended.tokens, unended.bytes) == (carried.tokens, carried.bytes - 1)
+    assert unended.nll == pytest.approx(carried.nll, rel=1e-6)
+
+    # In blocks, the first token of each is not scored: each word stands for itself and the space before it, each
+    # <eos> for its line end.
+    blocks = evaluate_file(model, tokenizer, tmp_path / "text.txt", block_size=8, context="blocks")
+    sizes = []
+    for line in text.splitlines():
+        sizes += [len(word) + (number > 0) for number, word in enumerate(line.split())] + [1]
+    assert len(sizes) == len(ids) and sum(sizes) == len(text)
+    usable = len(ids) - len(ids) % 8
+    assert blocks.bytes == sum(sum(sizes[i + 1 : i + 8]) for i in range(0, usable, 8))
+    assert blocks.tokens == usable // 8 * 7
+
+    assert main(["evaluate", "--model", str(tmp_path), "--file", str(tmp_path / "text.txt")]) == 0
+    report = capsys.readouterr().out.splitlines()
+    assert "unit            word (each line end, <eos>, counts as a word)" in report
+    assert f"words scored    {len(ids)}" in report

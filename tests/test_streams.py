@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from lm_lstm.data import BlockData, DataError
+from lm_lstm.data import BlockData, DataError, group_blocks, tokenize_documents
 from lm_lstm.streams import (
     StatefulBPTT,
     StreamBlocks,
@@ -14,6 +14,7 @@ from lm_lstm.streams import (
     collate_stream_blocks,
     join_documents,
 )
+from lm_lstm.tokenization import train_char_tokenizer
 
 from conftest import tiny_model
 
@@ -27,9 +28,12 @@ def arguments(**changes) -> SimpleNamespace:
     return SimpleNamespace(**{**defaults, **changes})
 
 
-def test_join_documents_ends_a_document_at_each_piece_ending_in_eos():
+def test_join_documents_ends_a_document_at_each_piece_marked_as_its_last():
     pieces = [[5, 6], [7, EOS], [8, EOS], [], [9]]
-    assert list(join_documents(pieces, EOS)) == [[5, 6, 7, EOS], [8, EOS], [9]]
+    ends = [False, True, True, False, False]
+    assert list(join_documents(pieces, ends)) == [[5, 6, 7, EOS], [8, EOS], [9]]
+    # a piece ending in EOS (a word-level tokenizer's line end) does not end its document unless marked
+    assert list(join_documents([[5, EOS], [6, EOS]], [False, True])) == [[5, EOS, 6, EOS]]
 
 
 def test_built_streams_hold_every_token_of_each_split_once(char_tokenizer):
@@ -102,10 +106,13 @@ def test_the_carried_state_is_detached_and_kept_per_split():
     assert not evaluation["cache"].layers or not evaluation["cache"].layers[0].is_recurrent_states_initialized[0]
 
 
-def test_block_data_summary_counts_scored_tokens_and_their_bytes(char_tokenizer):
-    blocks = Dataset.from_dict({"input_ids": [char_tokenizer("abcd", add_special_tokens=False)["input_ids"]] * 3})
-    summary = BlockData(train=blocks, validation=blocks, collator=None, block_size=4).summary(char_tokenizer)
-    assert (summary["train_tokens"], summary["scored_tokens"], summary["validation_bytes"]) == (12, 9, 9)
+def test_block_data_summary_counts_scored_tokens_and_their_bytes():
+    tokenizer = train_char_tokenizer(["abécdefghijk"])
+    blocks = group_blocks(tokenize_documents(Dataset.from_dict({"text": ["abécdefghijk"]}), tokenizer), 4)
+    assert blocks["input_ids"] == [ids[i : i + 4] for ids in [tokenizer("abécdefghijk")["input_ids"]] for i in (0, 4, 8)]
+    summary = BlockData(train=blocks, validation=blocks, collator=None, block_size=4).summary(tokenizer)
+    # [a b é c] [d e f g] [h i j k] (EOS left over): the first of each block is not scored; é is 2 bytes
+    assert (summary["train_tokens"], summary["scored_tokens"], summary["validation_bytes"]) == (12, 9, 10)
     assert summary["bptt"].startswith("truncated at each block")
 
 

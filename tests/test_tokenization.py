@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from lm_lstm.tokenization import (
-    SPECIAL_TOKENS, document_start_id, encode_prompt, load_tokenizer, tokenizer_kind, train_char_tokenizer,
-    train_tokenizer, word_tokenizer,
+    SPECIAL_TOKENS, document_start_id, encode_prompt, eos_ends_lines, load_tokenizer, tokenizer_kind,
+    train_char_tokenizer, train_tokenizer, word_tokenizer,
 )
 
 SAMPLES = [
@@ -161,6 +161,8 @@ def test_word_tokenizer_reads_text_as_the_word_language_model_example(tmp_path):
     assert tokenizer.convert_ids_to_tokens(ids) == ["the", "cat", "<unk>", "<eos>", "a", "cat", "<eos>"]
     tokenizer.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path)("the cat ate\n")["input_ids"] == [2, 3, 1, 0]
+    assert eos_ends_lines(tokenizer) and eos_ends_lines(load_tokenizer(tmp_path))
+    assert not eos_ends_lines(train_char_tokenizer(["a\nb"]))
     with pytest.raises(ValueError, match="<eos>"):
         word_tokenizer(["<unk>", "a"])
     with pytest.raises(ValueError, match="repeats the word 'a'"):

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 
 import evaluate
 import pytest
@@ -158,6 +159,38 @@ def test_stateful_training_on_documents_end_to_end(shakespeare_text, tmp_path):
     assert json.loads((output / "config.json").read_text())["temporal_activation_regularization"] == 1
 
 
+def test_word_level_training_end_to_end(corpus, tmp_path):
+    """The design's basic configuration (`--tokenizer_type word --embedding_size 300 --hidden_size 1024
+    --num_hidden_layers 1`) in shape, at tiny sizes: the vocabulary, the unit named in the report and card, and bits
+    per byte over the bytes of the held-out text."""
+    output = tmp_path / "model"
+    result = run_cli(
+        "train", "--train_file", corpus / "train.txt", "--output_dir", output, "--tokenizer_type", "word",
+        "--tokenizer_vocab_size", 600, "--min_frequency", 2, "--embedding_size", 30, "--hidden_size", 64,
+        "--num_hidden_layers", 1, "--block_size", 35, "--per_device_train_batch_size", 8, "--max_steps", 4,
+        "--eval_steps", 4, "--save_steps", 4, "--warmup_steps", 1, "--bf16", "False", "--report_to", "none",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    vocabulary = tokenizer.get_vocab()
+    validation = (corpus / "validation.txt").read_text()
+    counts = Counter((corpus / "train.txt").read_text()[: -len(validation)].split())  # what the tokenizer saw
+    assert len(vocabulary) == 600 and (vocabulary["<eos>"], vocabulary["<unk>"]) == (0, 1)
+    assert min(counts[word] for word in vocabulary if word not in ("<eos>", "<unk>")) >= 2
+    assert json.loads((output / "config.json").read_text())["num_hidden_layers"] == 1
+
+    final = json.loads((output / "eval_results.json").read_text())
+    assert f"Validation perplexity: {final['eval_perplexity']:.3f} per word (each line end, <eos>, counts as a word)" \
+        in result.stdout
+    card = ModelCard.load(output / "README.md")
+    assert "| perplexity per word |" in card.text and "| tokenizer | word-level, 600 tokens |" in card.text
+    # Every validation token is scored once (stateful evaluation): one <eos> per line, the last one added.
+    scored = len(tokenizer(validation)["input_ids"]) + (not validation.endswith("\n"))
+    bits_per_byte = next(r.metric_value for r in card.data.eval_results if r.metric_type == "bits_per_byte")
+    expected = final["eval_loss"] * scored / math.log(2) / len(validation.encode())
+    assert bits_per_byte == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("stateful", [False, True])
 def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path, stateful):
     def run(output, resume=None):
@@ -258,6 +291,22 @@ def test_options_that_would_lose_work_or_be_ignored_are_refused(tmp_path):
         ModelArguments(config_name=str(tmp_path / "model"), hidden_size=8)
     with pytest.raises(ValueError, match="--max_train_samples must be at least 1"):
         DataArguments(max_train_samples=0)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--tokenizer_type", "word", "--min_frequency", "0"], "--min_frequency must be at least 1, got 0."),
+    (["--min_frequency", "2"], "--min_frequency applies to a word tokenizer trained on the text"),
+    (["--tokenizer_type", "word", "--min_frequency", "2", "--tokenizer_name", "gpt2"], "--min_frequency applies"),
+    (["--tokenizer_type", "word", "--tokenizer_vocab_size", "2"],
+     "--tokenizer_vocab_size must be at least 3 for a word tokenizer, got 2."),
+    (["--tokenizer_type", "bpe", "--tokenizer_vocab_size", "100"], "--tokenizer_vocab_size must be at least 259"),
+])
+def test_bad_tokenizer_options_are_refused_in_one_line(capsys, options, message):
+    from lm_lstm.cli import main
+
+    assert main(["train", *options]) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("lm-lstm train: error: ") and message in error
 
 
 def test_cli_refuses_bad_generation_counts_and_do_predict_in_one_line(capsys):
