@@ -25,7 +25,7 @@ from .evaluation import perplexity_unit
 from .modeling_lstm import LSTMForCausalLM
 from .sizing import SizeChoice, size_model
 from .streams import build_stream_data
-from .tokenization import document_start_id, encode_prompt, load_tokenizer, train_tokenizer
+from .tokenization import document_start_id, encode_prompt, eos_ends_lines, load_tokenizer, train_tokenizer
 from .trainer import LSTMTrainer
 
 
@@ -126,7 +126,9 @@ def configure_generation(model, tokenizer: PreTrainedTokenizerBase) -> None:
     model config's `bos_token_id`) starts from the document-start token, as training does."""
     config = model.generation_config
     config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
+    # A word-level model's EOS ends every line: it generates across lines, to `max_new_tokens`, as PyTorch's
+    # word_language_model example does, rather than stop after one.
+    config.eos_token_id = None if eos_ends_lines(tokenizer) else tokenizer.eos_token_id
     config.bos_token_id = model.config.bos_token_id = document_start_id(tokenizer)
     config.do_sample = True
     config.temperature = 0.8
@@ -256,6 +258,7 @@ def train(
     if do_train:
         train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         metrics.update(train_output.metrics)
+        configure_generation(trainer.model, tokenizer)  # Trainer.train made the tokenizer's EOS a stop token again
         # `_internal_call` keeps `save_model` from pushing now, before the card is written; the push comes last.
         trainer.save_model(str(output_dir), _internal_call=True)
     if do_eval:

@@ -189,6 +189,11 @@ def test_word_level_training_end_to_end(corpus, tmp_path):
     bits_per_byte = next(r.metric_value for r in card.data.eval_results if r.metric_type == "bits_per_byte")
     expected = final["eval_loss"] * scored / math.log(2) / len(validation.encode())
     assert bits_per_byte == pytest.approx(expected, rel=1e-5)
+    # <eos> ends lines, not texts: generation runs across lines to max_new_tokens (greedy: a tiny model repeats).
+    model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+    assert model.generation_config.eos_token_id is None
+    generated = model.generate(**tokenizer("First", return_tensors="pt"), max_new_tokens=40, do_sample=False)
+    assert generated.shape[1] == 41
 
 
 @pytest.mark.parametrize("stateful", [False, True])
