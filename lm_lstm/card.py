@@ -115,6 +115,7 @@ def architecture_fields(model, tokenizer) -> dict[str, object]:
     config = model.config
     return dict(
         num_layers=config.num_hidden_layers,
+        lstm_layers=f"{config.num_hidden_layers} LSTM layer{'s' if config.num_hidden_layers > 1 else ''}",
         vocab_size=config.vocab_size,
         tokenizer_kind=tokenizer_kind(tokenizer),
         parameters=f"{model.num_parameters():,}",

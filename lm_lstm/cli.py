@@ -100,7 +100,7 @@ def generate_command(argv: list[str]) -> int:
     from transformers import TextStreamer, set_seed
 
     from .evaluation import load_model_and_tokenizer
-    from .tokenization import encode_prompt
+    from .tokenization import encode_prompt, text_decoding
 
     if args.seed is not None:
         set_seed(args.seed)
@@ -112,7 +112,7 @@ def generate_command(argv: list[str]) -> int:
     }
     inputs = encode_prompt(tokenizer, args.prompt)
     streams = options.get("num_beams", 1) == 1 and args.num_return_sequences == 1
-    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if streams else None
+    streamer = TextStreamer(tokenizer, **text_decoding(tokenizer)) if streams else None
     output = model.generate(
         **inputs,
         max_new_tokens=args.max_new_tokens,
@@ -122,7 +122,7 @@ def generate_command(argv: list[str]) -> int:
     )
     if not streams:
         for sequence in output:
-            print(tokenizer.decode(sequence, skip_special_tokens=True), end="\n\n")
+            print(tokenizer.decode(sequence, **text_decoding(tokenizer)), end="\n\n")
     return 0
 
 
@@ -279,6 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         message = message.removeprefix(f"lm-lstm {name}: ")  # usage errors name the command already
         print(f"lm-lstm {name}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        # The `tokenizers` library raises plain Exceptions, such as a word-level vocabulary without `<unk>` (a
+        # converted checkpoint's) meeting a word it lacks: one line as well. Anything else is a bug: its traceback.
+        if type(error) is not Exception or os.environ.get("LM_LSTM_DEBUG"):
+            raise
+        reason = "a word of the text is not in the vocabulary, which has no <unk>" if "Missing [UNK]" in str(error) \
+            else str(error).strip().splitlines()[0]
+        print(f"lm-lstm {name}: error: the tokenizer failed: {reason}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lm-lstm {name}: interrupted", file=sys.stderr)

@@ -15,7 +15,8 @@ non-whitespace character (by the tokenizer's character offsets); a token of whit
 its item. Tokens after the item's last word (a line end, trailing whitespace, an EOS that ends a document) form the
 item's `end`. So for a subword or character tokenizer a word's surprisal is the sum of its tokens', its leading space
 included; for a word-level tokenizer each token is a word (an unknown word is reported as written, scored as
-`<unk>`) and the end is the line's `<eos>`. An item's words and end add up to its tokens.
+`<unk>`) and the end is the line's `<eos>`, shown as the line end it stands for. An item's words and end add up to
+its tokens.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def word_tokenizer(vocabulary: Sequence[str]) -> PreTrainedTokenizerFast:
     outside the vocabulary is `<unk>` (`UNKNOWN_WORD`).
 
     `<eos>` is EOS, BOS and padding: it ends every line and so every document, and documents start from it. Text is
-    not kept exactly: decoding joins the words with single spaces. Like the example's corpora, the string "<eos>" in
+    not kept exactly: decoding joins the words of a line with single spaces and shows `<eos>` as a line end (with
+    `skip_special_tokens=True`, `<eos>` and `<unk>` are dropped: see `text_decoding`). Like the example's corpora, the string "<eos>" in
     text is a line end. Raises `ValueError` if `vocabulary` lacks `<eos>` or repeats a word. Without `<unk>` in the
     vocabulary, encoding an unknown word raises an error.
     """
@@ -119,6 +120,10 @@ def word_tokenizer(vocabulary: Sequence[str]) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unknown))
     tokenizer.normalizer = normalizers.Replace(LINE_BREAK, f" {LINE_END} ")
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.Sequence([  # words joined by spaces, each `<eos>` a line end without spaces around it
+        decoders.Replace(LINE_END, "\n"), decoders.WordPiece(prefix="\0", cleanup=False), decoders.Fuse(),
+        decoders.Replace(" \n", "\n"), decoders.Replace("\n ", "\n"),
+    ])
     special = {"pad_token": LINE_END, "bos_token": LINE_END, "eos_token": LINE_END}
     if unknown:
         special["unk_token"] = unknown
@@ -200,6 +205,12 @@ def eos_ends_lines(tokenizer: PreTrainedTokenizerBase) -> bool:
     (a word, in per-word perplexity). Otherwise EOS only separates documents and stands for no text.
     """
     return tokenizer("\n", add_special_tokens=False)["input_ids"] == [document_start_id(tokenizer)]
+
+
+def text_decoding(tokenizer: PreTrainedTokenizerBase) -> dict[str, bool]:
+    """`decode()` options that turn generated ids into the text they stand for: special tokens skipped, except where
+    EOS is a line end (`eos_ends_lines`: word-level tokenizers decode it as one, and `<unk>` as written)."""
+    return {"skip_special_tokens": not eos_ends_lines(tokenizer)}
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> BatchEncoding:

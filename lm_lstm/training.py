@@ -25,7 +25,9 @@ from .evaluation import perplexity_unit
 from .modeling_lstm import LSTMForCausalLM
 from .sizing import SizeChoice, size_model
 from .streams import build_stream_data
-from .tokenization import document_start_id, encode_prompt, eos_ends_lines, load_tokenizer, train_tokenizer
+from .tokenization import (
+    document_start_id, encode_prompt, eos_ends_lines, load_tokenizer, text_decoding, train_tokenizer,
+)
 from .trainer import LSTMTrainer
 
 
@@ -125,10 +127,12 @@ def configure_generation(model, tokenizer: PreTrainedTokenizerBase) -> None:
     """Sampling defaults for `generate()`, saved as `generation_config.json`; generation without a prompt (and the
     model config's `bos_token_id`) starts from the document-start token, as training does."""
     config = model.generation_config
-    config.pad_token_id = tokenizer.pad_token_id
     # A word-level model's EOS ends every line: it generates across lines, to `max_new_tokens`, as PyTorch's
-    # word_language_model example does, rather than stop after one.
-    config.eos_token_id = None if eos_ends_lines(tokenizer) else tokenizer.eos_token_id
+    # word_language_model example does, rather than stop after one; and since its EOS pads too, a padding id would make
+    # `generate()` without an attention mask read every line end in a prompt as padding.
+    word_level = eos_ends_lines(tokenizer)
+    config.pad_token_id = None if word_level else tokenizer.pad_token_id
+    config.eos_token_id = None if word_level else tokenizer.eos_token_id
     config.bos_token_id = model.config.bos_token_id = document_start_id(tokenizer)
     config.do_sample = True
     config.temperature = 0.8
@@ -142,7 +146,7 @@ def sample_text(model, tokenizer: PreTrainedTokenizerBase, prompt: str = "\n", m
     inputs = encode_prompt(tokenizer, prompt).to(model.device)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens)
-    return tokenizer.decode(output[0], skip_special_tokens=True)
+    return tokenizer.decode(output[0], **text_decoding(tokenizer))
 
 
 def describe_data(data_args: DataArguments) -> tuple[str, list[str], str | None]:

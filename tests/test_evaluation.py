@@ -11,7 +11,7 @@ import lm_lstm
 from lm_lstm.card import RunSummary
 from lm_lstm.cli import main
 from lm_lstm.evaluation import Score, bits_per_byte, evaluate_file, load_model_and_tokenizer, text_perplexities
-from lm_lstm.tokenization import train_tokenizer
+from lm_lstm.tokenization import train_tokenizer, word_tokenizer
 
 from conftest import tiny_model
 
@@ -154,3 +154,16 @@ def test_word_level_evaluation_scores_every_line_end_as_a_word_over_the_bytes_of
     report = capsys.readouterr().out.splitlines()
     assert "unit            word (each line end, <eos>, counts as a word)" in report
     assert f"words scored    {len(ids)}" in report
+
+
+def test_a_word_outside_a_vocabulary_without_unk_is_a_one_line_error(tmp_path, capsys):
+    """A converted checkpoint's vocabulary may lack `<unk>`: the `tokenizers` library's error is reported in one line."""
+    tokenizer = word_tokenizer(["<eos>", "the", "cat"])
+    model = tiny_model(vocab_size=3, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text("the cat\nthe dog\n", encoding="utf-8")
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--file", str(tmp_path / "text.txt")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert error == ("lm-lstm evaluate: error: the tokenizer failed: a word of the text is not in the vocabulary, "
+                     "which has no <unk>")

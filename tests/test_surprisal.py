@@ -65,7 +65,7 @@ def test_each_line_on_its_own_sums_to_what_evaluate_sums_over_a_file_of_that_lin
     assert [item.text for item in items] == [line.rstrip("\n") for line in lines]
     for item, line in zip(items, lines):
         if line.isspace():  # a blank line holds its line end only (a file of it cannot be evaluated)
-            assert item.words == [] and item.end == ("<eos>" if kind == "word" else "\n")
+            assert item.words == [] and item.end == "\n"
             continue
         (tmp_path / "line.txt").write_bytes(line.encode("utf-8"))
         score = evaluate_file(model, tokenizer, tmp_path / "line.txt")
@@ -117,8 +117,8 @@ def test_word_level_tokens_are_words_and_the_line_end_is_eos(folders):
     assert first.words == "The keys to the xylophone are here".split()  # an unknown word as written ...
     assert "<unk>" in first.tokens and first.tokens[-1] == "<eos>"  # ... scored as <unk>
     assert first.word_bits == pytest.approx(first.token_bits[:-1])
-    assert (first.end, first.end_bits) == ("<eos>", pytest.approx(first.token_bits[-1]))
-    assert second.tokens[-1] == "<eos>" and second.end == "<eos>"  # the last line ends with <eos> as well
+    assert (first.end, first.end_bits) == ("\n", pytest.approx(first.token_bits[-1]))  # <eos>, shown as what it is
+    assert second.tokens[-1] == "<eos>" and second.end == "\n"  # the last line ends with <eos> as well
 
 
 def test_tsv_escapes_text_and_jsonl_holds_lists(folders):

@@ -189,11 +189,16 @@ def test_word_level_training_end_to_end(corpus, tmp_path):
     bits_per_byte = next(r.metric_value for r in card.data.eval_results if r.metric_type == "bits_per_byte")
     expected = final["eval_loss"] * scored / math.log(2) / len(validation.encode())
     assert bits_per_byte == pytest.approx(expected, rel=1e-5)
-    # <eos> ends lines, not texts: generation runs across lines to max_new_tokens (greedy: a tiny model repeats).
+    # <eos> ends lines, not texts: generation runs across lines to max_new_tokens, and a prompt's line ends are not
+    # padding (no attention mask given: the same as with one); decoding shows <eos> as a line end.
     model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
-    assert model.generation_config.eos_token_id is None
-    generated = model.generate(**tokenizer("First", return_tensors="pt"), max_new_tokens=40, do_sample=False)
-    assert generated.shape[1] == 41
+    assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (None, None)
+    prompt = tokenizer("\nFirst Citizen:\nYou", return_tensors="pt")
+    assert prompt["input_ids"][0, 0] == tokenizer.eos_token_id
+    generated = model.generate(prompt["input_ids"], max_new_tokens=40, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 40
+    torch.testing.assert_close(generated, model.generate(**prompt, max_new_tokens=40, do_sample=False))
+    assert tokenizer.decode(tokenizer("a b\n\nc\n")["input_ids"]) == "a <unk>\n\n<unk>\n"
 
 
 @pytest.mark.parametrize("stateful", [False, True])
