@@ -137,7 +137,7 @@ def train_word_tokenizer(texts: Iterable[str], vocab_size: int = 10000, min_freq
     """Trains a `word_tokenizer`: `<eos>`, `<unk>`, then the words of `texts` seen at least `min_frequency` times, most
     frequent first, up to `vocab_size` entries in all. Any other word is `<unk>`.
 
-    Raises `ValueError` if `vocab_size` < 3 or `min_frequency` < 1.
+    Raises `ValueError` if `vocab_size` < 3, `min_frequency` < 1, or no word is seen `min_frequency` times.
     """
     if vocab_size < WORD_MINIMUM_VOCABULARY:
         raise ValueError(
@@ -155,6 +155,9 @@ def train_word_tokenizer(texts: Iterable[str], vocab_size: int = 10000, min_freq
     counter.train_from_iterator(texts, trainer=trainer)
     ranked = sorted(counter.get_vocab().items(), key=lambda item: item[1])
     words = [word for word, _ in ranked if word not in (LINE_END, UNKNOWN_WORD)]
+    if not words:
+        raise ValueError(f"No word of the training text occurs at least --min_frequency {min_frequency} times: the "
+                         "vocabulary would be <eos> and <unk> alone.")
     return word_tokenizer([LINE_END, UNKNOWN_WORD, *words][:vocab_size])
 
 

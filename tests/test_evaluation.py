@@ -167,3 +167,21 @@ def test_a_word_outside_a_vocabulary_without_unk_is_a_one_line_error(tmp_path, c
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
     assert error == ("lm-lstm evaluate: error: the tokenizer failed: a word of the text is not in the vocabulary, "
                      "which has no <unk>")
+
+
+def test_a_damaged_model_folder_is_a_one_line_error(saved_model, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for file in saved_model.iterdir():
+        (damaged / file.name).write_bytes(file.read_bytes())
+    weights = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    assert main(["evaluate", "--model", str(damaged), "--file", str(saved_model / "text.txt")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"lm-lstm evaluate: error: {damaged}: its weights cannot be read (")
+    (damaged / "model.safetensors").write_bytes(weights)
+    tokenizer_file = (damaged / "tokenizer.json").read_text()
+    (damaged / "tokenizer.json").write_text(tokenizer_file[:100])
+    assert main(["evaluate", "--model", str(damaged), "--file", str(saved_model / "text.txt")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"lm-lstm evaluate: error: {damaged}: its tokenizer cannot be loaded (")

@@ -169,3 +169,5 @@ def test_word_tokenizer_reads_text_as_the_word_language_model_example(tmp_path):
         word_tokenizer(["<eos>", "a", "a"])
     with pytest.raises(ValueError, match="min_frequency"):
         train_tokenizer(["a"], kind="word", min_frequency=0)
+    with pytest.raises(ValueError, match="No word of the training text occurs at least --min_frequency 3 times"):
+        train_tokenizer(["a a b\nb c\n"], kind="word", min_frequency=3)
