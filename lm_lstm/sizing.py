@@ -6,12 +6,16 @@ size (a few timed training steps, in the precision training will use), and picks
 validation loss after the tokens it can see in the budget. The expectation is a scaling-law fit (Hoffmann et al.,
 2022, "Training Compute-Optimal Large Language Models", approach 3),
 
-    loss(N, D) = E + A / N**alpha + B / D**beta    (nats per character),
+    loss(N, D) = E + A / N**alpha + B / D'**beta    (nats per character),
 
-of the default recipe's final validation loss on the bundled corpus, over N, the LSTM layers' parameters, and D, the
-characters of training text seen. `benchmarks/scaling.py` trained the grid of sizes and lengths behind it and wrote
-the fit to `benchmarks/results/scaling.json`, whose numbers `SCALING_FIT` holds. Tokens and parameters do not depend
-on the machine: the same fit serves every machine, and only the measured speed differs.
+of the default recipe's final validation loss on the bundled corpus, over N, the LSTM layers' parameters, and D', the
+effective characters of training text seen: D itself for the first pass over the U characters of training text, then
+fewer for each repetition, D' = U + U R* (1 - exp(-(D / U - 1) / R*)) (after Muennighoff et al., 2023, "Scaling
+Data-Constrained Language Models"), which levels off at U (1 + R*); R* = R (N / 1e6)**-gamma, as a smaller model
+learns from more repetitions. `benchmarks/scaling.py` trained the grid of
+sizes and lengths behind it and wrote the fit to `benchmarks/results/scaling.json`, whose numbers `SCALING_FIT`
+holds. Tokens and parameters do not depend on the machine: the same fit serves every machine, and only the measured
+speed differs; U is the run's own training text.
 
 Only the hidden size changes (`CANDIDATE_HIDDEN_SIZES`, every layer); the number of layers, the embedding size, the
 streams and the BPTT length stay the recipe's (`presets.py`). Any size option given by the user disables sizing.
@@ -40,20 +44,33 @@ PROBE_SHARE = 0.05
 
 @dataclass(frozen=True)
 class LossFit:
-    """`loss(N, D) = irreducible + a / N**alpha + b / D**beta`, in nats per character, with N the parameters of the
-    LSTM layers and D the training characters seen."""
+    """`loss(N, D) = irreducible + a / N**alpha + b / D'**beta`, in nats per character, with N the parameters of the
+    LSTM layers and D' the effective training characters (`effective_characters`)."""
 
     irreducible: float
     a: float
     alpha: float
     b: float
     beta: float
+    repetitions: float  # R at 1M parameters: how many repetitions of the text are worth learning from
+    repetitions_exponent: float  # gamma: R* = repetitions * (N / 1e6)**-gamma
 
-    def loss(self, parameters: float, characters: float) -> float:
-        return self.irreducible + self.a / parameters**self.alpha + self.b / characters**self.beta
+    def effective_characters(self, characters: float, unique_characters: float, parameters: float) -> float:
+        """D': the `characters` seen, counting repetitions of the `unique_characters` of training text less, the less
+        the more `parameters`."""
+        if characters <= unique_characters:
+            return characters
+        repeated = characters / unique_characters - 1
+        worth = self.repetitions * (parameters / 1e6) ** -self.repetitions_exponent
+        return unique_characters * (1 + worth * (1 - math.exp(-repeated / worth)))
+
+    def loss(self, parameters: float, characters: float, unique_characters: float) -> float:
+        seen = self.effective_characters(characters, unique_characters, parameters)
+        return self.irreducible + self.a / parameters**self.alpha + self.b / seen**self.beta
 
 
-SCALING_FIT = LossFit(irreducible=1.0, a=1.0, alpha=0.3, b=1.0, beta=0.3)  # replaced by the measured fit below
+SCALING_FIT = LossFit(irreducible=1.0, a=1.0, alpha=0.3, b=1.0, beta=0.3, repetitions=3.0,
+                      repetitions_exponent=0.0)  # to be measured
 
 
 def layer_parameters(config: LSTMConfig) -> int:
@@ -107,20 +124,23 @@ class SizeChoice:
         )
 
 
-def expected_candidate(measurement: Measurement, budget_seconds: float, characters_per_token: float,
-                       fit: LossFit = SCALING_FIT) -> Candidate:
+def expected_candidate(measurement: Measurement, budget_seconds: float, unique_characters: float,
+                       characters_per_token: float = 1.0, fit: LossFit = SCALING_FIT) -> Candidate:
     characters = measurement.tokens_per_second * budget_seconds * TRAINING_SHARE * characters_per_token
-    return Candidate(measurement, characters, fit.loss(measurement.parameters, characters))
+    return Candidate(measurement, characters, fit.loss(measurement.parameters, characters, unique_characters))
 
 
-def choose_size(measurements: Sequence[Measurement], budget_seconds: float, characters_per_token: float = 1.0,
-                fit: LossFit = SCALING_FIT, probe_seconds: float = 0.0) -> SizeChoice:
-    """The measured size with the lowest expected loss for `budget_seconds` of training (ties: the smaller).
+def choose_size(measurements: Sequence[Measurement], budget_seconds: float, unique_characters: float,
+                characters_per_token: float = 1.0, fit: LossFit = SCALING_FIT,
+                probe_seconds: float = 0.0) -> SizeChoice:
+    """The measured size with the lowest expected loss for `budget_seconds` of training on `unique_characters` of
+    text (ties: the smaller).
 
     Deterministic given the measurements. Raises `ValueError` if there are none."""
     if not measurements:
         raise ValueError("No candidate size was measured.")
-    candidates = [expected_candidate(m, budget_seconds, characters_per_token, fit) for m in measurements]
+    candidates = [expected_candidate(m, budget_seconds, unique_characters, characters_per_token, fit)
+                  for m in measurements]
     chosen = min(candidates, key=lambda c: (c.loss, c.measurement.hidden_size))
     return SizeChoice(budget_seconds, chosen, candidates, probe_seconds)
 
@@ -156,7 +176,8 @@ def measure(config: LSTMConfig, hidden_size: int, batch_size: int, block_size: i
 
 
 def size_model(config: LSTMConfig, budget_seconds: float, batch_size: int, block_size: int, bf16: bool,
-               characters_per_token: float = 1.0, world_size: int = 1, sizes: Sequence[int] | None = None,
+               unique_characters: float, characters_per_token: float = 1.0, world_size: int = 1,
+               sizes: Sequence[int] | None = None,
                fit: LossFit = SCALING_FIT, clock: Callable[[], float] = time.perf_counter) -> SizeChoice:
     """Measures (`measure`) the candidate `sizes` (default `CANDIDATE_HIDDEN_SIZES`) of `config` from the smallest up and chooses one (`choose_size`);
     `budget_seconds` includes the time spent measuring.
@@ -170,11 +191,12 @@ def size_model(config: LSTMConfig, budget_seconds: float, batch_size: int, block
     for hidden_size in sorted(sizes or CANDIDATE_HIDDEN_SIZES):
         measurement = measure(config, hidden_size, batch_size, block_size, bf16, world_size)
         measurements.append(measurement)
-        loss = expected_candidate(measurement, budget_seconds, characters_per_token, fit).loss
+        loss = expected_candidate(measurement, budget_seconds, unique_characters, characters_per_token, fit).loss
         if loss > previous or clock() - start > PROBE_SHARE * budget_seconds:
             break
         previous = loss
     probe_seconds = clock() - start
-    choice = choose_size(measurements, budget_seconds - probe_seconds, characters_per_token, fit, probe_seconds)
+    choice = choose_size(measurements, budget_seconds - probe_seconds, unique_characters, characters_per_token, fit,
+                         probe_seconds)
     choice.budget_seconds = budget_seconds
     return choice

@@ -76,9 +76,10 @@ def size_new_model(model_args: ModelArguments, training_args: LSTMTrainingArgume
     choices: list[SizeChoice | None] = [None]
     if training_args.process_index == 0:
         summary = data.summary(tokenizer)
+        bytes_per_token = summary["validation_bytes"] / summary["scored_tokens"]  # characters, for ASCII text
         choices[0] = size_model(
             model_args.new_config(tokenizer), training_args.max_time, training_args.per_device_train_batch_size,
-            data.block_size, bool(training_args.bf16), summary["validation_bytes"] / summary["scored_tokens"],
+            data.block_size, bool(training_args.bf16), summary["train_tokens"] * bytes_per_token, bytes_per_token,
             training_args.world_size,
         )
         print(choices[0].describe(), flush=True)

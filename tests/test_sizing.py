@@ -2,6 +2,7 @@
 `lm-lstm train` sizing a model only when no size is given."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from lm_lstm.training import size_new_model, train
 from test_budget import StepClock, arguments, budget_callbacks
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "scaling.json"
-FIT = LossFit(irreducible=1.0, a=100.0, alpha=0.5, b=100.0, beta=0.5)
+FIT = LossFit(irreducible=1.0, a=100.0, alpha=0.5, b=100.0, beta=0.5, repetitions=4.0, repetitions_exponent=0.0)
+TEXT = 1e6  # unique training characters
 
 
 def speeds(tokens_per_second_at_128: float) -> list[Measurement]:
@@ -38,24 +40,27 @@ def test_layer_parameters_count_the_lstm_weights_and_biases():
 
 def test_the_expected_loss_is_the_fit_at_the_tokens_the_budget_gives():
     measurements = speeds(10_000)
-    choice = choose_size(measurements, budget_seconds=600, fit=FIT)
+    choice = choose_size(measurements, budget_seconds=600, unique_characters=TEXT, fit=FIT)
     for candidate in choice.candidates:
         characters = candidate.measurement.tokens_per_second * 600 * sizing.TRAINING_SHARE
         assert candidate.characters == pytest.approx(characters)
-        assert candidate.loss == pytest.approx(1 + 100 / candidate.measurement.parameters**0.5 + 100 / characters**0.5)
+        repeated = characters / TEXT - 1  # beyond the first pass, repetitions count less and less
+        seen = characters if repeated <= 0 else TEXT * (1 + 4 * (1 - math.exp(-repeated / 4)))
+        assert candidate.loss == pytest.approx(1 + 100 / candidate.measurement.parameters**0.5 + 100 / seen**0.5)
     assert choice.chosen.loss == min(c.loss for c in choice.candidates)
 
 
+def chosen(speed: float, budget_seconds: float, unique_characters: float = TEXT, reverse: bool = False) -> int:
+    measurements = speeds(speed)[::-1] if reverse else speeds(speed)
+    return choose_size(measurements, budget_seconds, unique_characters, fit=FIT).hidden_size
+
+
 def test_faster_machines_and_longer_budgets_choose_larger_models_deterministically():
-    slow = choose_size(speeds(5_000), budget_seconds=300, fit=FIT).hidden_size
-    fast = choose_size(speeds(500_000), budget_seconds=300, fit=FIT).hidden_size
-    longer = choose_size(speeds(5_000), budget_seconds=30_000, fit=FIT).hidden_size
+    slow, fast, longer = chosen(5_000, 300), chosen(500_000, 300), chosen(5_000, 30_000)
     assert slow < fast and slow < longer
-    assert choose_size(speeds(5_000), budget_seconds=300, fit=FIT).hidden_size == slow  # same speeds, same size
-    reversed_order = choose_size(list(reversed(speeds(5_000))), budget_seconds=300, fit=FIT)
-    assert reversed_order.hidden_size == slow
+    assert chosen(5_000, 300) == chosen(5_000, 300, reverse=True) == slow  # the same speeds, the same size
     with pytest.raises(ValueError, match="No candidate size"):
-        choose_size([], budget_seconds=300)
+        choose_size([], budget_seconds=300, unique_characters=TEXT)
 
 
 def test_measuring_stops_once_a_larger_size_is_expected_to_do_worse(monkeypatch):
@@ -70,8 +75,8 @@ def test_measuring_stops_once_a_larger_size_is_expected_to_do_worse(monkeypatch)
 
     monkeypatch.setattr(sizing, "measure", fake_measure)
     config = LSTMConfig(vocab_size=65, embedding_size=128, hidden_size=128, num_hidden_layers=2)
-    choice = size_model(config, 600, 16, 128, bf16=False, fit=FIT)
-    best = choose_size(list(table.values()), 600, fit=FIT).hidden_size
+    choice = size_model(config, 600, 16, 128, bf16=False, unique_characters=TEXT, fit=FIT)
+    best = choose_size(list(table.values()), 600, unique_characters=TEXT, fit=FIT).hidden_size
     assert choice.hidden_size == best
     sizes = sorted(table)
     assert measured == sizes[: sizes.index(best) + 2]
@@ -86,7 +91,8 @@ def test_measuring_stops_when_its_share_of_the_budget_is_spent(monkeypatch):
         return Measurement(hidden_size, hidden_size, 1e9)
 
     monkeypatch.setattr(sizing, "measure", slow_measure)
-    choice = size_model(LSTMConfig(vocab_size=65), 100, 16, 128, bf16=False, fit=FIT, clock=lambda: now[0])
+    choice = size_model(LSTMConfig(vocab_size=65), 100, 16, 128, bf16=False, unique_characters=1e12, fit=FIT,
+                        clock=lambda: now[0])
     assert [c.measurement.hidden_size for c in choice.candidates] == [128, 192]
     assert choice.probe_seconds == 8.0 and choice.budget_seconds == 100
     assert choice.chosen.characters == pytest.approx(1e9 * 92 * sizing.TRAINING_SHARE)  # the budget left to train
@@ -155,3 +161,14 @@ def test_a_resumed_run_takes_its_checkpoints_size(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no checkpoint in"):
         size_new_model(ModelArguments(), arguments(tmp_path / "empty", max_time=20, resume_from_checkpoint=True),
                        tokenizer=None, data=None)
+
+
+def test_repetitions_of_a_small_text_are_worth_less_than_new_text():
+    assert FIT.effective_characters(5e5, TEXT, 1e6) == 5e5  # the first pass counts in full
+    assert FIT.effective_characters(2e6, TEXT, 1e6) == pytest.approx(TEXT * (1 + 4 * (1 - math.exp(-1 / 4))))
+    assert FIT.effective_characters(1e9, TEXT, 1e6) == pytest.approx(5 * TEXT)  # levels off at (1 + R*) passes
+    # a smaller model learns from more repetitions: R* = 4 (N / 1e6)**-0.5 is 8 passes at N = 250,000
+    smaller_learns_longer = LossFit(**{**FIT.__dict__, "repetitions_exponent": 0.5})
+    assert smaller_learns_longer.effective_characters(1e9, TEXT, 2.5e5) == pytest.approx(9 * TEXT)
+    # on a small text, a long budget is better spent on a larger model than on more repetitions
+    assert chosen(50_000, 3_000, unique_characters=1e5) > chosen(50_000, 3_000, unique_characters=1e9)
