@@ -29,25 +29,37 @@ refused), or, for the legacy format of torch < 1.6, whose whole-model pickles th
 opcodes (`pickletools`, which executes nothing), are allow-listed as inert stand-in classes (`StandIn`) that only keep
 the pickled attributes, and the few functions such pickles call (`INERT_FUNCTIONS`) as functions that do nothing; the
 source's code is never imported or called. A pickle that names anything else (such as `os.system`) is refused with a
-`CheckpointError` that says how to export a `state_dict` instead. No option turns this off.
+`CheckpointError` that says how to export a `state_dict` instead. No option turns this off. A tensor that reaches past
+its storage is refused too (torch would grow the storage with uninitialised memory): `LegacyUnpickler` checks each
+one and allocates storages that cannot grow; torch's zip loader refuses them itself.
+
+Every weight must be floating point (float16, bfloat16, float32 or float64), finite and within float32's range: the
+converted model stores float32. All checks run before anything is written, and the folder is written beside the
+output folder and moved into place only once the saved model's logits match the source's, so a failed conversion
+leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import math
+import os
 import pickle
 import pickletools
 import re
+import shutil
+import tempfile
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,6 +67,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from .card import ConversionSummary, write_conversion_card
 from .configuration_lstm import LSTMConfig
+from .data import DataError, utf8_chunks
 from .modeling_lstm import LSTMForCausalLM
 from .tokenization import LINE_END, UNKNOWN_WORD, word_tokenizer
 from .training import configure_generation
@@ -188,12 +201,15 @@ def pickled_globals(path: str | Path) -> set[str]:
     return names
 
 
-def _refusal(path: Path, reason: str) -> CheckpointError:
-    return CheckpointError(
-        f"refusing to unpickle {path}: {reason}; nothing in it was run. If you trust the file, export its weights "
-        f"where it was made: python -c \"import torch; m = torch.load('{path.name}', weights_only=False); "
-        "torch.save((m[0] if isinstance(m, list) else m).state_dict(), 'state_dict.pt')\" and convert state_dict.pt."
-    )
+def _refusal(path: Path, reason: str, vocabulary: bool = False) -> CheckpointError:
+    if vocabulary:
+        advice = ("A vocabulary file must be a word list (one word per line) or the source's corpus cache (a "
+                  "torch.save'd data.Corpus or data.Dictionary, such as AWD-LSTM's corpus.*.data).")
+    else:
+        advice = (f"If you trust the file, export its weights where it was made: python -c \"import torch; "
+                  f"m = torch.load('{path.name}', weights_only=False); torch.save((m[0] if isinstance(m, list) else m)"
+                  ".state_dict(), 'state_dict.pt')\" and convert state_dict.pt.")
+    return CheckpointError(f"refusing to unpickle {path}: {reason}; nothing in it was run. {advice}")
 
 
 def _allow_list(names: Iterable[str]) -> dict[str, object]:
@@ -208,14 +224,23 @@ def _not_a_source_global(names: Iterable[str]) -> str:
     return f"it names {', '.join(sorted(names))}, which a PyTorch word_language_model or AWD-LSTM checkpoint does not"
 
 
-def load_torch_file(path: str | Path) -> object:
+def _python_name(torch_name: str) -> str:
+    """The name Python's unpickler resolves a global that torch's restricted unpickler reports as `torch_name` to
+    (torch maps fewer Python 2 names: it reports `subprocess.Popen`, pickled as `commands Popen`, as
+    `commands.Popen`)."""
+    module, _, name = torch_name.rpartition(".")
+    return _qualified(module, name) if module else torch_name
+
+
+def load_torch_file(path: str | Path, vocabulary: bool = False) -> object:
     """Loads a `torch.save` file without running code from it.
 
     The classes it names are replaced by `StandIn`s where `is_stand_in_name` allows, the functions in
     `INERT_FUNCTIONS` by functions that do nothing. Files of the zip format (torch >= 1.6) are read with
     `torch.load(weights_only=True)` and those stand-ins allow-listed; legacy files with `LegacyUnpickler`, the same
     rules for the format whose whole models torch's safe loader cannot read. Raises `CheckpointError` (one line) if
-    the file names anything else, such as `os.system`, or is not a checkpoint.
+    the file names anything else, such as `os.system` (advising how to export a state_dict, or for a `vocabulary`
+    what a vocabulary file must be), or is not a checkpoint.
     """
     path = Path(path)
     names = pickled_globals(path)
@@ -223,20 +248,26 @@ def load_torch_file(path: str | Path) -> object:
     if not _is_zip(path):
         refused = names - allowed.keys() - LEGACY_GLOBALS.keys()
         if refused:
-            raise _refusal(path, _not_a_source_global(refused))
-        return load_legacy_torch_file(path, allowed)
+            raise _refusal(path, _not_a_source_global(refused), vocabulary)
+        return load_legacy_torch_file(path, allowed, vocabulary)
     try:
         with torch.serialization.safe_globals([(value, name) for name, value in allowed.items()]):
             refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             if refused:
-                raise _refusal(path, _not_a_source_global(refused))
+                raise _refusal(path, _not_a_source_global(map(_python_name, refused)), vocabulary)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise _refusal(path, _torch_refusal_reason(error)) from None
-    except (RuntimeError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise _refusal(path, _torch_refusal_reason(error), vocabulary) from None
+    except RuntimeError as error:
+        if "storage that is not resizable" in str(error):  # torch refuses a tensor that reaches past its storage
+            raise CheckpointError(
+                f"{path}: not a checkpoint lm-lstm can read: a tensor reaches past its storage."
+            ) from None
+        raise _malformed(path, error) from None
+    except (ValueError, EOFError, zipfile.BadZipFile, TypeError, AttributeError, IndexError, KeyError) as error:
         if isinstance(error, CheckpointError):
             raise
-        raise CheckpointError(f"{path}: cannot read it as a PyTorch checkpoint ({_first_line(error)}).") from None
+        raise _malformed(path, error) from None
 
 
 def _torch_refusal_reason(error: pickle.UnpicklingError) -> str:
@@ -262,6 +293,50 @@ class _StorageType:
         self.dtype = dtype
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """Raised by `LegacyUnpickler` for what `torch.load(weights_only=True)` would refuse: a global, persistent id or
+    object state outside its rules."""
+
+
+class MalformedCheckpoint(pickle.UnpicklingError):
+    """Raised by `LegacyUnpickler` for a pickle whose values cannot be a checkpoint's (such as a tensor larger than its
+    storage)."""
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_tensor_extent(storage: object, storage_offset: object, size: object, stride: object) -> None:
+    """Refuses a pickled tensor that would reach past its storage (`storage_offset` plus the extent its `size` and
+    `stride` span, in elements, over the storage's element count), which torch would grow with uninitialised
+    memory, or whose geometry is not non-negative integers. Raises `MalformedCheckpoint`."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise MalformedCheckpoint(f"a tensor is built on a {type(storage).__name__}, not a storage")
+    if not (_is_index(storage_offset) and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride) and all(map(_is_index, size)) and all(map(_is_index, stride))):
+        raise MalformedCheckpoint(
+            f"a tensor has storage offset {storage_offset!r}, size {size!r} and stride {stride!r}; expected "
+            "non-negative integers, one stride per dimension"
+        )
+    extent = 0 if 0 in size else 1 + sum((length - 1) * step for length, step in zip(size, stride))
+    if storage_offset + extent > storage._size():
+        raise MalformedCheckpoint(
+            f"a tensor of size {tuple(size)} (stride {tuple(stride)}, storage offset {storage_offset}) reaches past "
+            f"its storage of {storage._size():,} elements"
+        )
+
+
+def _within_storage(rebuild):
+    """`torch._utils._rebuild_tensor(_v2)`, refusing a tensor that reaches past its storage (`check_tensor_extent`)."""
+    @functools.wraps(rebuild)
+    def checked(storage, storage_offset, size, stride, *args):
+        check_tensor_extent(storage, storage_offset, size, stride)
+        return rebuild(storage, storage_offset, size, stride, *args)
+
+    return checked
+
+
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
     "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
@@ -273,8 +348,8 @@ LEGACY_GLOBALS: dict[str, object] = {
     "builtins.set": set,
     "torch.Size": torch.Size,
     "torch.nn.parameter.Parameter": nn.Parameter,  # how torch < 1.0 pickled parameters: Parameter(data, requires_grad)
-    "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
-    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor": _within_storage(torch._utils._rebuild_tensor),
+    "torch._utils._rebuild_tensor_v2": _within_storage(torch._utils._rebuild_tensor_v2),
     "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": torch._utils._rebuild_parameter_with_state,
     **{f"{module}.{name}": _StorageType(dtype) for module in ("torch", "torch.cuda")
@@ -292,7 +367,9 @@ class LegacyUnpickler(pickle._Unpickler):
     classes of pickled modules, which the legacy format records that way (and which must be stand-ins).
 
     It is Python's own unpickler (`pickle._Unpickler`) with `find_class`, `persistent_load` and BUILD replaced.
-    Storages are allocated empty (at most `storage_bytes` bytes in all) and filled by `load_legacy_torch_file`.
+    Storages are allocated zeroed (at most `storage_bytes` bytes in all) and filled by `load_legacy_torch_file`.
+    They are not resizable (they live in numpy arrays, which torch cannot grow), and a tensor that reaches past its
+    storage is refused (`check_tensor_extent`) rather than given uninitialised memory.
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
@@ -301,14 +378,14 @@ class LegacyUnpickler(pickle._Unpickler):
         super().__init__(stream, encoding="utf-8")
         self.allowed = allowed
         self.storage_bytes = storage_bytes
-        self.storages: dict[str, torch.Tensor] = {}
+        self.storages: dict[object, tuple[np.ndarray, int]] = {}  # each storage's bytes and elements, by its key
 
     def find_class(self, module: str, name: str):
         full_name = _qualified(module, name)
         for table in (self.allowed, LEGACY_GLOBALS):
             if full_name in table:
                 return table[full_name]
-        raise pickle.UnpicklingError(f"unsupported global {full_name}")
+        raise RefusedGlobal(f"unsupported global {full_name}")
 
     def persistent_load(self, pid):
         kind = pid[0] if isinstance(pid, tuple) and pid else None
@@ -318,16 +395,20 @@ class LegacyUnpickler(pickle._Unpickler):
         if kind == "storage" and len(pid) == 6 and isinstance(pid[1], _StorageType):
             _, storage_type, key, _location, numel, view = pid
             if view is not None:
-                raise pickle.UnpicklingError("storage views (checkpoints of PyTorch < 0.4) are not supported")
+                raise RefusedGlobal("storage views (checkpoints of PyTorch < 0.4) are not supported")
+            element_size = torch.empty((), dtype=storage_type.dtype).element_size()
             if key not in self.storages:
-                element_size = torch.empty((), dtype=storage_type.dtype).element_size()
-                if not isinstance(numel, int) or not 0 <= numel * element_size <= self.storage_bytes:
-                    raise pickle.UnpicklingError(f"a storage of {numel!r} elements does not fit in the file")
+                if not _is_index(numel) or numel * element_size > self.storage_bytes:
+                    raise MalformedCheckpoint(f"a storage of {numel!r} elements does not fit in the file")
                 self.storage_bytes -= numel * element_size
-                self.storages[key] = torch.empty(numel, dtype=storage_type.dtype)
-            flat = self.storages[key]
-            return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=flat.dtype, _internal=True)
-        raise pickle.UnpicklingError(f"unsupported persistent id {kind!r}")
+                self.storages[key] = np.zeros(numel * element_size, dtype=np.uint8), numel
+            data, _ = self.storages[key]
+            if data.size != numel * element_size:
+                raise MalformedCheckpoint(f"storage {key!r} is given two sizes")
+            return torch.storage.TypedStorage(
+                wrap_storage=torch.from_numpy(data).untyped_storage(), dtype=storage_type.dtype, _internal=True
+            )
+        raise RefusedGlobal(f"unsupported persistent id {kind!r}")
 
     def load_build(self):
         state = self.stack.pop()
@@ -337,21 +418,22 @@ class LegacyUnpickler(pickle._Unpickler):
         elif type(instance) is OrderedDict and isinstance(state, dict):
             instance.__dict__.update(state)
         else:
-            raise pickle.UnpicklingError(f"refused to set the state of a {type(instance).__name__}")
+            raise RefusedGlobal(f"refused to set the state of a {type(instance).__name__}")
 
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def load_legacy_torch_file(path: str | Path, allowed: dict[str, object]) -> object:
+def load_legacy_torch_file(path: str | Path, allowed: dict[str, object], vocabulary: bool = False) -> object:
     """Reads a file of `torch.save`'s legacy format (`_use_new_zipfile_serialization=False`, or torch < 1.6) with
     `LegacyUnpickler`: its header pickles, the object, the storage keys, then each storage's raw bytes.
 
-    Raises `CheckpointError` for a global outside `allowed` and `LEGACY_GLOBALS`, or a malformed file.
+    Raises `CheckpointError` for a global outside `allowed` and `LEGACY_GLOBALS` (advising as `load_torch_file` does
+    for `vocabulary`), or a malformed file, such as one with a tensor larger than its storage.
     """
     path = Path(path)
     size = path.stat().st_size
-    try:
-        with path.open("rb") as stream:
+    with path.open("rb") as stream:
+        try:
             header = [LegacyUnpickler(stream, {}, 0).load() for _ in range(3)]
             if header[0] != LEGACY_MAGIC_NUMBER or header[1] != LEGACY_PROTOCOL_VERSION:
                 raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save).")
@@ -360,23 +442,40 @@ def load_legacy_torch_file(path: str | Path, allowed: dict[str, object]) -> obje
             unpickler = LegacyUnpickler(stream, allowed, size)
             result = unpickler.load()
             keys = LegacyUnpickler(stream, {}, 0).load()
-            if not isinstance(keys, list) or set(keys) != set(unpickler.storages):
-                raise CheckpointError(f"{path}: its storage table does not match its tensors.")
+            if not isinstance(keys, list) or sorted(map(repr, keys)) != sorted(map(repr, unpickler.storages)):
+                raise CheckpointError(f"{path}: not a checkpoint lm-lstm can read: its storage table does not match "
+                                      "its tensors.")
             for key in keys:
-                flat = unpickler.storages[key]
+                data, numel = unpickler.storages[key]
                 count = int.from_bytes(stream.read(8), "little", signed=True)
-                data = stream.read(flat.numel() * flat.element_size())
-                if count != flat.numel() or len(data) != flat.numel() * flat.element_size():
-                    raise CheckpointError(f"{path}: truncated or malformed storage {key!r}.")
-                if data:
-                    flat.view(-1).view(torch.uint8).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    except pickle.UnpicklingError as error:
-        raise _refusal(path, _first_line(error)) from None
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError, EOFError, RuntimeError) as error:
-        if isinstance(error, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: cannot read it as a PyTorch checkpoint ({_first_line(error)}).") from None
+                if count != numel or stream.readinto(memoryview(data)) != data.size:
+                    raise CheckpointError(f"{path}: not a checkpoint lm-lstm can read: storage {key!r} is truncated "
+                                          "or malformed.")
+        except RefusedGlobal as error:
+            raise _refusal(path, _first_line(error), vocabulary) from None
+        except MalformedCheckpoint as error:
+            raise CheckpointError(f"{path}: not a checkpoint lm-lstm can read: {_first_line(error)}.") from None
+        except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError, EOFError,
+                RuntimeError) as error:
+            if isinstance(error, CheckpointError):
+                raise
+            raise _malformed(path, error, stream.tell()) from None
     return result
+
+
+def _malformed(path: Path, error: BaseException, offset: int | None = None) -> CheckpointError:
+    """The error for a file that fails to load for a reason other than a refusal: the message of torch, pickle or
+    zipfile, or, for an error inside Python's own code (a hand-made pickle popping an empty stack, objects nested too
+    deeply), what that means, and where in the file (`offset`) if known."""
+    if isinstance(error, RecursionError):
+        reason = "its objects are nested too deeply"
+    elif isinstance(error, EOFError):
+        reason = "it is truncated"
+    elif type(error) in (RuntimeError, ValueError, zipfile.BadZipFile):
+        reason = _first_line(error)
+    else:  # IndexError, KeyError, TypeError, AttributeError, pickle.UnpicklingError from pickle's opcodes
+        reason = "its pickle is malformed" + (f" (near byte {offset:,})" if offset is not None else "")
+    return CheckpointError(f"{path}: not a checkpoint lm-lstm can read: {reason}.")
 
 
 def stand_in_attribute(obj: object, name: str, default=None):
@@ -384,23 +483,48 @@ def stand_in_attribute(obj: object, name: str, default=None):
     return obj.__dict__.get(name, default) if isinstance(obj, StandIn) else default
 
 
+MAX_MODULE_DEPTH, MAX_MODULES = 100, 10000  # far beyond either source's models (depth 4, a few dozen modules)
+
+
 def stand_in_state_dict(module: StandIn, prefix: str = "") -> dict[str, torch.Tensor]:
     """The `state_dict()` that the pickled `nn.Module` behind `module` would return: its parameters and persistent
-    buffers, then its submodules', under dotted names."""
+    buffers, then its submodules', under dotted names.
+
+    Raises `CheckpointError` for modules that contain themselves (which no real model does), are nested over
+    `MAX_MODULE_DEPTH` deep or number over `MAX_MODULES`.
+    """
     state: dict[str, torch.Tensor] = {}
-    parameters = stand_in_attribute(module, "_parameters") or {}
-    buffers = stand_in_attribute(module, "_buffers") or {}
-    non_persistent = stand_in_attribute(module, "_non_persistent_buffers_set") or set()
-    for tensors, skipped in ((parameters, ()), (buffers, non_persistent)):
-        if isinstance(tensors, dict):
-            for name, tensor in tensors.items():
-                if isinstance(tensor, torch.Tensor) and name not in skipped:
-                    state[prefix + name] = tensor
-    children = stand_in_attribute(module, "_modules") or {}
-    if isinstance(children, dict):
-        for name, child in children.items():
-            if isinstance(child, StandIn):
-                state.update(stand_in_state_dict(child, f"{prefix}{name}."))
+    visits = 0
+
+    def add(module: StandIn, prefix: str, ancestors: tuple[int, ...]) -> None:
+        nonlocal visits
+        visits += 1
+        if visits > MAX_MODULES:
+            raise CheckpointError(f"not a checkpoint lm-lstm can read: its model holds over {MAX_MODULES:,} modules.")
+        if len(ancestors) > MAX_MODULE_DEPTH:
+            raise CheckpointError(
+                f"not a checkpoint lm-lstm can read: its modules are nested over {MAX_MODULE_DEPTH} deep."
+            )
+        parameters = stand_in_attribute(module, "_parameters") or {}
+        buffers = stand_in_attribute(module, "_buffers") or {}
+        non_persistent = stand_in_attribute(module, "_non_persistent_buffers_set")
+        non_persistent = non_persistent if isinstance(non_persistent, (set, frozenset, list, tuple)) else ()
+        for tensors, skipped in ((parameters, ()), (buffers, non_persistent)):
+            if isinstance(tensors, dict):
+                for name, tensor in tensors.items():
+                    if isinstance(tensor, torch.Tensor) and name not in skipped:
+                        state[prefix + str(name)] = tensor
+        children = stand_in_attribute(module, "_modules") or {}
+        if isinstance(children, dict):
+            for name, child in children.items():
+                if isinstance(child, StandIn):
+                    if id(child) in ancestors or child is module:
+                        raise CheckpointError(
+                            f"not a checkpoint lm-lstm can read: its module `{prefix}{name}` contains itself."
+                        )
+                    add(child, f"{prefix}{name}.", (*ancestors, id(module)))
+
+    add(module, prefix, ())
     return state
 
 
@@ -530,7 +654,10 @@ def load_checkpoint(path: str | Path, source: str | None = None) -> SourceCheckp
                 f"tensors; expected {SUPPORTED_FORMATS}."
             )
         _check_criterion(objects, path)
-        state_dict = stand_in_state_dict(model)
+        try:
+            state_dict = stand_in_state_dict(model)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
         kind = "whole pickled model" + (f" (in a {type(obj).__name__} of {len(objects)})" if len(objects) > 1 else "")
     state_dict = dict(state_dict)
     for kept, dropped in (("decoder.weight", "encoder.weight"), ("encoder.weight", "decoder.weight")):
@@ -552,19 +679,37 @@ def load_checkpoint(path: str | Path, source: str | None = None) -> SourceCheckp
 # Vocabularies
 
 
+def _text_lines(path: str | Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file as the sources' `Corpus` reads them (in text mode, where LF, CR LF and CR end
+    lines), without a byte-order mark at its start.
+
+    Raises `CheckpointError` naming the file and the offset of its first byte that is not UTF-8, `OSError` if it is
+    missing.
+    """
+    try:
+        with open(path, encoding="utf-8-sig") as lines:
+            yield from lines
+    except UnicodeDecodeError:
+        try:
+            for _ in utf8_chunks(path):  # finds where, as lm-lstm's other commands report it
+                pass
+        except DataError as error:
+            raise CheckpointError(str(error)) from None
+        raise
+
+
 def corpus_vocabulary(paths: Sequence[str | Path]) -> list[str]:
     """The vocabulary, in id order, that the sources' `data.Corpus` builds from `paths`, read in the given order: for
     every line, the words of `line.split()` and then `<eos>`, each new word taking the next id. (`Corpus` reads
-    `train.txt`, `valid.txt` and `test.txt`, in that order.)
+    `train.txt`, `valid.txt` and `test.txt`, in that order.) A byte-order mark at a file's start is not a word.
 
-    Raises `OSError` for a missing file.
+    Raises `CheckpointError` for a file that is not UTF-8, `OSError` for a missing file.
     """
     words: dict[str, int] = {}
     for path in paths:
-        with open(path, encoding="utf8") as lines:  # as the example's Corpus.tokenize
-            for line in lines:
-                for word in line.split() + [LINE_END]:
-                    words.setdefault(word, len(words))
+        for line in _text_lines(path):  # as the example's Corpus.tokenize
+            for word in line.split() + [LINE_END]:
+                words.setdefault(word, len(words))
     return list(words)
 
 
@@ -574,12 +719,37 @@ def _is_torch_file(path: Path) -> bool:
     return head == b"\x80\x02" or _is_zip(path)  # torch.save's legacy format (a protocol-2 pickle), or its zip format
 
 
+def _check_word_ids(word2idx: dict[object, int], path: Path) -> None:
+    """Refuses a word -> id dict whose ids are not exactly 0 ... n - 1, each once: the ids are embedding rows, so
+    renumbering them would pair words with other words' rows."""
+    if not word2idx:
+        return
+    words_of: dict[int, list] = {}
+    for word, index in word2idx.items():
+        words_of.setdefault(index, []).append(word)
+    count = len(word2idx)
+    shared = next((index for index, words in words_of.items() if len(words) > 1), None)
+    outside = next((index for index in words_of if not 0 <= index < count), None)
+    if shared is not None:
+        words = words_of[shared]
+        problem = f"id {shared} is given to {len(words)} words ({', '.join(map(repr, words[:3]))})"
+    elif outside is not None:
+        problem = f"id {outside} is outside 0 ... {count - 1}"
+    else:
+        return
+    raise CheckpointError(
+        f"{path}: its word -> id dict must number its {count:,} words 0 ... {count - 1}, each once (the ids are "
+        f"rows of the model's embedding), but {problem}."
+    )
+
+
 def _pickled_vocabulary(obj: object, path: Path) -> list[str]:
     if isinstance(obj, StandIn) and stand_in_attribute(obj, "dictionary") is not None:  # a data.Corpus
         obj = stand_in_attribute(obj, "dictionary")
     if isinstance(obj, StandIn):  # a data.Dictionary
         obj = stand_in_attribute(obj, "idx2word")
-    if isinstance(obj, dict) and all(isinstance(v, int) for v in obj.values()):  # word2idx
+    if isinstance(obj, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in obj.values()):  # word2idx
+        _check_word_ids(obj, path)
         obj = sorted(obj, key=obj.get)
     if not (isinstance(obj, list) and obj and all(isinstance(word, str) for word in obj)):
         raise CheckpointError(f"{path}: holds no vocabulary (a data.Corpus, data.Dictionary or list of words).")
@@ -590,21 +760,21 @@ def read_vocabulary(path: str | Path) -> list[str]:
     """Reads a vocabulary in id order: a text file of one word per line (line i is id i), or a `torch.save`d
     `data.Corpus` / `data.Dictionary` (such as AWD-LSTM's cached `corpus.*.data`), read without running code.
 
-    Raises `CheckpointError` for an empty line, a line of several words, or a pickle without a vocabulary.
+    Raises `CheckpointError` for an empty line, a line of several words, text that is not UTF-8 (a byte-order mark
+    at its start is skipped), a pickle without a vocabulary, or a word -> id dict whose ids are not 0 ... n - 1.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such vocabulary file.")
     if _is_torch_file(path):
-        return _pickled_vocabulary(load_torch_file(path), path)
+        return _pickled_vocabulary(load_torch_file(path, vocabulary=True), path)
     words = []
-    with open(path, encoding="utf8") as lines:
-        for number, line in enumerate(lines, 1):
-            fields = line.split()
-            if len(fields) != 1:
-                what = "is empty" if not fields else f"holds {len(fields)} words ({line.strip()[:40]!r})"
-                raise CheckpointError(f"{path}: line {number} {what}; a vocabulary file has one word per line.")
-            words.append(fields[0])
+    for number, line in enumerate(_text_lines(path), 1):
+        fields = line.split()
+        if len(fields) != 1:
+            what = "is empty" if not fields else f"holds {len(fields)} words ({line.strip()[:40]!r})"
+            raise CheckpointError(f"{path}: line {number} {what}; a vocabulary file has one word per line.")
+        words.append(fields[0])
     return words
 
 
@@ -671,11 +841,16 @@ def read_layout(state_dict: dict[str, torch.Tensor], source: str) -> LSTMLayout:
     """Checks a source state_dict key by key and shape by shape and returns its layout.
 
     Raises `CheckpointError` (one line) naming a missing or unexpected key, a tensor of the wrong shape, a layer that
-    is not an LSTM (GRU, plain RNN), or sizes that `LSTMConfig` cannot express.
+    is not an LSTM (GRU, plain RNN), sizes that `LSTMConfig` cannot express, or a weight that `check_weight` refuses.
     """
+    checked: set[str] = set()
+
     def tensor(key: str) -> torch.Tensor:
         if key not in state_dict:
             raise CheckpointError(f"the {source} checkpoint lacks `{key}`; expected {SUPPORTED_FORMATS}.")
+        if key not in checked:
+            check_weight(key, state_dict[key])
+            checked.add(key)
         return state_dict[key]
 
     def expect(key: str, shape: tuple[int, ...], why: str) -> None:
@@ -708,7 +883,8 @@ def read_layout(state_dict: dict[str, torch.Tensor], source: str) -> LSTMLayout:
         expect(keys["bias_hh_l0"], (4 * hidden,), where)
         sizes.append(hidden)
         input_size = hidden
-    decoder = state_dict.get("decoder.weight", encoder)  # a deduplicated tied checkpoint keeps one of the two
+    # A deduplicated tied checkpoint keeps one of the two.
+    decoder = tensor("decoder.weight") if "decoder.weight" in state_dict else encoder
     tied = _same_tensor(decoder, encoder)
     expect("decoder.bias", (vocab_size,), "one bias per word of encoder.weight")
     if "decoder.weight" in state_dict:
@@ -727,6 +903,30 @@ def read_layout(state_dict: dict[str, torch.Tensor], source: str) -> LSTMLayout:
     layout = LSTMLayout(vocab_size, embedding_size, sizes, tied)
     lstm_config(layout)  # refuses sizes LSTMConfig cannot express
     return layout
+
+
+FLOAT_DTYPES = "float16, bfloat16, float32 or float64"
+
+
+def check_weight(key: str, tensor: torch.Tensor) -> None:
+    """Refuses, naming the source's `key`, a weight that does not convert to lm-lstm's float32 weights unchanged: one
+    that is not a dense CPU tensor of floating point (complex would lose its imaginary part; integer and bool
+    tensors are no trained weights), holds NaN or infinite values, or values beyond float32's range."""
+    if tensor.layout != torch.strided or tensor.device.type != "cpu":
+        where = tensor.layout if tensor.layout != torch.strided else f"{tensor.device.type} device"
+        raise CheckpointError(f"the checkpoint's `{key}` is a tensor of {where}; only dense CPU tensors convert.")
+    if not tensor.is_floating_point():
+        raise CheckpointError(
+            f"the checkpoint's `{key}` is {str(tensor.dtype).removeprefix('torch.')}, not floating point; "
+            f"only {FLOAT_DTYPES} weights convert."
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"the checkpoint's `{key}` holds NaN or infinite values; it cannot be converted.")
+    if tensor.dtype == torch.float64 and not bool(torch.isfinite(tensor.float()).all()):
+        raise CheckpointError(
+            f"the checkpoint's `{key}` holds values beyond float32's range (largest {float(tensor.abs().max()):.3g}); "
+            "lm-lstm's weights are float32."
+        )
 
 
 def lstm_config(layout: LSTMLayout, vocabulary: Sequence[str] | None = None, **fields) -> LSTMConfig:
@@ -822,7 +1022,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir}: exists and is not a folder.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
@@ -830,7 +1030,46 @@ def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
             f"{output_dir}: exists and is not empty; choose another output folder or allow overwriting "
             "(--overwrite_output_dir)."
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def staged_output_dir(output_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A new temporary folder to write a conversion into, beside `output_dir` (inside it if it exists and its parent
+    cannot be written), moved into place when the block ends normally (its files into `output_dir` if that exists:
+    empty, or with `overwrite`, when files of the same names are replaced and others kept); removed, with any parent
+    folders made for it, when the block raises, so that a failed conversion leaves nothing behind.
+
+    Raises `FileExistsError` if `output_dir` is a file, or a non-empty folder without `overwrite`.
+    """
+    _check_output_dir(output_dir, overwrite)
+    target = Path(os.path.abspath(output_dir))
+    made = [folder for folder in target.parents if not folder.exists()]  # deepest first
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except PermissionError:
+        if not target.is_dir():
+            raise
+        staging = Path(tempfile.mkdtemp(prefix=".lm-lstm-convert.", suffix=".partial", dir=target))
+    try:
+        yield staging
+        if not target.exists():
+            staging.rename(target)
+        else:
+            for entry in staging.iterdir():
+                destination = target / entry.name
+                if destination.is_dir() and not destination.is_symlink():
+                    shutil.rmtree(destination)
+                elif destination.exists() or destination.is_symlink():
+                    destination.unlink()
+                shutil.move(entry, destination)
+            staging.rmdir()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        raise
 
 
 def _check_vocabulary_size(layout: LSTMLayout, vocabulary: Sequence[str], origin: str, from_corpus: bool) -> None:
@@ -862,6 +1101,10 @@ def convert_checkpoint(
     `train_files` (`corpus_vocabulary`); exactly one must be given. The saved folder is loaded back and its logits on
     random token ids compared with `source_logits`.
 
+    Everything is checked before anything is written (weights finite, float, within float32; the source's logits
+    finite), and the folder is written beside `output_dir` and moved into place only once its logits match
+    (`staged_output_dir`): a failed conversion leaves nothing behind.
+
     Raises `CheckpointError` (a `ValueError`) for an unsafe, unreadable or mismatched checkpoint or vocabulary,
     `OSError` for missing files or a non-empty `output_dir` (unless `overwrite`), `RuntimeError` if the logits differ
     by more than `CHECK_TOLERANCE`.
@@ -891,41 +1134,46 @@ def convert_checkpoint(
     model = LSTMForCausalLM(config).eval()
     model.load_state_dict(convert_state_dict(checkpoint.state_dict, checkpoint.source))
     configure_generation(model, tokenizer)
-
-    _prepare_output_dir(output_dir, overwrite)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-
-    reloaded = AutoModelForCausalLM.from_pretrained(output_dir).eval()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, layout.vocab_size, CHECK_SHAPE, generator=generator)
     with torch.no_grad():
         expected = source_logits(checkpoint.state_dict, checkpoint.source, ids)
-        difference = float((reloaded(ids).logits.float() - expected).abs().max())
-    if not difference <= CHECK_TOLERANCE:  # also catches NaN
-        raise RuntimeError(
-            f"the converted model's logits differ from the source's by {difference:.3g} (> {CHECK_TOLERANCE}); "
-            "this is a bug in lm-lstm's conversion, please report it."
+    if not bool(torch.isfinite(expected).all()):
+        raise CheckpointError(
+            "the source model's own logits overflow float32 (its weights are too large), so the converted model's "
+            "would too; it cannot be converted."
         )
-    result = ConversionResult(
-        output_dir=output_dir, checkpoint=checkpoint, config=config, vocabulary_source=origin,
-        max_logit_difference=difference, checked_tokens=math.prod(CHECK_SHAPE),
-    )
-    write_conversion_card(output_dir, model, tokenizer, ConversionSummary(
-        model_name=output_dir.resolve().name,
-        repo_id=str(output_dir),
-        source_name=SOURCE_NAMES[checkpoint.source],
-        source_url=SOURCE_URLS[checkpoint.source],
-        checkpoint_file=checkpoint.path.name,
-        checkpoint_sha256=_sha256(checkpoint.path),
-        checkpoint_kind=checkpoint.kind,
-        vocabulary_source=origin,
-        dropouts_recorded=bool(checkpoint.dropouts),
-        max_logit_difference=difference,
-        checked_tokens=result.checked_tokens,
-        notes=list(checkpoint.notes),
-        awd_lstm=checkpoint.source == AWD_LSTM,
-    ))
+
+    with staged_output_dir(output_dir, overwrite) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        reloaded = AutoModelForCausalLM.from_pretrained(staging).eval()
+        with torch.no_grad():
+            difference = float((reloaded(ids).logits.float() - expected).abs().max())
+        if not difference <= CHECK_TOLERANCE:  # also catches NaN
+            raise RuntimeError(
+                f"the converted model's logits differ from the source's by {difference:.3g} (> {CHECK_TOLERANCE}); "
+                "this is a bug in lm-lstm's conversion, please report it."
+            )
+        result = ConversionResult(
+            output_dir=output_dir, checkpoint=checkpoint, config=config, vocabulary_source=origin,
+            max_logit_difference=difference, checked_tokens=math.prod(CHECK_SHAPE),
+        )
+        write_conversion_card(staging, model, tokenizer, ConversionSummary(
+            model_name=output_dir.resolve().name,
+            repo_id=str(output_dir),
+            source_name=SOURCE_NAMES[checkpoint.source],
+            source_url=SOURCE_URLS[checkpoint.source],
+            checkpoint_file=checkpoint.path.name,
+            checkpoint_sha256=_sha256(checkpoint.path),
+            checkpoint_kind=checkpoint.kind,
+            vocabulary_source=origin,
+            dropouts_recorded=bool(checkpoint.dropouts),
+            max_logit_difference=difference,
+            checked_tokens=result.checked_tokens,
+            notes=list(checkpoint.notes),
+            awd_lstm=checkpoint.source == AWD_LSTM,
+        ))
     return result
 
 

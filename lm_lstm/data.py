@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import codecs
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,30 @@ class DataError(ValueError):
     """A data file or dataset that cannot be used; the message names it and says why."""
 
 
+def utf8_chunks(path: str | Path) -> Iterator[str]:
+    """The text of the file at `path`, decoded as UTF-8 in chunks of about a megabyte.
+
+    Raises `DataError` naming the file and the offset of the first byte that is not UTF-8.
+    """
+    with Path(path).open("rb") as handle:
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        offset = 0  # of the chunk read next
+        while chunk := handle.read(_SNIFF_BYTES):
+            pending = len(decoder.getstate()[0])  # bytes of a character begun in the chunk before
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{path}: not UTF-8 text (invalid byte at offset {offset - pending + error.start})."
+                ) from None
+            yield text
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text (it ends inside a multi-byte character).") from None
+
+
 def check_text_file(path: str | Path) -> Path:
     """Returns `path` if it is a readable, non-empty UTF-8 file with some non-whitespace text; raises `DataError`."""
     path = Path(path)
@@ -57,22 +81,10 @@ def check_text_file(path: str | Path) -> Path:
     if suffix == ".parquet":
         return path
     has_text = False
-    with path.open("rb") as handle:
-        decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        offset = 0
-        while chunk := handle.read(_SNIFF_BYTES):
-            try:
-                text = decoder.decode(chunk)
-            except UnicodeDecodeError as error:
-                raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {offset + error.start}).") from None
-            if "\x00" in text:
-                raise DataError(f"{path}: not a text file (it contains NUL bytes).")
-            has_text = has_text or not text.isspace() and text != ""
-            offset += len(chunk)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text (it ends inside a multi-byte character).") from None
+    for text in utf8_chunks(path):
+        if "\x00" in text:
+            raise DataError(f"{path}: not a text file (it contains NUL bytes).")
+        has_text = has_text or not text.isspace() and text != ""
     if not has_text:
         raise DataError(f"{path}: the file holds only whitespace.")
     return path

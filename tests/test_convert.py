@@ -9,11 +9,13 @@ import ast
 import contextlib
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
 import types
-from collections import defaultdict
+import zipfile
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import pytest
@@ -23,11 +25,14 @@ from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+import lm_lstm.convert
+import lm_lstm.data
 from hub_server import metadata_errors
 from lm_lstm.cli import main
 from lm_lstm.convert import (
-    AWD_LSTM, PYTORCH_EXAMPLE, CheckpointError, convert_awd_lstm_checkpoint, convert_checkpoint,
-    convert_pytorch_example_checkpoint, corpus_vocabulary, load_checkpoint, read_vocabulary,
+    AWD_LSTM, LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, PYTORCH_EXAMPLE, CheckpointError,
+    convert_awd_lstm_checkpoint, convert_checkpoint, convert_pytorch_example_checkpoint, corpus_vocabulary,
+    load_checkpoint, load_torch_file, read_vocabulary,
 )
 from lm_lstm.evaluation import score_stream
 from lm_lstm.hub import check_hub_ready
@@ -438,6 +443,45 @@ def test_vocabulary_file_and_pickled_corpus(corpus_dir, tmp_path):
         one_line(error)
 
 
+@pytest.mark.parametrize("ids, message", [
+    ({"<eos>": 0, "a": 2, "b": 3}, r"must number its 3 words 0 \.\.\. 2, each once .* but id 3 is outside 0 \.\.\. 2"),
+    ({"<eos>": 0, "a": 1, "b": 1}, r"but id 1 is given to 2 words \('a', 'b'\)"),
+    ({"<eos>": 0, "a": 1, "b": -1}, r"but id -1 is outside 0 \.\.\. 2"),
+])
+def test_a_pickled_word_to_id_dict_must_number_the_words_from_0(tmp_path, ids, message):
+    """The ids are embedding rows: renumbering them would pair words with other words' rows."""
+    torch.save(ids, tmp_path / "word2idx.pt")
+    with pytest.raises(CheckpointError, match=message) as error:
+        read_vocabulary(tmp_path / "word2idx.pt")
+    one_line(error)
+    torch.save({"b": 1, "<eos>": 0, "a": 2}, tmp_path / "good.pt")
+    assert read_vocabulary(tmp_path / "good.pt") == ["<eos>", "b", "a"]
+
+
+@pytest.mark.parametrize("name", ["vocab.txt", "train.txt"])
+def test_text_that_is_not_utf8_is_named_with_the_offset(corpus_dir, tmp_path, monkeypatch, name):
+    path = corpus_dir / name
+    path.write_bytes(b"<eos>\nthe\ncat\xff\n")
+    read = read_vocabulary if name == "vocab.txt" else lambda p: corpus_vocabulary([p])
+    expected = re.escape(f"{path}: not UTF-8 text (invalid byte at offset 13).")
+    with pytest.raises(CheckpointError, match=f"^{expected}$"):
+        read(path)
+    monkeypatch.setattr(lm_lstm.data, "_SNIFF_BYTES", 4)  # a character begun in the chunk before does not shift it
+    path.write_bytes(b"<eos>\nab\ncd\xc3(\n")  # chunks '<eos', '>\nab', '\ncd\xc3', '(\n'
+    with pytest.raises(CheckpointError, match=r"invalid byte at offset 11\)"):
+        read(path)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_word(corpus_dir, tmp_path):
+    words = Corpus(str(corpus_dir)).dictionary.idx2word
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8-sig")
+    assert read_vocabulary(tmp_path / "vocab.txt") == words
+    (tmp_path / "eos.txt").write_text("<eos>\na\n", encoding="utf-8-sig")
+    assert read_vocabulary(tmp_path / "eos.txt") == ["<eos>", "a"]
+    (corpus_dir / "train.txt").write_text(TRAIN, encoding="utf-8-sig")
+    assert corpus_vocabulary(corpus_files(corpus_dir)) == words
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Conversion: logits, losses, perplexity
 
@@ -634,6 +678,111 @@ def test_the_cli_refuses_a_malicious_pickle_in_one_line(tmp_path, capsys):
     assert not marker.exists()
 
 
+class TensorOver:
+    """Pickles as a tensor of `size` / `stride` / `offset` over a storage of `elements` floats, as a tampered file
+    can: torch.save never writes one that reaches past its storage."""
+
+    def __init__(self, elements: int, size: tuple, stride: tuple, offset: int = 0):
+        self.values = torch.arange(float(elements))
+        self.geometry = offset, size, stride
+
+    def __reduce__(self):
+        storage = torch.storage.TypedStorage(wrap_storage=self.values.untyped_storage(), dtype=torch.float32,
+                                             _internal=True)
+        return torch._utils._rebuild_tensor_v2, (storage, *self.geometry, False, OrderedDict())
+
+
+@pytest.mark.parametrize("size, stride, offset", [((100000,), (1,), 0), ((2, 2), (3, 1), 0), ((4,), (1,), 1)],
+                         ids=["size", "stride", "offset"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_tensors_reaching_past_their_storage_are_refused(tmp_path, legacy, size, stride, offset):
+    """Torch would grow a resizable storage to fit, with uninitialised memory; the zip format's loader refuses."""
+    torch.save({"encoder.weight": TensorOver(4, size, stride, offset)}, tmp_path / "big.pt",
+               _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match="not a checkpoint lm-lstm can read: a tensor .*reaches past its storage"):
+        load_checkpoint(tmp_path / "big.pt")
+    torch.save({"w": TensorOver(4, (2,), (2,), 1)}, tmp_path / "view.pt", _use_new_zipfile_serialization=not legacy)
+    view = load_torch_file(tmp_path / "view.pt")["w"]  # within its storage: elements 1 and 3
+    assert view.tolist() == [1.0, 3.0] and not view.untyped_storage().resizable()
+
+
+class PopenCall:
+    def __reduce__(self):
+        return subprocess.Popen, (["true"],)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_refusals_name_globals_as_python_does(tmp_path, legacy):
+    """Protocol 2 pickles `subprocess.Popen` as `commands Popen`, its Python 2 name."""
+    torch.save({"x": PopenCall()}, tmp_path / "popen.pt", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match="it names subprocess.Popen, which") as error:
+        load_checkpoint(tmp_path / "popen.pt")
+    assert "commands" not in one_line(error)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_refused_vocabulary_pickle_says_what_a_vocabulary_is(tmp_path, legacy):
+    marker = tmp_path / "pwned"
+    torch.save({"<eos>": 0, "x": SystemCall(marker)}, tmp_path / "vocab.pt", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match="refusing to unpickle .*nothing in it was run. A vocabulary file must be "
+                                              "a word list .* or the source's corpus cache") as error:
+        read_vocabulary(tmp_path / "vocab.pt")
+    assert "state_dict" not in one_line(error) and not marker.exists()
+
+
+def legacy_file(path: Path, obj_pickle: bytes) -> Path:
+    """A legacy-format file with a valid header and `obj_pickle` as its object."""
+    with path.open("wb") as stream:
+        for header in (LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION, {"little_endian": True}):
+            pickle.dump(header, stream, protocol=2)
+        stream.write(obj_pickle)
+        pickle.dump([], stream, protocol=2)
+    return path
+
+
+def zip_file_with(path: Path, data_pkl: bytes) -> Path:
+    """A zip-format file whose data.pkl is `data_pkl`."""
+    torch.save({}, tmp := path.with_suffix(".tmp"))
+    with zipfile.ZipFile(tmp) as source, zipfile.ZipFile(path, "w") as archive:
+        for item in source.infolist():
+            archive.writestr(item, data_pkl if item.filename.endswith("/data.pkl") else source.read(item))
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_hand_made_pickles_are_one_clear_line(tmp_path, legacy):
+    make = legacy_file if legacy else zip_file_with
+    for pickled in (b"\x80\x02.", b"\x80\x02K\x01a."):  # STOP, APPEND to no list: each pops an empty stack
+        with pytest.raises(CheckpointError, match=r"not a checkpoint lm-lstm can read: its pickle is malformed"):
+            load_checkpoint(make(tmp_path / "hand.pt", pickled))
+
+
+class Looped(nn.Module):
+    """A model whose modules contain themselves (pickled as `model.RNNModel`)."""
+
+    def __init__(self, depth: int = 0):
+        super().__init__()
+        self.encoder = nn.Embedding(3, 2)
+        if depth:
+            self.inner = Looped(depth - 1)
+        else:
+            self._modules["loop"] = self
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_modules_that_contain_themselves_are_one_line_errors(tmp_path, monkeypatch, legacy):
+    with published_as(model={"RNNModel": Looped}):
+        torch.save(Looped(), tmp_path / "loop.pt", _use_new_zipfile_serialization=not legacy)
+        torch.save(Looped(4), tmp_path / "deep.pt", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match="not a checkpoint lm-lstm can read: its module `loop` contains itself"):
+        load_checkpoint(tmp_path / "loop.pt")
+    with pytest.raises(CheckpointError, match="inner.inner.inner.inner.loop` contains itself"):
+        load_checkpoint(tmp_path / "deep.pt")
+    monkeypatch.setattr(lm_lstm.convert, "MAX_MODULE_DEPTH", 3)
+    with pytest.raises(CheckpointError, match="its modules are nested over 3 deep"):
+        load_checkpoint(tmp_path / "deep.pt")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Errors
 
@@ -704,6 +853,96 @@ def test_other_refusals(tmp_path, corpus_dir):
         one_line(error)
     with pytest.raises(FileNotFoundError):
         convert_checkpoint(tmp_path / "missing.pt", tmp_path / "out", vocab_file=vocab)
+
+
+def eleven_word_vocabulary(tmp_path: Path) -> Path:
+    (tmp_path / "vocab.txt").write_text("\n".join(["<eos>"] + [f"w{i}" for i in range(10)]))
+    return tmp_path / "vocab.txt"
+
+
+@pytest.mark.parametrize("key, value", [("encoder.weight", float("nan")), ("rnn.weight_hh_l1", float("inf")),
+                                        ("decoder.bias", -float("inf"))])
+def test_weights_that_are_not_finite_are_refused_before_writing(tmp_path, key, value):
+    state = example_state_dict()
+    state[key].view(-1)[3] = value
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=rf"^the checkpoint's `{key}` holds NaN or infinite values") as error:
+        convert_checkpoint(tmp_path / "model.pt", tmp_path / "out", vocab_file=eleven_word_vocabulary(tmp_path))
+    one_line(error)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "vocab.txt"]
+
+
+def test_float64_weights_beyond_float32_and_overflowing_logits_are_refused(tmp_path):
+    state = {key: tensor.double() for key, tensor in example_state_dict(layers=1).items()}
+    state["encoder.weight"][0, 0] = 1e300
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"`encoder.weight` holds values beyond float32's range \(largest 1e"):
+        convert_checkpoint(tmp_path / "model.pt", tmp_path / "out", vocab_file=eleven_word_vocabulary(tmp_path))
+    state = {key: torch.zeros_like(tensor) for key, tensor in example_state_dict(layers=1).items()}
+    state["rnn.bias_ih_l0"].fill_(100.0)  # every gate open: each hidden unit is tanh(1)
+    state["decoder.weight"].fill_(3e38)
+    state["decoder.bias"].fill_(3e38)  # finite weights, logits past float32's largest value
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="the source model's own logits overflow float32") as error:
+        convert_checkpoint(tmp_path / "model.pt", tmp_path / "out", vocab_file=eleven_word_vocabulary(tmp_path))
+    one_line(error)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool, torch.float16, torch.bfloat16,
+                                   torch.float64])
+def test_only_floating_point_weights_convert(tmp_path, dtype):
+    state = example_state_dict(layers=1)
+    state["rnn.weight_ih_l0"] = (state["rnn.weight_ih_l0"] * 4).to(dtype)
+    torch.save(state, tmp_path / "model.pt")
+    vocab = eleven_word_vocabulary(tmp_path)
+    if dtype.is_floating_point:
+        result = convert_checkpoint(tmp_path / "model.pt", tmp_path / "out", vocab_file=vocab)
+        assert result.max_logit_difference <= 1e-5
+        return
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"^the checkpoint's `rnn.weight_ih_l0` is {name}, not floating point; "
+                                              "only float16, bfloat16, float32 or float64 weights convert") as error:
+        convert_checkpoint(tmp_path / "model.pt", tmp_path / "out", vocab_file=vocab)
+    one_line(error)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_conversion_leaves_nothing_behind(tmp_path, corpus_dir, monkeypatch):
+    words = Corpus(str(corpus_dir)).dictionary.idx2word
+    checkpoint = save_checkpoint(build_source(PYTORCH_EXAMPLE, len(words), 1, True), PYTORCH_EXAMPLE,
+                                 tmp_path / "model.pt", "state_dict")
+    inputs = {"train_files": corpus_files(corpus_dir)}
+    before = sorted(tmp_path.iterdir())
+    monkeypatch.setattr(lm_lstm.convert, "CHECK_TOLERANCE", -1.0)  # the check after saving fails
+    with pytest.raises(RuntimeError, match="logits differ"):
+        convert_checkpoint(checkpoint, tmp_path / "new" / "deeper" / "out", **inputs)
+    assert sorted(tmp_path.iterdir()) == before  # no folder, partial or parent left
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="logits differ"):
+        convert_checkpoint(checkpoint, tmp_path / "empty", **inputs)
+    assert list((tmp_path / "empty").iterdir()) == []
+    assert sorted(tmp_path.iterdir()) == sorted([*before, tmp_path / "empty"])
+    monkeypatch.undo()
+    convert_checkpoint(checkpoint, tmp_path / "empty", **inputs)  # a rerun does not find a half-written folder
+    (tmp_path / "empty" / "notes.txt").write_text("mine")
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    convert_checkpoint(checkpoint, tmp_path / "empty", overwrite=True, **inputs)
+    assert (tmp_path / "empty" / "notes.txt").read_text() == "mine"  # overwriting replaces the converted files only
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "empty").config.vocab_size == len(words)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
+
+    def no_writing_beside(dir, **options):  # a folder that can be written in a parent that cannot (a mount point)
+        if Path(dir) == tmp_path:
+            raise PermissionError(13, "Permission denied", dir)
+        return make_temporary_folder(dir=dir, **options)
+
+    make_temporary_folder = lm_lstm.convert.tempfile.mkdtemp
+    monkeypatch.setattr(lm_lstm.convert.tempfile, "mkdtemp", no_writing_beside)
+    convert_checkpoint(checkpoint, tmp_path / "empty", overwrite=True, **inputs)
+    assert not [p for p in (tmp_path / "empty").iterdir() if p.name.endswith(".partial")]
+    with pytest.raises(PermissionError):
+        convert_checkpoint(checkpoint, tmp_path / "other", **inputs)
 
 
 def test_cli_convert(tmp_path, corpus_dir, capsys):
