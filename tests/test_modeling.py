@@ -92,7 +92,8 @@ def test_step_kernel_is_measured_once_per_shape_unless_forced(monkeypatch):
 @pytest.mark.parametrize("slowed", ["step_matmul", "F.linear"])
 def test_step_matmul_measurement_picks_the_faster_kernel(slowed, monkeypatch):
     def slow(kernel):
-        return lambda rows, weight: (time.sleep(0.2), kernel(rows, weight))[1]  # far above scheduling noise, busy machine too
+        # far above scheduling noise, even on a busy machine
+        return lambda rows, weight: (time.sleep(0.2), kernel(rows, weight))[1]
 
     if slowed == "step_matmul":
         monkeypatch.setattr(modeling_lstm, "step_matmul", slow(step_matmul))
