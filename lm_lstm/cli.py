@@ -1,4 +1,4 @@
-"""The `lm-lstm` command: train, generate, evaluate, surprisal, push, convert.
+"""The `lm-lstm` command: train, generate, evaluate, surprisal, push, convert, export.
 
 Every failure the user can fix (a bad file, a bad option value, a missing model) ends with a one-line message on
 stderr and a non-zero exit status; set LM_LSTM_DEBUG=1 to see the traceback instead. Each command imports what it
@@ -251,6 +251,32 @@ def convert_command(argv: list[str]) -> int:
         print(f"Note: {note}")
     print(f"Model, tokenizer and card written to {result.output_dir}; load it with "
           f"AutoModelForCausalLM.from_pretrained({str(result.output_dir)!r}, trust_remote_code=True).")
+    return 0
+
+
+@command("export", "export a model folder as ONNX graphs with explicit state, for onnxruntime")
+def export_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lm-lstm export",
+        description="Write a prefill and a one-token decode graph with the recurrent state as inputs and outputs, "
+                    "their onnx_config.json and the tokenizer; lm_lstm.onnx_generation.OnnxLM runs them.",
+    )
+    parser.add_argument("model", help="Model folder (or Hub name).")
+    parser.add_argument("--format", choices=["onnx"], default="onnx", help="Export format.")
+    parser.add_argument("--output_dir", required=True, help="Folder to write the graphs to.")
+    parser.add_argument("--opset", type=int, help="ONNX opset version (default: 20).")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="Write into a non-empty --output_dir.")
+    parser.add_argument("--trust_remote_code", action="store_true", help="Allow the model folder's code.")
+    args = one_line_errors(parser).parse_args(argv)
+    from .evaluation import load_model_and_tokenizer
+    from .export import ONNX_OPSET, export_onnx, max_logit_difference
+
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    output_dir = export_onnx(model, args.output_dir, tokenizer, opset=args.opset or ONNX_OPSET,
+                             overwrite=args.overwrite_output_dir)
+    print(f"Prefill and decode graphs, onnx_config.json and the tokenizer written to {output_dir}")
+    print(f"Largest logit difference from the model (onnxruntime, prefill and one decode step): "
+          f"{max_logit_difference(model, output_dir):.2g}")
     return 0
 
 

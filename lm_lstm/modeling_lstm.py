@@ -13,6 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._higher_order_ops.scan import scan
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import initialization as init
 from transformers.cache_utils import (
@@ -37,6 +38,13 @@ STEP_MATMUL_MAX_ROWS = 256  # beyond, `F.linear` without measuring: it was the f
 # True or False forces the choice (deterministic tests, benchmarks).
 STEP_MATMUL: bool | None = None
 _step_matmul_is_faster: dict[tuple[int, ...], bool] = {}
+
+
+def is_tracing() -> bool:
+    """Whether `torch.compile` or `torch.export` is tracing the model. Traced, the model skips the checks that read
+    the inputs' values (a graph cannot branch on data), and its LSTM layers run as a scan over time steps
+    (`LSTMLayer._scan`) rather than the fused kernel, which tracing would unroll to one fixed length."""
+    return torch.compiler.is_compiling()
 
 
 def has_step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -140,8 +148,10 @@ class PaddingLayout:
 
     def __init__(self, attention_mask: torch.Tensor):
         mask = attention_mask.bool()
-        positions = torch.arange(mask.shape[1], device=mask.device)
         self.mask = mask
+        if is_tracing():
+            return  # traced layers mask each step instead (`LSTMLayer._scan`); packing depends on the data
+        positions = torch.arange(mask.shape[1], device=mask.device)
         self.lengths = mask.sum(dim=1)
         self.starts = torch.where(mask, positions, mask.shape[1]).amin(dim=1).clamp(max=mask.shape[1] - 1)
         ends = torch.where(mask, positions, -1).amax(dim=1)
@@ -156,7 +166,8 @@ class PaddingLayout:
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor | None, batch_size: int, seq_len: int) -> PaddingLayout | None:
-        """Checks `attention_mask`; returns None when it marks no padding."""
+        """Checks `attention_mask`; returns None when it marks no padding. Traced (`is_tracing`), the mask's values
+        are neither checked nor looked at: any mask is taken as padding."""
         if attention_mask is None:
             return None
         if attention_mask.shape != (batch_size, seq_len):
@@ -164,6 +175,8 @@ class PaddingLayout:
                 f"`attention_mask` must have shape (batch_size, sequence_length) = {(batch_size, seq_len)}, "
                 f"got {tuple(attention_mask.shape)}."
             )
+        if is_tracing():
+            return cls(attention_mask)
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (real token).")
         if bool(attention_mask.all()):
@@ -218,6 +231,8 @@ class LSTMLayer(GradientCheckpointingLayer):
         the final hidden and cell states.
         """
         dropping_weights = self.training and self.weight_dropout > 0
+        if is_tracing():
+            return self._scan(hidden_states, initial_hidden, initial_cell, padding, dropping_weights)
         one_step = hidden_states.shape[1] == 1 and padding is None and not dropping_weights
         outside_autocast = lstm_outside_autocast(hidden_states)
         with torch.autocast("cpu", enabled=False) if outside_autocast else contextlib.nullcontext():
@@ -258,6 +273,44 @@ class LSTMLayer(GradientCheckpointingLayer):
             cell = padding.keep_state_of_empty_rows(cell, initial_cell)
         return outputs, hidden, cell
 
+    def _scan(
+        self,
+        hidden_states: torch.Tensor,
+        hidden: torch.Tensor | None,
+        cell: torch.Tensor | None,
+        padding: PaddingLayout | None,
+        dropping_weights: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer as traceable operations: the input projection of every step at once, then the recurrence as a
+        `scan` over time (one graph for any length; ONNX `Scan`), or a single cell for a static one-token input.
+        Padding positions leave the state as it was and output zeros, as `_run` does."""
+        rnn = self.rnn
+        batch_size, seq_len = hidden_states.shape[:2]
+        if hidden is None:  # two tensors: `scan` goes wrong when its initial carries alias each other
+            hidden, cell = (hidden_states.new_zeros(batch_size, rnn.hidden_size) for _ in range(2))
+        hidden, cell = hidden.to(hidden_states.dtype), cell.to(hidden_states.dtype)
+        weight_hh = rnn.weight_hh_l0
+        if dropping_weights:
+            weight_hh = F.dropout(weight_hh, self.weight_dropout, training=True)
+        gate_inputs = F.linear(hidden_states, rnn.weight_ih_l0, rnn.bias_ih_l0 + rnn.bias_hh_l0)
+        real = padding.mask if padding is not None else None
+
+        def step(state: tuple[torch.Tensor, torch.Tensor], inputs: tuple[torch.Tensor, ...]):
+            hidden, cell = state
+            new_hidden, new_cell = lstm_cell_from_gates(inputs[0] + F.linear(hidden, weight_hh), cell)
+            if real is None:
+                return (new_hidden, new_cell), new_hidden.clone()  # scan's outputs may not alias its carry
+            keep = inputs[1][:, None]
+            new_hidden, new_cell = torch.where(keep, new_hidden, hidden), torch.where(keep, new_cell, cell)
+            return (new_hidden, new_cell), new_hidden * keep
+
+        time_major = (gate_inputs.transpose(0, 1),) + (() if real is None else (real.t(),))
+        if isinstance(seq_len, int) and seq_len == 1:  # a static one-token graph needs no loop
+            (hidden, cell), outputs = step((hidden, cell), tuple(inputs[0] for inputs in time_major))
+            return outputs[:, None], hidden, cell
+        (hidden, cell), outputs = scan(step, (hidden, cell), time_major)
+        return outputs.transpose(0, 1), hidden, cell
+
     def _step(
         self, inputs: torch.Tensor, hidden: torch.Tensor | None, cell: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -275,11 +328,17 @@ class LSTMLayer(GradientCheckpointingLayer):
             )
             return hidden[:, None], hidden, cell
         gates = step_matmul(inputs, rnn.weight_ih_l0) + step_matmul(hidden, rnn.weight_hh_l0)
-        gates = gates + (rnn.bias_ih_l0 + rnn.bias_hh_l0)
-        input_gate, forget_gate, cell_gate, output_gate = gates.chunk(4, 1)
-        cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(cell_gate)
-        hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
+        hidden, cell = lstm_cell_from_gates(gates + (rnn.bias_ih_l0 + rnn.bias_hh_l0), cell)
         return hidden[:, None], hidden, cell
+
+
+def lstm_cell_from_gates(gates: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSTM cell update from its `(batch, 4 * hidden)` pre-activations (input, forget, cell, output gates, in
+    `nn.LSTM`'s order) and the previous `(batch, hidden)` cell state; returns the new hidden and cell states."""
+    input_gate, forget_gate, cell_gate, output_gate = gates.chunk(4, 1)
+    cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(cell_gate)
+    hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
+    return hidden, cell
 
 
 class LSTMCacheLayer(LinearAttentionLayer, CacheLayerMixin):
@@ -443,7 +502,7 @@ class LSTMModel(LSTMPreTrainedModel):
     def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Looks tokens up, dropping whole word types in training (`embedding_dropout`)."""
         vocab_size = self.embeddings.num_embeddings
-        if input_ids.numel():
+        if input_ids.numel() and not is_tracing():
             low, high = (int(v) for v in torch.aminmax(input_ids))
             if low < 0 or high >= vocab_size:
                 raise ValueError(
@@ -756,7 +815,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
     def _output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`lm_head` on the hidden states; through `step_matmul` for a one-token step where it is faster."""
         head = self.lm_head
-        if hidden_states.shape[1] != 1 or type(head) is not nn.Linear:
+        if hidden_states.shape[1] != 1 or type(head) is not nn.Linear or is_tracing():
             return head(hidden_states)
         rows = hidden_states[:, 0]
         if not has_step_matmul(rows, head.weight):
@@ -781,8 +840,9 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         averaged over the `real` positions (`(batch, time)` bool), or over `num_items_in_batch` as the loss is (exact
         under gradient accumulation)."""
         real_pairs = real[:, 1:] & real[:, :-1]
-        activation = dropped_output.float().pow(2).mean(-1)[real].sum()
-        temporal = (raw_output[:, 1:] - raw_output[:, :-1]).float().pow(2).mean(-1)[real_pairs].sum()
+        # Masked sums rather than boolean indexing, whose output size would depend on the data when traced.
+        activation = (dropped_output.float().pow(2).mean(-1) * real).sum()
+        temporal = ((raw_output[:, 1:] - raw_output[:, :-1]).float().pow(2).mean(-1) * real_pairs).sum()
         count = num_items_in_batch if num_items_in_batch is not None else real.sum().clamp(min=1)
         config = self.config
         return (
@@ -790,6 +850,8 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         ) / count
 
     def _check_labels(self, labels: torch.Tensor) -> None:
+        if is_tracing():
+            return
         vocab_size = self.config.vocab_size
         invalid = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
         if bool(invalid.any()):

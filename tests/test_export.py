@@ -1,0 +1,234 @@
+"""torch.export, torch.compile(fullgraph=True) and ONNX graphs with explicit state, and generation with onnxruntime."""
+
+import json
+import shutil
+import tracemalloc
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoTokenizer, DynamicCache
+
+from lm_lstm import LSTMForCausalLM
+from lm_lstm.cli import main
+from lm_lstm.export import ExplicitStateLM, export_onnx, export_programs
+from lm_lstm.onnx_generation import OnnxLM
+from lm_lstm.training import configure_generation
+
+
+def padded_batch(batch_size: int, length: int, vocab_size: int, seed: int = 0):
+    """Token ids with a left-padded first row and a right-padded last row."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab_size, (batch_size, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, : length // 3] = 0
+    attention_mask[-1, length - 2 :] = 0
+    return input_ids, attention_mask
+
+
+def random_states(model, batch_size: int) -> list[torch.Tensor]:
+    return [torch.randn(batch_size, hidden) for _, hidden in model.config.layer_sizes for _ in range(2)]
+
+
+def cache_holding(model, states: list[torch.Tensor]) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    for layer_idx in range(model.config.num_hidden_layers):
+        cache.update_recurrent_state(states[2 * layer_idx].clone(), layer_idx, state_idx=0)
+        cache.update_recurrent_state(states[2 * layer_idx + 1].clone(), layer_idx, state_idx=1)
+    return cache
+
+
+def cache_states(cache) -> list[torch.Tensor]:
+    return [layer.recurrent_states[slot] for layer in cache.layers for slot in (0, 1)]
+
+
+@torch.no_grad()
+def test_exported_forward_takes_any_batch_and_length_with_padding():
+    model = tiny_model()
+    input_ids, attention_mask = padded_batch(2, 5, 40)
+    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
+    program = torch.export.export(
+        model, (), {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False},
+        dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}, "use_cache": None},
+    )
+    for shape in [(3, 11), (1, 2), (4, 30)]:
+        input_ids, attention_mask = padded_batch(*shape, 40, seed=shape[1])
+        if shape[0] == 1:
+            attention_mask[:] = 1
+        got = program.module()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        want = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_exported_prefill_and_decode_programs_compute_what_the_model_computes():
+    model = tiny_model()
+    programs = export_programs(model)
+    input_ids, attention_mask = padded_batch(3, 9, 40)
+    states = random_states(model, 3)
+    logits, *new_states = programs["prefill"].module()(input_ids, attention_mask, *states)
+    cache = cache_holding(model, states)
+    want = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True).logits
+    last_real = [8, 8, 6]  # the right-padded last row ends two positions early
+    torch.testing.assert_close(logits, want[torch.arange(3), last_real], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(new_states, cache_states(cache)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    next_ids = torch.tensor([[4], [5], [6]])
+    logits, *next_states = programs["decode"].module()(next_ids, None, *new_states)
+    want = model(next_ids, cache=cache, use_cache=True).logits[:, 0]
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(next_states, cache_states(cache)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="evaluation mode"):
+        export_programs(model.train())
+
+
+@torch.no_grad()
+def test_compiled_fullgraph_forward_and_decode_step_equal_eager():
+    model = tiny_model()
+    input_ids, attention_mask = padded_batch(3, 7, 40)
+    torch._dynamo.reset()
+    try:
+        # Dynamo refuses to look inside any nn.LSTM module unless allowed, even to read its weights (README).
+        with torch._dynamo.config.patch(allow_rnn=True):
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+            got = compiled(input_ids, attention_mask=attention_mask, use_cache=False).logits
+            torch.testing.assert_close(got, model(input_ids, attention_mask=attention_mask, use_cache=False).logits)
+
+            eager_cache, compiled_cache = DynamicCache(), DynamicCache()
+            model(input_ids, attention_mask=attention_mask, cache=eager_cache)
+            model(input_ids, attention_mask=attention_mask, cache=compiled_cache)
+            next_ids = torch.tensor([[4], [5], [6]])
+            got = compiled(next_ids, cache=compiled_cache, use_cache=True).logits
+            torch.testing.assert_close(got, model(next_ids, cache=eager_cache, use_cache=True).logits)
+            for got, want in zip(cache_states(compiled_cache), cache_states(eager_cache)):
+                torch.testing.assert_close(got, want)
+            assert compiled_cache.get_seq_length() == eager_cache.get_seq_length() == 8
+    finally:
+        torch._dynamo.reset()
+    # Eager checks are unchanged after tracing.
+    with pytest.raises(ValueError, match=r"`input_ids` must be in \[0, 40\)"):
+        model(torch.tensor([[1, 40]]))
+    with pytest.raises(ValueError, match="only 0 \\(padding\\) and 1"):
+        model(input_ids, attention_mask=attention_mask * 2)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, char_tokenizer):
+    torch.manual_seed(0)
+    model = tiny_model(vocab_size=len(char_tokenizer), embedding_size=16, hidden_size=24, tie_word_embeddings=True)
+    configure_generation(model, char_tokenizer)
+    folder = tmp_path_factory.mktemp("export") / "model"
+    model.save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(saved_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export") / "onnx"
+    assert main(["export", str(saved_model), "--output_dir", str(folder)]) == 0
+    return folder
+
+
+def test_export_command_writes_graphs_config_and_tokenizer(onnx_folder, saved_model, capsys, tmp_path):
+    assert main(["export", str(saved_model), "--output_dir", str(tmp_path / "again")]) == 0
+    difference = float(capsys.readouterr().out.split("one decode step): ")[1])
+    assert difference < 1e-4
+    config = json.loads((onnx_folder / "onnx_config.json").read_text())
+    assert config["graphs"]["prefill"]["inputs"] == ["input_ids", "attention_mask", "hidden.0", "cell.0", "hidden.1",
+                                                     "cell.1"]
+    assert config["state_sizes"] == [24, 24, 16, 16]  # tied: the last layer has the embedding size
+    decode_ops = {node.op_type for node in onnx.load(onnx_folder / "decode.onnx").graph.node}
+    prefill_ops = {node.op_type for node in onnx.load(onnx_folder / "prefill.onnx").graph.node}
+    assert "Scan" in prefill_ops and not decode_ops & {"Scan", "Loop"}  # one token needs no loop
+    tokenizer = AutoTokenizer.from_pretrained(onnx_folder)
+    assert tokenizer("ROMEO:")["input_ids"] == AutoTokenizer.from_pretrained(saved_model)("ROMEO:")["input_ids"]
+
+
+@torch.no_grad()
+def test_onnxruntime_greedy_generation_equals_generate(onnx_folder, saved_model):
+    model = LSTMForCausalLM.from_pretrained(saved_model).eval()
+    onnx_lm = OnnxLM(onnx_folder)
+    input_ids, attention_mask = padded_batch(3, 10, model.config.vocab_size)
+    attention_mask[-1] = 1  # generation pads on the left only
+    for rows in (slice(0, 1), slice(1, 2), slice(0, 3)):
+        want = model.generate(input_ids[rows], attention_mask=attention_mask[rows], max_new_tokens=40, do_sample=False)
+        got = onnx_lm.generate(input_ids[rows].numpy(), attention_mask[rows].numpy(), max_new_tokens=40)
+        np.testing.assert_array_equal(got, want.numpy())
+
+
+@torch.no_grad()
+def test_onnxruntime_generation_ends_rows_as_generate_does(onnx_folder, saved_model, tmp_path):
+    model = LSTMForCausalLM.from_pretrained(saved_model).eval()
+    input_ids, attention_mask = padded_batch(3, 10, model.config.vocab_size, seed=1)
+    attention_mask[-1] = 1
+    free = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False)
+    eos = int(free[1, 12])  # a token row 1 generates third: as end of sequence, rows end at different steps
+    folder = tmp_path / "onnx"
+    shutil.copytree(onnx_folder, folder)
+    config = json.loads((folder / "onnx_config.json").read_text())
+    (folder / "onnx_config.json").write_text(json.dumps(dict(config, eos_token_id=eos)))
+    want = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False,
+                          eos_token_id=eos)
+    got = OnnxLM(folder).generate(input_ids.numpy(), attention_mask.numpy(), max_new_tokens=12)
+    np.testing.assert_array_equal(got, want.numpy())
+    assert got.shape[1] < free.shape[1] or (got[:, 10:] == config["pad_token_id"]).any()
+
+
+def test_onnxruntime_sampling(onnx_folder):
+    onnx_lm = OnnxLM(onnx_folder)
+    prompt = np.array([[5, 6, 7], [8, 9, 10]])
+    first = onnx_lm.generate(prompt, max_new_tokens=30, do_sample=True, top_p=0.9, temperature=0.8, seed=3)
+    assert first.shape == (2, 33) and (first >= 0).all() and (first < onnx_lm.config["vocab_size"]).all()
+    np.testing.assert_array_equal(
+        first, onnx_lm.generate(prompt, max_new_tokens=30, do_sample=True, top_p=0.9, temperature=0.8, seed=3)
+    )
+    assert not np.array_equal(first, onnx_lm.generate(prompt, max_new_tokens=30, do_sample=True, seed=4))
+    np.testing.assert_array_equal(  # top_k=1 leaves only the most likely token
+        onnx_lm.generate(prompt, max_new_tokens=10, do_sample=True, top_k=1, seed=5),
+        onnx_lm.generate(prompt, max_new_tokens=10),
+    )
+
+
+def test_onnxruntime_generation_memory_is_flat_in_length(onnx_folder):
+    onnx_lm = OnnxLM(onnx_folder)
+    onnx_lm.config["eos_token_id"] = None  # generate every token asked for
+    prompt = np.array([[5, 6, 7]])
+    peaks = {}
+    for length in (256, 4096):
+        tracemalloc.start()
+        assert onnx_lm.generate(prompt, max_new_tokens=length).shape == (1, 3 + length)
+        peaks[length] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # Only the generated ids grow (8 bytes each, twice at the end); keeping logits (65 floats) or states per token
+    # would not fit.
+    assert (peaks[4096] - peaks[256]) / (4096 - 256) < 40
+
+
+def test_export_refuses_what_it_cannot_export(saved_model, onnx_folder, tmp_path, capsys):
+    assert main(["export", str(saved_model), "--output_dir", str(onnx_folder)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(OSError, match="no onnx_config.json"):
+        OnnxLM(tmp_path)
+    with pytest.raises(ValueError, match="Only lm-lstm models"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "linear")
+
+
+@torch.no_grad()
+def test_explicit_state_wrapper_starts_from_zeros_as_the_model_does():
+    model = tiny_model()
+    input_ids, attention_mask = padded_batch(2, 6, 40)
+    zeros = [torch.zeros_like(state) for state in random_states(model, 2)]
+    logits, *states = ExplicitStateLM(model)(input_ids, attention_mask, *zeros)
+    cache = DynamicCache()
+    want = model(input_ids, attention_mask=attention_mask, cache=cache).logits
+    torch.testing.assert_close(logits, want[torch.arange(2), [5, 3]])
+    for got, expected in zip(states, cache_states(cache)):
+        torch.testing.assert_close(got, expected)
