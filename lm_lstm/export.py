@@ -103,10 +103,17 @@ def export_programs(model: LSTMForCausalLM) -> dict[str, torch.export.ExportedPr
 
 
 def export_onnx(
-    model: LSTMForCausalLM, output_dir: str | Path, tokenizer=None, opset: int = ONNX_OPSET, overwrite: bool = False
+    model: LSTMForCausalLM,
+    output_dir: str | Path,
+    tokenizer=None,
+    opset: int = ONNX_OPSET,
+    int8: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Writes `prefill.onnx` and `decode.onnx` (see `export_programs`; float32), `onnx_config.json` (how to run them:
-    input and output names, state sizes, special tokens) and, if given, the tokenizer into `output_dir`.
+    input and output names, state sizes, special tokens) and, if given, the tokenizer into `output_dir`. With `int8`,
+    the graphs' matrix weights are quantised to int8 by onnxruntime's dynamic quantisation (activations stay float,
+    quantised on the fly).
 
     The graphs' inputs are `input_ids` (int64), `attention_mask` (int64, prefill only) and the states named by
     `state_names` (float32 zeros to start); their outputs are `logits` of the last real position and the states with
@@ -133,10 +140,13 @@ def export_onnx(
             program, input_names=inputs, output_names=outputs, opset_version=opset, dynamo=True, verbose=False
         )
         onnx_program.save(str(staging / GRAPH_FILES[graph]))
+        if int8:
+            quantize_int8(staging / GRAPH_FILES[graph])
     config = model.config
     description = {
         "format": "lm-lstm onnx",
         "opset": opset,
+        "weights": "int8 (onnxruntime dynamic quantisation)" if int8 else "float32",
         "graphs": {graph: {"file": GRAPH_FILES[graph], "inputs": names[graph][0], "outputs": names[graph][1]}
                    for graph in GRAPH_FILES},
         "state_sizes": [hidden for _, hidden in config.layer_sizes for _ in range(2)],
@@ -156,6 +166,17 @@ def export_onnx(
         path.replace(target)
     staging.rmdir()
     return output_dir
+
+
+def quantize_int8(path: Path) -> None:
+    """Replaces the ONNX file at `path` by its onnxruntime dynamic int8 quantisation: the weights of the graph's
+    MatMul and Gemm nodes, per output channel. The prefill graph's scan keeps its recurrent weights in float32
+    (onnxruntime does not quantise inside subgraphs); the decode graph is quantised whole."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_suffix(".int8.onnx")
+    quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, per_channel=True)
+    quantized.replace(path)
 
 
 @torch.no_grad()

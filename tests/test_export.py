@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, DynamicCache
 
 from lm_lstm import LSTMForCausalLM
 from lm_lstm.cli import main
-from lm_lstm.export import ExplicitStateLM, export_onnx, export_programs
+from lm_lstm.export import ExplicitStateLM, export_onnx, export_programs, max_logit_difference
 from lm_lstm.onnx_generation import OnnxLM
 from lm_lstm.training import configure_generation
 
@@ -60,6 +60,22 @@ def test_exported_forward_takes_any_batch_and_length_with_padding():
         got = program.module()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         want = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_dynamo_onnx_export_of_the_forward_pass_runs_in_onnxruntime():
+    model = tiny_model()
+    input_ids, attention_mask = padded_batch(2, 5, 40)
+    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
+    program = torch.onnx.export(
+        model, (), kwargs={"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}, dynamo=True,
+        dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}, "use_cache": None},
+        verbose=False,
+    )
+    input_ids, attention_mask = padded_batch(3, 12, 40, seed=1)
+    (logits,) = program(input_ids=input_ids, attention_mask=attention_mask)  # onnxruntime
+    want = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -135,10 +151,16 @@ def onnx_folder(saved_model, tmp_path_factory):
 
 
 def test_export_command_writes_graphs_config_and_tokenizer(onnx_folder, saved_model, capsys, tmp_path):
-    assert main(["export", str(saved_model), "--output_dir", str(tmp_path / "again")]) == 0
-    difference = float(capsys.readouterr().out.split("one decode step): ")[1])
-    assert difference < 1e-4
+    model = LSTMForCausalLM.from_pretrained(saved_model)
+    assert max_logit_difference(model, onnx_folder) < 1e-5
+    assert main(["export", str(saved_model), "--output_dir", str(tmp_path / "int8"), "--int8"]) == 0
+    int8_difference = float(capsys.readouterr().out.split("one decode step): ")[1])
+    assert 1e-5 < int8_difference < 0.05  # quantised, close
+    assert json.loads((tmp_path / "int8" / "onnx_config.json").read_text())["weights"].startswith("int8")
+    int8_ops = {node.op_type for node in onnx.load(tmp_path / "int8" / "decode.onnx").graph.node}
+    assert "MatMulInteger" in int8_ops
     config = json.loads((onnx_folder / "onnx_config.json").read_text())
+    assert config["weights"] == "float32"
     assert config["graphs"]["prefill"]["inputs"] == ["input_ids", "attention_mask", "hidden.0", "cell.0", "hidden.1",
                                                      "cell.1"]
     assert config["state_sizes"] == [24, 24, 16, 16]  # tied: the last layer has the embedding size
