@@ -18,9 +18,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from .modeling_lstm import LSTMForCausalLM, prepare_cache, store_state
+from .onnx_generation import ONNX_CONFIG_NAME, OnnxLM
 
 ONNX_OPSET = 20
-ONNX_CONFIG_NAME = "onnx_config.json"
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
 
 
@@ -183,8 +183,6 @@ def quantize_int8(path: Path) -> None:
 def max_logit_difference(model: LSTMForCausalLM, folder: str | Path, batch_size: int = 2, length: int = 16) -> float:
     """The largest difference between the model's logits and the exported graphs' (onnxruntime), over the last
     position of a random left-padded prompt (prefill) and one decode step after it."""
-    from .onnx_generation import OnnxLM
-
     onnx_lm = OnnxLM(folder)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(model.config.vocab_size, (batch_size, length), generator=generator)

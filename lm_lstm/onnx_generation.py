@@ -1,4 +1,5 @@
 """Generation from an exported ONNX folder (`lm-lstm export`) with onnxruntime and numpy only: no torch, no transformers.
+This file imports nothing else, so that it can be copied beside the folder to a machine without them.
 
 The prompt goes through the prefill graph once; each new token through the one-token decode graph, carrying the
 state (h and c of each layer), so memory stays flat however many tokens are generated. Greedy decoding gives the
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from .export import ONNX_CONFIG_NAME
+ONNX_CONFIG_NAME = "onnx_config.json"
 
 
 class OnnxLM:

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -254,3 +256,20 @@ def test_explicit_state_wrapper_starts_from_zeros_as_the_model_does():
     torch.testing.assert_close(logits, want[torch.arange(2), [5, 3]])
     for got, expected in zip(states, cache_states(cache)):
         torch.testing.assert_close(got, expected)
+
+
+def test_onnx_generation_runs_without_torch_or_transformers(onnx_folder):
+    """The file alone, imported where torch and transformers cannot be, generates the tokens it generates here."""
+    import lm_lstm.onnx_generation
+
+    script = (
+        "import sys, importlib.util\n"
+        "sys.modules.update(torch=None, transformers=None, lm_lstm=None)\n"
+        f"spec = importlib.util.spec_from_file_location('onnx_generation', {lm_lstm.onnx_generation.__file__!r})\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        f"print(module.OnnxLM({str(onnx_folder)!r}).generate([[5, 6, 7]], max_new_tokens=12).tolist())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    want = OnnxLM(onnx_folder).generate(np.array([[5, 6, 7]]), max_new_tokens=12).tolist()
+    assert json.loads(result.stdout) == want
