@@ -42,8 +42,8 @@ _step_matmul_is_faster: dict[tuple[int, ...], bool] = {}
 
 def is_tracing() -> bool:
     """Whether `torch.compile` or `torch.export` is tracing the model. Traced, the model skips the checks that read
-    the inputs' values (a graph cannot branch on data), and its LSTM layers run as a scan over time steps
-    (`LSTMLayer._scan`) rather than the fused kernel, which tracing would unroll to one fixed length."""
+    the inputs' values (a graph cannot branch on data), and its LSTM layers run as traceable operations
+    (`LSTMLayer._traced`) rather than the fused kernel, which cannot take padding without reading the mask."""
     return torch.compiler.is_compiling()
 
 
@@ -150,7 +150,7 @@ class PaddingLayout:
         mask = attention_mask.bool()
         self.mask = mask
         if is_tracing():
-            return  # traced layers mask each step instead (`LSTMLayer._scan`); packing depends on the data
+            return  # traced layers mask each step instead (`LSTMLayer._traced`); packing depends on the data
         positions = torch.arange(mask.shape[1], device=mask.device)
         self.lengths = mask.sum(dim=1)
         self.starts = torch.where(mask, positions, mask.shape[1]).amin(dim=1).clamp(max=mask.shape[1] - 1)
@@ -232,7 +232,7 @@ class LSTMLayer(GradientCheckpointingLayer):
         """
         dropping_weights = self.training and self.weight_dropout > 0
         if is_tracing():
-            return self._scan(hidden_states, initial_hidden, initial_cell, padding, dropping_weights)
+            return self._traced(hidden_states, initial_hidden, initial_cell, padding, dropping_weights)
         one_step = hidden_states.shape[1] == 1 and padding is None and not dropping_weights
         outside_autocast = lstm_outside_autocast(hidden_states)
         with torch.autocast("cpu", enabled=False) if outside_autocast else contextlib.nullcontext():
@@ -273,7 +273,7 @@ class LSTMLayer(GradientCheckpointingLayer):
             cell = padding.keep_state_of_empty_rows(cell, initial_cell)
         return outputs, hidden, cell
 
-    def _scan(
+    def _traced(
         self,
         hidden_states: torch.Tensor,
         hidden: torch.Tensor | None,
@@ -281,9 +281,10 @@ class LSTMLayer(GradientCheckpointingLayer):
         padding: PaddingLayout | None,
         dropping_weights: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The layer as traceable operations: the input projection of every step at once, then the recurrence as a
-        `scan` over time (one graph for any length; ONNX `Scan`), or a single cell for a static one-token input.
-        Padding positions leave the state as it was and output zeros, as `_run` does."""
+        """The layer as traceable operations: the input projection of every step at once, then the recurrence. Under
+        `torch.export` it is a `scan` over time steps (one graph for any length; ONNX `Scan`); under `torch.compile`,
+        and for a static one-token input, a loop over the steps, unrolled (inductor cannot compile `scan` on CPU in
+        torch 2.13). Padding positions leave the state as it was and output zeros, as `_run` does."""
         rnn = self.rnn
         batch_size, seq_len = hidden_states.shape[:2]
         if hidden is None:  # two tensors: `scan` goes wrong when its initial carries alias each other
@@ -305,11 +306,14 @@ class LSTMLayer(GradientCheckpointingLayer):
             return (new_hidden, new_cell), new_hidden * keep
 
         time_major = (gate_inputs.transpose(0, 1),) + (() if real is None else (real.t(),))
-        if isinstance(seq_len, int) and seq_len == 1:  # a static one-token graph needs no loop
-            (hidden, cell), outputs = step((hidden, cell), tuple(inputs[0] for inputs in time_major))
-            return outputs[:, None], hidden, cell
-        (hidden, cell), outputs = scan(step, (hidden, cell), time_major)
-        return outputs.transpose(0, 1), hidden, cell
+        if torch.compiler.is_exporting() and not (isinstance(seq_len, int) and seq_len == 1):
+            (hidden, cell), outputs = scan(step, (hidden, cell), time_major)
+            return outputs.transpose(0, 1), hidden, cell
+        outputs = []
+        for position in range(seq_len):
+            (hidden, cell), output = step((hidden, cell), tuple(inputs[position] for inputs in time_major))
+            outputs.append(output)
+        return torch.stack(outputs, 1), hidden, cell
 
     def _step(
         self, inputs: torch.Tensor, hidden: torch.Tensor | None, cell: torch.Tensor | None

@@ -112,6 +112,7 @@ def test_compiled_fullgraph_forward_and_decode_step_equal_eager():
     try:
         # Dynamo refuses to look inside any nn.LSTM module unless allowed, even to read its weights (README).
         with torch._dynamo.config.patch(allow_rnn=True):
+            # aot_eager: graph breaks are dynamo's business, and inductor is covered by the training test below
             compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
             got = compiled(input_ids, attention_mask=attention_mask, use_cache=False).logits
             torch.testing.assert_close(got, model(input_ids, attention_mask=attention_mask, use_cache=False).logits)
@@ -273,3 +274,21 @@ def test_onnx_generation_runs_without_torch_or_transformers(onnx_folder):
     assert result.returncode == 0, result.stderr[-2000:]
     want = OnnxLM(onnx_folder).generate(np.array([[5, 6, 7]]), max_new_tokens=12).tolist()
     assert json.loads(result.stdout) == want
+
+
+def test_compiled_training_step_gives_the_eager_gradients():
+    """`torch.compile` as `Trainer(torch_compile=True)` uses it: default settings, graph breaks allowed."""
+    model = tiny_model(weight_dropout=0.0).train()
+    input_ids, attention_mask = padded_batch(3, 7, 40)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    gradients = []
+    torch._dynamo.reset()
+    try:
+        for forward in (model, torch.compile(model)):
+            model.zero_grad()
+            forward(input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+            gradients.append([parameter.grad.clone() for parameter in model.parameters()])
+    finally:
+        torch._dynamo.reset()
+    for eager, compiled in zip(*gradients):
+        torch.testing.assert_close(compiled, eager)
