@@ -18,6 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bf16_quality", "bf16_quality", "loss vs fp32"),
     ("quality", "quality_0.05min", "vs gpt"),
     ("scaling", "scaling", "fitted nats/char"),
+    ("scale", "scale", "tokenize MB/s"),
 ])
 def test_benchmark_runs_in_quick_mode(name, stem, ratio, tmp_path):
     result = subprocess.run([sys.executable, BENCHMARKS / f"{name}.py", "--quick", "--results_dir", tmp_path],
