@@ -115,9 +115,9 @@ class ModelSource:
     )
     tokenizer_train_bytes: int = field(
         default=DEFAULT_TOKENIZER_TRAIN_BYTES,
-        metadata={"help": "A new tokenizer is trained on all the training text up to this many bytes; beyond, on a "
-                  "sample of about this many bytes spread evenly over it (every k-th piece of about 64k characters, "
-                  "cut at line ends), which also gives --min_frequency its counts."},
+        metadata={"help": "A new tokenizer is trained on all the training text up to this many bytes (UTF-8); beyond, "
+                  "on a sample of about this many bytes spread evenly over it (every k-th piece of about 64k "
+                  "characters, cut at line ends), which also gives --min_frequency its counts."},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the model's folder or repository (other architectures)."}

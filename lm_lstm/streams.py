@@ -49,6 +49,7 @@ from .modeling_lstm import CELL_STATE, HIDDEN_STATE
 from .tokenization import document_start_id
 
 STREAM_COLUMNS = ("shift_labels", "reset")  # what a stream batch holds beside `input_ids`
+READ_TOKENS = 1 << 20  # token sizes summed a million at a time, whatever the length of a document
 STATE_FILE = "stream_state_{}.safetensors"  # in a checkpoint, per process, beside Trainer's rng_state_{}.pth
 
 logger = logging.getLogger(__name__)
@@ -197,8 +198,9 @@ class StreamBlocks(Dataset):
         if sizes is None:
             return None
         kept = self._kept_targets()
-        return sum(int(sizes.read(int(start), int(start + count)).sum())
-                   for start, count in zip(self._starts[kept > 0], kept[kept > 0]))
+        return sum(int(sizes.read(begin, min(begin + READ_TOKENS, int(start + count))).sum())
+                   for start, count in zip(self._starts[kept > 0], kept[kept > 0])
+                   for begin in range(int(start), int(start + count), READ_TOKENS))
 
     def target_ids(self) -> list[int]:
         """All targets in text order (every token of the text once), as a list: for inspecting small layouts."""

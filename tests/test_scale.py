@@ -10,6 +10,7 @@ from lm_lstm.budget import EVALUATION_SHARE, evaluation_speed
 from lm_lstm.card import RunSummary
 from lm_lstm.data import build_block_data, cut_documents, tokenizer_training_texts
 from lm_lstm.streams import build_stream_data
+from lm_lstm.tokenization import train_tokenizer
 from lm_lstm.training import plan_evaluation
 
 from conftest import tiny_model
@@ -19,13 +20,16 @@ def pieces_of(documents: list[str]) -> Dataset:
     return cut_documents(Dataset.from_dict({"text": documents}))
 
 
-def test_a_tokenizer_within_its_byte_budget_sees_every_whole_document(monkeypatch):
+def test_a_tokenizer_within_its_byte_budget_sees_every_piece_and_learns_what_whole_documents_teach(monkeypatch):
     monkeypatch.setattr(lm_lstm.data, "PIECE_CHARS", 10)
     documents = ["first line\n" * 5, "é second\n" * 4, "third, no line end"]
     pieces = pieces_of(documents)
     assert len(pieces) > len(documents)
     total = sum(len(text.encode()) for text in documents)
-    assert list(tokenizer_training_texts(pieces, max_bytes=total)) == documents
+    assert "".join(tokenizer_training_texts(pieces, max_bytes=total)) == "".join(documents)
+    for kind in ("char", "word"):
+        sampled = train_tokenizer(tokenizer_training_texts(pieces, max_bytes=total), kind=kind, vocab_size=20)
+        assert sampled.get_vocab() == train_tokenizer(documents, kind=kind, vocab_size=20).get_vocab()
 
 
 def test_a_tokenizer_beyond_its_byte_budget_sees_an_even_sample_of_pieces(monkeypatch):

@@ -8,6 +8,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 import lm_lstm.data
+import lm_lstm.streams
 from lm_lstm.data import TOKEN_FEATURES, BlockData, DataError, TokenDocuments, group_blocks, tokenize_documents
 from lm_lstm.streams import (
     StatefulBPTT,
@@ -174,6 +175,7 @@ def test_the_lazy_layout_is_the_eager_one(num_streams, world_size, max_blocks, c
     """Read from memory-mapped pieces (several per document), the layout is the one the eager implementation built:
     the same rows, resets and target bytes, for one process or two."""
     monkeypatch.setattr(lm_lstm.data, "PIECE_CHARS", 500)
+    monkeypatch.setattr(lm_lstm.streams, "READ_TOKENS", 7)  # target bytes summed in several reads per document
     texts = [shakespeare_text[:3000], "", "a", shakespeare_text[3000:3100] + "é\n", shakespeare_text[5000:7000]]
     pieces = tokenize_documents(Dataset.from_dict({"text": texts}), char_tokenizer)
     assert len(pieces) > len(texts)
