@@ -78,15 +78,15 @@ is cut to fit it (`--max_eval_tokens`), and the evaluation before training is sk
 def evaluation_speed(model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16: bool = False,
                      min_seconds: float = 1.0) -> float:
     """Tokens per second that `model` scores in evaluation, measured on one batch (`input_ids` of shape
-    `(rows, block_size)`) passed forward repeatedly (after one warm-up) for at least `min_seconds` seconds and three
-    passes, under bf16 autocast if `bf16`. The model's training mode is restored."""
+    `(rows, block_size)`) passed forward with its loss repeatedly (after one warm-up) for at least `min_seconds`
+    seconds and three passes, under bf16 autocast if `bf16`. The model's training mode is restored."""
     was_training = model.training
     model.eval()
     input_ids = batch["input_ids"].to(model.device)
     passes, start = -1, 0.0  # the first pass warms up, untimed
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
         while passes < 3 or time.perf_counter() - start < min_seconds:
-            model(input_ids=input_ids, use_cache=False)
+            model(input_ids=input_ids, labels=input_ids, use_cache=False)
             passes += 1
             if passes == 0:
                 start = time.perf_counter()

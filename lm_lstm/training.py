@@ -295,9 +295,12 @@ def train(
     """
     start = time.time()
     set_seed(training_args.seed)
-    raw = load_text_datasets(data_args.source())
-    tokenizer = build_tokenizer(model_args, data_args, raw["train"])
-    data = build_training_data(raw, tokenizer, data_args, training_args)
+    # The main process of each machine reads and tokenises first; the others then find its work in the `datasets`
+    # cache rather than tokenise the whole corpus again beside it.
+    with training_args.main_process_first(desc="reading and tokenising the text"):
+        raw = load_text_datasets(data_args.source())
+        tokenizer = build_tokenizer(model_args, data_args, raw["train"])
+        data = build_training_data(raw, tokenizer, data_args, training_args)
     size_choice = size_new_model(model_args, training_args, tokenizer, data)
     model = build_model(model_args, tokenizer)
     data = plan_evaluation(model, data, data_args, training_args)
