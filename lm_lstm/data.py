@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import bisect
 import codecs
-from collections.abc import Callable, Iterable, Iterator
 import dataclasses
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,7 +204,7 @@ def _pieces_of_files(spans: list[tuple[str, int, int | None]]) -> Dataset:
               for path, start, stop in spans]
     return Dataset.from_generator(
         _file_pieces, features=PIECE_FEATURES, gen_kwargs={"spans": spans},
-        fingerprint=Hasher.hash(["lm-lstm text pieces", PIECE_CHARS, stamps]),
+        fingerprint=Hasher.hash(["lm-lstm text pieces", PIECE_CHARS, stamps]), writer_batch_size=TOKENIZE_BATCH_PIECES,
     )
 
 
@@ -330,6 +330,7 @@ def tokenizer_training_texts(pieces: Dataset, max_bytes: int = DEFAULT_TOKENIZER
     for index in range(0, len(pieces), step):
         yield pieces[index]["text"]
 
+
 def utf8_prefix(text: str) -> np.ndarray:
     """UTF-8 byte offset of each character position of `text` (length `len(text) + 1`)."""
     if text.isascii():
@@ -434,6 +435,7 @@ class TokenDocuments:
 
     @classmethod
     def from_lists(cls, documents: list[list[int]], document_bytes: list[list[int]] | None = None) -> TokenDocuments:
+        """Documents given as lists of token ids (and of their bytes), copied into arrays."""
         lengths = [len(document) for document in documents]
         flat = lambda lists: FlatTokens([np.array([n for numbers in lists for n in numbers], dtype=np.int64)])
         return cls(flat(documents), None if document_bytes is None else flat(document_bytes),
@@ -459,9 +461,6 @@ class TokenDocuments:
         if len(piece_ends) and (not len(ends) or ends[-1] != piece_ends[-1]):
             ends = np.append(ends, piece_ends[-1])  # pieces that do not end their document: one more
         return cls(ids, sizes, np.concatenate([[0], ends]).astype(np.int64))
-
-    def __len__(self) -> int:
-        return len(self.starts) - 1
 
 
 def check_block_size(block_size: int) -> None:
