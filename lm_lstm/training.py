@@ -150,7 +150,7 @@ def plan_evaluation(model, data: TrainingData, data_args: DataArguments,
     - without `--eval_on_start`, the evaluation before training is made only when one evaluation is expected to
       take at most that share.
 
-    Prints what it decided when it measured. Without a time budget nothing is measured and nothing is cut by default.
+    The main process prints what it decided when it measured. Without a time budget nothing is measured and nothing is cut by default.
     """
     budget, cap = training_args.max_time, data_args.max_eval_tokens
     if cap:
@@ -172,8 +172,9 @@ def plan_evaluation(model, data: TrainingData, data_args: DataArguments,
     cut = f" (the first of {carved:,}: --max_eval_tokens)" if tokens < carved else ""
     start = "an evaluation before training" if training_args.eval_on_start else (
         f"no evaluation before training (more than {EVALUATION_SHARE:.0%} of the time budget; --eval_on_start makes one)")
-    print(f"Evaluation: {tokens:,} validation tokens{cut}, about {seconds:.0f} s each at {speed:,.0f} tokens/s "
-          f"(measured); {start}.", flush=True)
+    if training_args.process_index == 0:
+        print(f"Evaluation: {tokens:,} validation tokens{cut}, about {seconds:.0f} s each at {speed:,.0f} tokens/s "
+              f"(measured); {start}.", flush=True)
     return data
 
 
