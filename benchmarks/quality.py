@@ -67,7 +67,7 @@ class Setup:
 def prepare(quick: bool) -> Setup:
     raw = load_text_datasets(DataSource())
     tokenizer = train_char_tokenizer(raw["train"]["text"])
-    text = raw["validation"][0]["text"]
+    text = "".join(raw["validation"]["text"])  # the pieces of the held-out text
     if quick:
         text = text[:2000]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -208,7 +208,7 @@ def run_small_gpt(setup: Setup, minutes: float, seed: int) -> dict[str, object]:
     step is the one that spends the budget), bf16 autocast as the other variants (`use_bf16`)."""
     recipe = SMALL_GPT_RECIPE
     model = gpt_model(setup.tokenizer, recipe).train()
-    text = setup.raw["train"][0]["text"]
+    text = "".join(setup.raw["train"]["text"])
     train_ids = torch.tensor(setup.tokenizer(text, add_special_tokens=False)["input_ids"])
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]

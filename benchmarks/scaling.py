@@ -150,7 +150,7 @@ def main() -> None:
             path.write_text(json.dumps({"rows": rows}, indent=2))  # each row kept as soon as it exists
     if not args.quick:
         rows += quality_rows(Path(args.results_dir))
-    unique = len(setup.raw["train"][0]["text"])
+    unique = sum(len(text) for text in setup.raw["train"]["text"])
     coefficients = fit(rows, unique, thorough=not args.quick)
     law = LossFit(**{name: coefficients[name] for name in LossFit.__dataclass_fields__})
     for row in rows:

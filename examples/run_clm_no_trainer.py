@@ -89,7 +89,7 @@ def main() -> None:
     set_seed(args.seed)
     with accelerator.main_process_first():
         raw = load_text_datasets(data_args.source())
-        tokenizer = build_tokenizer(model_args, data_args, (row["text"] for row in raw["train"]))
+        tokenizer = build_tokenizer(model_args, data_args, raw["train"])
         blocks = tokenize_dataset(raw, tokenizer, data_args.block_size, data_args.preprocessing_num_workers)
     model = build_model(model_args, tokenizer)
     configure_generation(model, tokenizer)

@@ -17,9 +17,9 @@ import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase, TrainingArguments
 
 from .averaging import NonMonotonicAveraging
-from .budget import NO_STEP_LIMIT, check_budget_arguments, parse_duration
+from .budget import EVALUATION_SHARE, NO_STEP_LIMIT, check_budget_arguments, parse_duration
 from .configuration_lstm import LSTMConfig
-from .data import DEFAULT_CORPUS, DataSource, check_block_size
+from .data import DEFAULT_CORPUS, DEFAULT_TOKENIZER_TRAIN_BYTES, DataSource, check_block_size
 from .modeling_lstm import cpu_autocast_runs_lstm
 from .presets import DEFAULT_PRESET
 from .streams import check_stateful_arguments
@@ -113,6 +113,12 @@ class ModelSource:
         default=1,
         metadata={"help": "Word tokenizer only: words seen fewer times in the training text are <unk>."},
     )
+    tokenizer_train_bytes: int = field(
+        default=DEFAULT_TOKENIZER_TRAIN_BYTES,
+        metadata={"help": "A new tokenizer is trained on all the training text up to this many bytes (UTF-8); beyond, "
+                  "on a sample of about this many bytes spread evenly over it (every k-th piece of about 64k "
+                  "characters, cut at line ends), which also gives --min_frequency its counts."},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the model's folder or repository (other architectures)."}
     )
@@ -137,6 +143,11 @@ class ModelSource:
         if self.min_frequency != 1 and not trains_words:
             raise ValueError("--min_frequency applies to a word tokenizer trained on the text (--tokenizer_type word, "
                              "no --tokenizer_name or --model_name_or_path); drop it.")
+        if self.tokenizer_train_bytes < 1:
+            raise ValueError(f"--tokenizer_train_bytes must be at least 1, got {self.tokenizer_train_bytes}.")
+        if self.tokenizer_train_bytes != DEFAULT_TOKENIZER_TRAIN_BYTES and (self.tokenizer_name or self.model_name_or_path):
+            raise ValueError("--tokenizer_train_bytes applies to a tokenizer trained on the text (no --tokenizer_name "
+                             "or --model_name_or_path); drop it.")
         minimum = {"bpe": BPE_MINIMUM_VOCABULARY, "word": WORD_MINIMUM_VOCABULARY}.get(self.tokenizer_type)
         if minimum is not None and self.tokenizer_vocab_size < minimum:
             raise ValueError(f"--tokenizer_vocab_size must be at least {minimum} for a {self.tokenizer_type} "
@@ -207,12 +218,21 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation blocks."})
+    max_eval_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the first N tokens of the validation text (whole blocks, at least one); 0 keeps "
+                  "it all. Default: validation text carved from --train_file (or the bundled corpus) is cut to what "
+                  f"one evaluation scores in {EVALUATION_SHARE:.0%} of --max_time, at the evaluation speed measured "
+                  "before training; validation files, Hub datasets and runs without a time budget keep it all."},
+    )
 
     def __post_init__(self) -> None:
         check_block_size(self.block_size)
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_eval_tokens is not None and self.max_eval_tokens < 0:
+            raise ValueError(f"--max_eval_tokens must be at least 0 (0: no limit), got {self.max_eval_tokens}.")
         self.source()  # checks the split percentage before any work
 
     def source(self) -> DataSource:
@@ -228,6 +248,11 @@ class DataArguments:
     @property
     def uses_default_corpus(self) -> bool:
         return not self.train_file and not self.dataset_name
+
+    @property
+    def carves_validation(self) -> bool:
+        """Whether the validation text is the end of the training files (or of the bundled corpus)."""
+        return not self.validation_file and not self.dataset_name
 
 
 @dataclass
@@ -297,7 +322,13 @@ class LSTMTrainingArguments(TrainingArguments):
     metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "Metric choosing the best."})
     logging_steps: float = _recipe("logging_steps", "Log the training loss every N steps.")
     logging_first_step: bool = field(default=True, metadata={"help": "Log the first step's loss too."})
-    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate before training (step 0)."})
+    eval_on_start: bool | None = field(
+        default=None,
+        metadata={"help": "Evaluate before training (step 0). Default: with a time budget, when one evaluation is "
+                  f"expected to take at most {EVALUATION_SHARE:.0%} of --max_time (measured before training by "
+                  "`lm-lstm train`; off for a Trainer built otherwise); without one, on.",
+                  "nargs": "?", "const": True},
+    )
     hub_strategy: str = field(
         default="end", metadata={"help": "With --push_to_hub: 'end' pushes the finished folder with its card once."}
     )
@@ -324,6 +355,8 @@ class LSTMTrainingArguments(TrainingArguments):
             limited = self.max_steps > 0 or self.num_train_epochs is not None
             self.max_time = None if limited else DEFAULT_PRESET.training["max_time"]
         self.max_time = parse_duration(self.max_time)
+        if self.eval_on_start is None and self.max_time is None:
+            self.eval_on_start = True  # no budget to weigh an evaluation against
         if self.num_train_epochs is None:
             if self.max_time is not None and self.max_steps <= 0:
                 self.max_steps = NO_STEP_LIMIT  # the budget alone ends training

@@ -69,6 +69,31 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
+EVALUATION_SHARE = 0.05
+"""The share of a time budget one evaluation may take by default: the validation text carved from the training text
+is cut to fit it (`--max_eval_tokens`), and the evaluation before training is skipped when it would not fit."""
+
+
+@torch.no_grad()
+def evaluation_speed(model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16: bool = False,
+                     min_seconds: float = 1.0) -> float:
+    """Tokens per second that `model` scores in evaluation, measured on one batch (`input_ids` of shape
+    `(rows, block_size)`) passed forward with its loss repeatedly (after one warm-up) for at least `min_seconds`
+    seconds and three passes, under bf16 autocast if `bf16`. The model's training mode is restored."""
+    was_training = model.training
+    model.eval()
+    input_ids = batch["input_ids"].to(model.device)
+    passes, start = -1, 0.0  # the first pass warms up, untimed
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+        while passes < 3 or time.perf_counter() - start < min_seconds:
+            model(input_ids=input_ids, labels=input_ids, use_cache=False)
+            passes += 1
+            if passes == 0:
+                start = time.perf_counter()
+    model.train(was_training)
+    return passes * input_ids.numel() / (time.perf_counter() - start)
+
+
 def learning_rate_factor(step: int, progress: float, warmup: float = 0, schedule: str = "cosine",
                          min_lr_rate: float = 0.0) -> float:
     """The learning rate at optimizer step `step`, as a fraction of the peak, when `progress` (0 to 1) of training is

@@ -63,7 +63,7 @@ def train_command(argv: list[str]) -> int:
     if result.run is not None:
         run = result.run
         print(f"\nTraining ended by {describe_limit(run)}: {run.hyperparameters['steps']:,} steps, "
-              f"{run.wall_time_seconds / 60:.1f} minutes.")
+              f"{run.wall_time_seconds / 60:.1f} minutes; evaluation: {run.describe_evaluation_time()}.")
     unit = result.unit + (" (each line end, <eos>, counts as a word)" if result.unit == "word" else "")
     print(f"\nValidation perplexity: {result.metrics['eval_perplexity']:.3f} per {unit}; "
           f"loss {result.metrics['eval_loss']:.4f} nats per {result.unit}")

@@ -5,6 +5,12 @@ document. Documents are cut into pieces at line boundaries (so tokenisation runs
 tokenised, joined with the EOS token after each document, and grouped into blocks of `block_size` tokens. Every
 step is a `Dataset.map`, so the `datasets` cache lets a second run skip the work.
 
+Nothing here holds the whole text or its tokens in memory: a `.txt` file is read in chunks and cut into pieces as it
+is read (`load_text_datasets`, which also carves the validation text by character position while reading), the
+pieces and their tokens are Arrow datasets, memory-mapped from the `datasets` cache, and each map works on a bounded
+batch of pieces (`TOKENIZE_BATCH_PIECES`). A single line longer than a piece stays whole, so a file without line ends
+is one piece.
+
 Every document ends with exactly one EOS. With a word-level tokenizer, whose EOS `<eos>` is also the line end
 (`eos_ends_lines`), a document whose text ends with a line end already ends with it, and gets no second one; a
 document that does not gets one, which ends its last line: every line ends with one `<eos>`, as in PyTorch's
@@ -21,15 +27,18 @@ from __future__ import annotations
 
 import bisect
 import codecs
-import itertools
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
+from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
 from .tokenization import document_start_id
@@ -37,6 +46,7 @@ from .tokenization import document_start_id
 DEFAULT_CORPUS = Path(__file__).with_name("corpus") / "tiny_shakespeare.txt"
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PIECE_CHARS = 1 << 16  # documents are tokenised in pieces of about this many characters
+TOKENIZE_BATCH_PIECES = 32  # pieces per tokenisation batch: about 2 MB of text, whatever the corpus size
 _SNIFF_BYTES = 1 << 20
 
 
@@ -110,37 +120,127 @@ class DataSource:
             )
 
 
-def load_documents(files: list[str], text_column: str = "text") -> Dataset:
-    """Loads local files (all of one kind) as a dataset of documents with a single `text` column."""
+def _builder(files: list[str]) -> str:
+    """The `datasets` builder that reads `files` (checked: readable, non-empty text); raises `DataError` for a mix."""
     for path in files:
         check_text_file(path)
     suffixes = sorted({Path(p).suffix.lower() for p in files})
     builders = {BUILDERS[s] for s in suffixes}
     if len(builders) > 1:
         raise DataError(f"All data files must be of one kind, got {', '.join(suffixes)}.")
-    builder = builders.pop()
+    return builders.pop()
+
+
+def load_documents(files: list[str], text_column: str = "text") -> Dataset:
+    """Loads local files (all of one kind) as a dataset of documents with a single `text` column.
+
+    A `.txt` file is one document, held whole in one row: `load_pieces` reads large files in bounded memory."""
+    builder = _builder(files)
     options = {"sample_by": "document"} if builder == "text" else {}
     try:
         dataset = load_dataset(builder, data_files={"train": files}, split="train", **options)
     except DatasetGenerationError as error:
         cause = error.__cause__ or error
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise DataError(f"{', '.join(files)}: cannot be read as {suffixes[0]} ({message}).") from None
+        suffix = Path(files[0]).suffix.lower()
+        raise DataError(f"{', '.join(files)}: cannot be read as {suffix} ({message}).") from None
     return _text_column_only(dataset, text_column, ", ".join(files))
 
 
+def read_text(path: str | Path, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """The text of a file from character `start` to `stop` (None: its end), in chunks of about a million characters,
+    read as `datasets`' text builder reads it: UTF-8, with universal newlines ("\\r\\n" and "\\r" read as "\\n")."""
+    position = 0  # of the chunk read next
+    with Path(path).open(encoding="utf-8") as handle:
+        while (stop is None or position < stop) and (chunk := handle.read(_SNIFF_BYTES)):
+            if position + len(chunk) > start:
+                yield chunk[max(0, start - position) : None if stop is None else stop - position]
+            position += len(chunk)
+
+
+def cut_pieces(chunks: Iterable[str]) -> Iterator[str]:
+    """Cuts a text, given in chunks, into the pieces it is tokenised in: each runs to the first line end at least
+    `PIECE_CHARS` characters after its start (the last, to the end of the text)."""
+    parts: list[str] = []  # the text of the piece being read
+    length = 0
+    for chunk in chunks:
+        reach = max(0, PIECE_CHARS - length)  # where in `chunk` a line end may end the piece
+        while (stop := chunk.find("\n", reach)) != -1:
+            yield "".join([*parts, chunk[: stop + 1]])
+            chunk, parts, length, reach = chunk[stop + 1 :], [], 0, PIECE_CHARS
+        if chunk:
+            parts.append(chunk)
+            length += len(chunk)
+    if parts:
+        yield "".join(parts)
+
+
+def _marking_the_last(items: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """Each item, and whether it is the last."""
+    items = iter(items)
+    previous = next(items, None)
+    for item in items:
+        yield previous, False
+        previous = item
+    if previous is not None:
+        yield previous, True
+
+
+def _file_pieces(spans: list[tuple[str, int, int | None]]) -> Iterator[dict]:
+    """Rows of pieces (`text`, `ends_document`) of text files, each span (path, first character, end character or
+    None) one document."""
+    for path, start, stop in spans:
+        for piece, last in _marking_the_last(cut_pieces(read_text(path, start, stop))):
+            yield {"text": piece, "ends_document": last}
+
+
+PIECE_FEATURES = Features({"text": Value("string"), "ends_document": Value("bool")})
+
+
+def _pieces_of_files(spans: list[tuple[str, int, int | None]]) -> Dataset:
+    """The pieces of text file spans (`_file_pieces`) as a dataset cached on disk, written as they are read; the
+    cache holds while the files keep their size and modification time."""
+    stamps = [(str(Path(path).resolve()), Path(path).stat().st_size, Path(path).stat().st_mtime_ns, start, stop)
+              for path, start, stop in spans]
+    return Dataset.from_generator(
+        _file_pieces, features=PIECE_FEATURES, gen_kwargs={"spans": spans},
+        fingerprint=Hasher.hash(["lm-lstm text pieces", PIECE_CHARS, stamps]), writer_batch_size=TOKENIZE_BATCH_PIECES,
+    )
+
+
+def text_characters(path: str | Path) -> int:
+    """Characters of a text file as `read_text` reads it."""
+    return sum(len(chunk) for chunk in read_text(path))
+
+
+def load_pieces(files: list[str], text_column: str = "text") -> Dataset:
+    """Local files (all of one kind) as the pieces of their documents (`text`, `ends_document`), read in bounded
+    memory: `.txt` files as they are read, records as documents first."""
+    if _builder(files) == "text":
+        return _pieces_of_files([(path, 0, None) for path in files])
+    return cut_documents(load_documents(files, text_column))
+
+
+def cut_documents(documents):
+    """The pieces (`text`, `ends_document`) of a `Dataset` or `DatasetDict` of documents; empty documents have none."""
+    return documents.map(split_into_pieces, batched=True, remove_columns=["text"], desc="Cutting documents")
+
+
 def load_text_datasets(source: DataSource) -> DatasetDict:
-    """Loads the documents as a `DatasetDict` with `train` and `validation` splits and a single `text` column."""
+    """Loads the text as a `DatasetDict` with `train` and `validation` splits of pieces (`text`, `ends_document`)."""
     if source.dataset_name:
         raw = load_dataset(source.dataset_name, source.dataset_config_name)
         raw = DatasetDict({split: _text_column_only(ds, source.text_column) for split, ds in raw.items()})
-    else:
-        raw = DatasetDict(train=load_documents(source.train_files, source.text_column))
-        if source.validation_files:
-            raw["validation"] = load_documents(source.validation_files, source.text_column)
-    if "validation" not in raw:
-        raw = carve_validation(raw["train"], source.validation_split_percentage)
-    return DatasetDict(train=raw["train"], validation=raw["validation"])
+        if "validation" not in raw:
+            raw = carve_validation(raw["train"], source.validation_split_percentage)
+        return cut_documents(DatasetDict(train=raw["train"], validation=raw["validation"]))
+    if source.validation_files:
+        return DatasetDict(train=load_pieces(source.train_files, source.text_column),
+                           validation=load_pieces(source.validation_files, source.text_column))
+    if _builder(source.train_files) == "text":
+        return carve_text_files(source.train_files, source.validation_split_percentage)
+    documents = load_documents(source.train_files, source.text_column)
+    return cut_documents(carve_validation(documents, source.validation_split_percentage))
 
 
 def _text_column_only(dataset: Dataset, column: str, source: str = "The data") -> Dataset:
@@ -161,21 +261,26 @@ def _text_column_only(dataset: Dataset, column: str, source: str = "The data") -
     return dataset if column == "text" else dataset.rename_column(column, "text")
 
 
+def validation_cut(lengths: np.ndarray, percentage: float) -> tuple[int, int]:
+    """Where validation text starts when the last `percentage` % of documents of `lengths` characters is held out:
+    the document the cut falls in (or starts, at a boundary) and its characters before the cut. Raises `DataError`
+    when the text is too short to split."""
+    ends = np.cumsum(lengths, dtype=np.int64)
+    total = int(ends[-1]) if len(ends) else 0
+    cut = int(total * (1 - percentage / 100))
+    if cut == 0 or cut == total:
+        raise DataError(f"The training text ({total} characters) is too short to split off a validation part.")
+    document = bisect.bisect_right(ends, cut)
+    return document, cut - (int(ends[document - 1]) if document else 0)
+
+
 def carve_validation(train: Dataset, percentage: float) -> DatasetDict:
     """Splits off the last `percentage` % of the text, by character position, as validation text: the documents after
     the cut, and the end of the document the cut falls in (with one text file, the end of the file). Validation text
     is never seen in training. Raises `DataError` when the text is too short to split.
     """
-    lengths = train.map(
-        lambda batch: {"length": [len(text) for text in batch["text"]]}, batched=True, remove_columns=["text"],
-        desc="Measuring documents",
-    )["length"]
-    ends = list(itertools.accumulate(lengths))
-    cut = int(ends[-1] * (1 - percentage / 100))
-    if cut == 0 or cut == ends[-1]:
-        raise DataError(f"The training text ({ends[-1]} characters) is too short to split off a validation part.")
-    document = bisect.bisect_right(ends, cut)  # the document the cut falls in (or starts, at a boundary)
-    offset = cut - (ends[document - 1] if document else 0)  # its characters before the cut
+    lengths = pc.utf8_length(train.with_format("arrow")["text"]).to_numpy(zero_copy_only=False)
+    document, offset = validation_cut(lengths, percentage)
     head = train.select(range(document + (offset > 0)))
     tail = train.select(range(document, len(train)))
     if offset:
@@ -187,20 +292,43 @@ def carve_validation(train: Dataset, percentage: float) -> DatasetDict:
     return DatasetDict(train=head, validation=tail)
 
 
+def carve_text_files(files: list[str], percentage: float) -> DatasetDict:
+    """The pieces of text files (each one document), the last `percentage` % by character position held out as
+    validation pieces, exactly as `carve_validation` carves the documents; read twice, never held in memory."""
+    lengths = np.array([text_characters(path) for path in files], dtype=np.int64)
+    document, offset = validation_cut(lengths, percentage)
+    head = [(path, 0, None) for path in files[:document]] + ([(files[document], 0, offset)] if offset else [])
+    tail = [(files[document], offset, None)] + [(path, 0, None) for path in files[document + 1 :]]
+    return DatasetDict(train=_pieces_of_files(head), validation=_pieces_of_files(tail))
+
+
 def split_into_pieces(batch: dict[str, list]) -> dict[str, list]:
-    """Cuts documents into pieces of about `PIECE_CHARS` characters at line ends; marks each document's last piece."""
+    """Cuts documents into pieces (`cut_pieces`); marks each document's last piece (`ends_document`)."""
     pieces, ends = [], []
     for text in batch["text"]:
-        if not text:
-            continue
-        start = 0
-        while start < len(text):
-            stop = text.find("\n", start + PIECE_CHARS)
-            stop = len(text) if stop == -1 else stop + 1
-            pieces.append(text[start:stop])
-            ends.append(stop == len(text))
-            start = stop
+        for piece, last in _marking_the_last(cut_pieces([text])):
+            pieces.append(piece)
+            ends.append(last)
     return {"text": pieces, "ends_document": ends}
+
+
+DEFAULT_TOKENIZER_TRAIN_BYTES = 100_000_000
+
+
+def tokenizer_training_texts(pieces: Dataset, max_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES) -> Iterator[str]:
+    """The text a new tokenizer is trained on, in the pieces of the training text (`text`, `ends_document`) that it
+    will tokenise: all of them when they hold at most `max_bytes` bytes of UTF-8; else a sample of about `max_bytes`
+    bytes spread evenly over the text, every k-th piece (pieces are about `PIECE_CHARS` characters, cut at line ends).
+
+    Pieces, not whole documents: `tokenizers` pre-tokenises each text whole, which for one 20 MB document took 2 GB.
+    A character or word vocabulary is the same either way; byte-level BPE counts can differ where a piece ends.
+    Raises `ValueError` if `max_bytes` < 1."""
+    if max_bytes < 1:
+        raise ValueError(f"--tokenizer_train_bytes must be at least 1, got {max_bytes}.")
+    sizes = pc.binary_length(pieces.with_format("arrow")["text"]).to_numpy(zero_copy_only=False)
+    step = max(1, -(-int(sizes.sum()) // max_bytes))
+    for index in range(0, len(pieces), step):
+        yield pieces[index]["text"]
 
 
 def utf8_prefix(text: str) -> np.ndarray:
@@ -232,12 +360,19 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int],
 
 
 PIECE_COLUMNS = ["input_ids", "token_bytes", "ends_document"]
+TOKEN_FEATURES = Features({  # 4 bytes a token id and a byte count: half what Python ints would be stored as
+    "input_ids": List(Value("int32")), "token_bytes": List(Value("int32")), "ends_document": Value("bool"),
+})
 
 
 def tokenize_documents(raw, tokenizer: PreTrainedTokenizerBase, num_proc: int | None = None):
-    """Tokenises a `Dataset` or `DatasetDict` of documents into pieces (`PIECE_COLUMNS`): `input_ids`, their
+    """Tokenises a `Dataset` or `DatasetDict` of documents (a `text` column) or of their pieces (`text` and
+    `ends_document`, as `load_text_datasets` gives them) into pieces (`PIECE_COLUMNS`): `input_ids`, their
     `token_bytes`, and whether the piece is its document's last (`ends_document`). Each document ends in exactly one
-    EOS (the module docstring says when it is added)."""
+    EOS (the module docstring says when it is added). The pieces are tokenised `TOKENIZE_BATCH_PIECES` at a time,
+    in `num_proc` processes, with the fast tokenizer's batch encoding; the result is cached on disk.
+
+    Raises `DataError` when a split holds no text."""
     eos = document_start_id(tokenizer)  # ends each document and starts the next
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
@@ -255,11 +390,77 @@ def tokenize_documents(raw, tokenizer: PreTrainedTokenizerBase, num_proc: int | 
             sizes.append(counts)
         return {"input_ids": ids, "token_bytes": sizes}
 
-    pieces = raw.map(split_into_pieces, batched=True, remove_columns=["text"], desc="Cutting documents")
+    columns = raw.column_names if isinstance(raw, Dataset) else next(iter(raw.values())).column_names
+    pieces = raw if "ends_document" in columns else cut_documents(raw)
     for split, dataset in pieces.items() if isinstance(pieces, DatasetDict) else [("", pieces)]:
         if len(dataset) == 0:
             raise DataError(f"The {split + ' ' if split else ''}text is empty: every document is an empty string.")
-    return pieces.map(tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], desc="Tokenizing")
+    return pieces.map(tokenize, batched=True, batch_size=TOKENIZE_BATCH_PIECES, writer_batch_size=TOKENIZE_BATCH_PIECES,
+                      num_proc=num_proc, remove_columns=["text"], features=TOKEN_FEATURES, desc="Tokenizing")
+
+
+class FlatTokens:
+    """The numbers of a list column (`input_ids` or `token_bytes` of tokenised pieces), joined into one sequence that
+    is read a range at a time: each part is a numpy view of a memory-mapped Arrow chunk (or an array), never copied
+    whole."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.concatenate([[0], np.cumsum([len(part) for part in parts], dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Numbers `start` to `stop` (exclusive) as an int64 array of shape `(stop - start,)`."""
+        part = bisect.bisect_right(self.offsets, start) - 1
+        pieces = []
+        while start < stop:
+            base = int(self.offsets[part])
+            piece = self.parts[part][start - base : stop - base]
+            pieces.append(piece)
+            start += len(piece)
+            part += 1
+        return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class TokenDocuments:
+    """Tokenised documents laid end to end: token `ids`, the UTF-8 bytes each stands for (`sizes`, None when not
+    known), and where each document starts (`starts`, int64 of shape `(documents + 1,)`, the last entry the end)."""
+
+    ids: FlatTokens
+    sizes: FlatTokens | None
+    starts: np.ndarray
+
+    @classmethod
+    def from_lists(cls, documents: list[list[int]], document_bytes: list[list[int]] | None = None) -> TokenDocuments:
+        """Documents given as lists of token ids (and of their bytes), copied into arrays."""
+        lengths = [len(document) for document in documents]
+        flat = lambda lists: FlatTokens([np.array([n for numbers in lists for n in numbers], dtype=np.int64)])
+        return cls(flat(documents), None if document_bytes is None else flat(document_bytes),
+                   np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+
+    @classmethod
+    def from_pieces(cls, pieces: Dataset) -> TokenDocuments:
+        """The documents of tokenised pieces (`tokenize_documents`), read in place from the dataset's Arrow data: only
+        the document starts are computed (one number per piece on the way), no token is copied."""
+        if pieces._indices is not None:  # a selection: its rows are not contiguous in the Arrow data
+            pieces = pieces.flatten_indices()
+        table = pieces.data
+
+        def flat(column: str) -> tuple[FlatTokens, np.ndarray]:
+            chunks = table.column(column).chunks
+            parts = [chunk.flatten().to_numpy(zero_copy_only=True) for chunk in chunks]
+            lengths = [pc.list_value_length(chunk).to_numpy(zero_copy_only=False) for chunk in chunks]
+            return FlatTokens(parts), np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+
+        (ids, piece_lengths), (sizes, _) = flat("input_ids"), flat("token_bytes")
+        piece_ends = np.cumsum(piece_lengths, dtype=np.int64)
+        ends = piece_ends[table.column("ends_document").to_numpy()]
+        if len(piece_ends) and (not len(ends) or ends[-1] != piece_ends[-1]):
+            ends = np.append(ends, piece_ends[-1])  # pieces that do not end their document: one more
+        return cls(ids, sizes, np.concatenate([[0], ends]).astype(np.int64))
 
 
 def check_block_size(block_size: int) -> None:
@@ -276,16 +477,22 @@ def group_blocks(tokens, block_size: int, num_proc: int | None = None):
     """
     check_block_size(block_size)
 
-    def group(batch: dict[str, list]) -> dict[str, list]:
-        stream = [token for piece in batch["input_ids"] for token in piece]
-        sizes = [size for piece in batch["token_bytes"] for size in piece]
+    def group(batch: pa.Table) -> dict[str, np.ndarray]:
+        # Arrow batches and numpy: a batch of 1,000 pieces holds tens of millions of tokens, too many for lists.
+        stream = pc.list_flatten(batch["input_ids"]).to_numpy()
+        sizes = pc.list_flatten(batch["token_bytes"]).to_numpy()
         usable = len(stream) - len(stream) % block_size
-        blocks = [stream[i : i + block_size] for i in range(0, usable, block_size)]
-        scored = [sum(sizes[i + 1 : i + block_size]) for i in range(0, usable, block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks], "scored_bytes": scored}
+        blocks = stream[:usable].reshape(-1, block_size)
+        scored = sizes[:usable].reshape(-1, block_size)[:, 1:].sum(axis=1, dtype=np.int64)
+        return {"input_ids": blocks, "labels": blocks, "scored_bytes": scored}
 
-    return tokens.map(group, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=PIECE_COLUMNS,
-                      desc=f"Grouping in blocks of {block_size}")
+    features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32")),
+                         "scored_bytes": Value("int64")})
+    blocks = tokens.with_format("arrow").map(
+        group, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=PIECE_COLUMNS, features=features,
+        desc=f"Grouping in blocks of {block_size}",
+    )
+    return blocks.with_format(None)
 
 
 def tokenize_dataset(
@@ -335,6 +542,18 @@ class TrainingData:
         `evaluation_method`), for `RunSummary`."""
         raise NotImplementedError
 
+    def validation_tokens(self) -> int:
+        """Tokens of the validation data (what one evaluation reads)."""
+        raise NotImplementedError
+
+    def with_validation_blocks(self, max_blocks: int) -> TrainingData:
+        """The same data with only the first `max_blocks` validation blocks (at most)."""
+        raise NotImplementedError
+
+    def with_validation_tokens(self, max_tokens: int) -> TrainingData:
+        """The same data with the validation data cut to its first `max_tokens` tokens (whole blocks, at least one)."""
+        return self.with_validation_blocks(max(1, max_tokens // self.block_size))
+
 
 class BlockData(TrainingData):
     """Training and validation text as independent blocks (each starting from a zero state)."""
@@ -353,6 +572,12 @@ class BlockData(TrainingData):
             "its first token is not scored)",
             "bptt": "truncated at each block (every block starts from a zero state)",
         }
+
+    def validation_tokens(self) -> int:
+        return len(self.validation) * self.block_size
+
+    def with_validation_blocks(self, max_blocks: int) -> BlockData:
+        return dataclasses.replace(self, validation=_first(self.validation, max_blocks))
 
 
 def _first(dataset: Dataset, count: int | None) -> Dataset:

@@ -13,6 +13,7 @@ Two context policies over a file:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -86,34 +87,58 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def window_nlls(model, windows: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The negative log-likelihood (nats) of the tokens of each window (1-D token ids) after its first, the state
+    carried from window to window: a window starts with the last token of the one before, so this scores a stream
+    fed window by window, holding one window at a time. Each is float32 on the CPU, of the window's length less one."""
+    cache = DynamicCache(config=model.config)
+    for window in windows:
+        ids = window.to(model.device)[None]
+        logits = model(ids[:, :-1], cache=cache, use_cache=True).logits
+        yield _token_nll(logits, ids[:, 1:])[0].float().cpu()
+
+
+def stream_windows(token_ids: torch.Tensor, block_size: int) -> Iterator[torch.Tensor]:
+    """`token_ids` in windows of `block_size + 1` tokens overlapping by one (see `window_nlls`)."""
+    return (token_ids[start : start + block_size + 1] for start in range(0, len(token_ids) - 1, block_size))
+
+
 def token_nlls(model, token_ids: list[int], block_size: int = 512) -> torch.Tensor:
     """Negative log-likelihood (nats) of each of `token_ids[1:]`, predicted from everything before it: the sequence
     is fed in chunks of `block_size` tokens with the state carried across them. Shape `(len(token_ids) - 1,)`,
     float32, on the CPU. Raises `ValueError` for `block_size` < 1."""
     if block_size < 1:
         raise ValueError(f"`block_size` must be at least 1, got {block_size}.")
-    ids = torch.tensor(token_ids, device=model.device)[None]
-    cache = DynamicCache(config=model.config)
-    nlls = []
-    for start in range(0, ids.shape[1] - 1, block_size):
-        chunk = ids[:, start : start + block_size + 1]
-        logits = model(chunk[:, :-1], cache=cache, use_cache=True).logits
-        nlls.append(_token_nll(logits, chunk[:, 1:])[0].float().cpu())
+    nlls = list(window_nlls(model, stream_windows(torch.tensor(token_ids), block_size)))
     return torch.cat(nlls) if nlls else torch.zeros(0)
+
+
+def score_windows(model, windows: Iterable[torch.Tensor]) -> tuple[float, int]:
+    """The summed NLL (nats) of the tokens `window_nlls` scores, and their number."""
+    total, count = 0.0, 0
+    for nlls in window_nlls(model, windows):
+        total += float(nlls.double().sum())
+        count += len(nlls)
+    return total, count
 
 
 def score_stream(model, token_ids: list[int], block_size: int) -> tuple[float, int]:
     """Sums the NLL of `token_ids[1:]`, each predicted from everything before it (state carried across chunks)."""
-    nlls = token_nlls(model, token_ids, block_size)
-    return float(nlls.double().sum()), len(nlls)
+    return score_windows(model, stream_windows(torch.tensor(token_ids), block_size))
 
 
-def file_stream(tokenizer: PreTrainedTokenizerBase, pieces) -> list[int]:
-    """The token stream the `carry` policy scores from the pieces of a file's documents (`tokenize_documents`): the
-    document-start token, then every token, less a last EOS that only separates documents (see the module
-    docstring)."""
-    stream = [document_start_id(tokenizer)] + [token for piece in pieces["input_ids"] for token in piece]
-    return stream if eos_ends_lines(tokenizer) else stream[:-1]
+def file_windows(tokenizer: PreTrainedTokenizerBase, pieces, block_size: int) -> Iterator[torch.Tensor]:
+    """The token stream the `carry` policy scores from the pieces of a file's documents (`tokenize_documents`), in
+    windows of `block_size + 1` tokens that overlap by one (see `score_windows`), read from the memory-mapped pieces
+    a window at a time: the document-start token, then every token, less a last EOS that only separates documents
+    (see the module docstring)."""
+    from .data import TokenDocuments
+
+    ids = TokenDocuments.from_pieces(pieces).ids
+    end = len(ids) - (not eos_ends_lines(tokenizer))  # the stream's last position; position p > 0 holds ids[p - 1]
+    for start in range(0, end, block_size):
+        window = torch.from_numpy(ids.read(max(start - 1, 0), min(start + block_size, end)))
+        yield torch.cat([torch.tensor([document_start_id(tokenizer)]), window]) if start == 0 else window
 
 
 def perplexity_unit(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -123,11 +148,12 @@ def perplexity_unit(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 @torch.no_grad()
-def score_blocks(model, blocks: list[list[int]], batch_size: int) -> tuple[float, int]:
-    """Sums the NLL of every block's tokens after the first, each block on its own from a zero state."""
+def score_blocks(model, batches: Iterable[list[list[int]]]) -> tuple[float, int]:
+    """Sums the NLL of every block's tokens after the first, each block on its own from a zero state, a batch of
+    blocks at a time."""
     total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = torch.tensor(blocks[start : start + batch_size], device=model.device)
+    for blocks in batches:
+        batch = torch.tensor(blocks, device=model.device)
         logits = model(batch[:, :-1], use_cache=False).logits
         total += float(_token_nll(logits, batch[:, 1:]).sum())
         count += batch[:, 1:].numel()
@@ -144,23 +170,26 @@ def evaluate_file(
     text_column: str = "text",
 ) -> Score:
     """Scores a text file (see the module docstring for the context policies); `text_column` names the text of
-    .json/.jsonl/.csv/.parquet records."""
+    .json/.jsonl/.csv/.parquet records. The file is read, tokenised (into the `datasets` cache) and scored a bounded
+    piece at a time, so memory does not grow with its size."""
     if context not in CONTEXT_POLICIES:
         raise ValueError(f"`context` must be one of {CONTEXT_POLICIES}, got {context!r}.")
     # Imported here: `datasets` is slow to import, and loading a model for `lm-lstm generate` does not need it.
-    from .data import group_blocks, load_documents, tokenize_documents
+    import pyarrow.compute as pc
 
-    documents = load_documents([str(path)], text_column)
-    pieces = tokenize_documents(documents, tokenizer)
+    from .data import group_blocks, load_pieces, tokenize_documents
+
+    texts = load_pieces([str(path)], text_column)
+    pieces = tokenize_documents(texts, tokenizer)
     if context == "carry":
-        nll, count = score_stream(model, file_stream(tokenizer, pieces), block_size)
-        num_bytes = sum(len(text.encode("utf-8")) for text in documents["text"])
+        nll, count = score_windows(model, file_windows(tokenizer, pieces, block_size))
+        num_bytes = pc.sum(pc.binary_length(texts.with_format("arrow")["text"])).as_py()
         return Score(nll=nll, tokens=count, bytes=num_bytes)
     blocks = group_blocks(pieces, block_size)
     if len(blocks) == 0:
         raise ValueError(f"{path}: shorter than one block of {block_size} tokens; use a smaller --block_size.")
-    nll, count = score_blocks(model, blocks["input_ids"], batch_size)
-    return Score(nll=nll, tokens=count, bytes=max(1, sum(blocks["scored_bytes"])))
+    nll, count = score_blocks(model, (batch["input_ids"] for batch in blocks.iter(batch_size=batch_size)))
+    return Score(nll=nll, tokens=count, bytes=max(1, pc.sum(blocks.with_format("arrow")["scored_bytes"]).as_py()))
 
 
 @torch.no_grad()

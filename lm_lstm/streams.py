@@ -29,9 +29,11 @@ scored once, with its left context.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +44,12 @@ from transformers import DynamicCache, PreTrainedTokenizerBase, TrainingArgument
 from transformers.trainer_utils import EvalLoopOutput
 
 from .configuration_lstm import LSTMConfig
-from .data import DataError, TrainingData, check_block_size, tokenize_documents
+from .data import DataError, TokenDocuments, TrainingData, check_block_size, tokenize_documents
 from .modeling_lstm import CELL_STATE, HIDDEN_STATE
 from .tokenization import document_start_id
 
 STREAM_COLUMNS = ("shift_labels", "reset")  # what a stream batch holds beside `input_ids`
+READ_TOKENS = 1 << 20  # token sizes summed a million at a time, whatever the length of a document
 STATE_FILE = "stream_state_{}.safetensors"  # in a checkpoint, per process, beside Trainer's rng_state_{}.pth
 
 logger = logging.getLogger(__name__)
@@ -61,15 +64,19 @@ class StreamBlocks(Dataset):
     (or never used), so the LSTM may run through the padding on its fast unpacked kernel; an attention mask would make
     it pack every batch holding a padded row (measured 1.5x slower).
 
-    `document_bytes`, if given, holds the UTF-8 bytes of text each token of `documents` stands for (`token_bytes`
-    of `lm_lstm.data`); `target_bytes` is then the bytes that the targets kept (after `max_blocks`) stand for.
+    The layout is an index, not a copy of the text: where each document starts among the tokens and in the sequence
+    of blocks (a few numbers per document). A row is read from the tokens when it is asked for, so memory does not
+    grow with the corpus, and under DDP each process reads only the rows, and so the streams, of its own batches.
+    `documents` are `TokenDocuments` (memory-mapped from a tokenised dataset by `from_pieces`) or lists of token ids;
+    with lists, `document_bytes` may give the UTF-8 bytes of text each token stands for (`token_bytes` of
+    `lm_lstm.data`). `target_bytes` is the bytes that the targets kept (after `max_blocks`) stand for.
 
     Raises `DataError` when there is no text, `ValueError` for counts below 1.
     """
 
     def __init__(
         self,
-        documents: Iterable[list[int]],
+        documents: TokenDocuments | Iterable[list[int]],
         block_size: int,
         eos_token_id: int,
         pad_token_id: int,
@@ -81,108 +88,141 @@ class StreamBlocks(Dataset):
         check_block_size(block_size)
         if num_streams < 1 or world_size < 1:
             raise ValueError(f"num_streams and world_size must be >= 1, got {num_streams} and {world_size}.")
-        documents = list(documents)
-        sizes = list(document_bytes) if document_bytes is not None else [[0] * len(d) for d in documents]
-        documents, sizes = [d for d in documents if d], [b for d, b in zip(documents, sizes) if d]
-        check_padding(documents, block_size)
-        inputs, targets, target_sizes, starts = [], [], [], []
-        for document, document_sizes in zip(documents, sizes):
-            padding = -len(document) % block_size
-            inputs.append(np.array([eos_token_id, *document[:-1]] + [pad_token_id] * padding, dtype=np.int64))
-            targets.append(np.array(document + [-100] * padding, dtype=np.int64))
-            target_sizes.append(np.array(document_sizes + [0] * padding, dtype=np.int64))
-            first_blocks = np.zeros((len(document) + padding) // block_size, dtype=bool)
-            first_blocks[0] = True
-            starts.append(first_blocks)
-        if not inputs:
+        if not isinstance(documents, TokenDocuments):
+            documents = TokenDocuments.from_lists(list(documents), None if document_bytes is None else list(document_bytes))
+        self.documents = documents
+        lengths = np.diff(documents.starts)
+        kept = lengths > 0  # an empty document has no block
+        self._starts, self._lengths = documents.starts[:-1][kept], lengths[kept]
+        if not len(self._lengths):
             raise DataError("No text to lay out in streams.")
-        inputs, targets = np.concatenate(inputs).reshape(-1, block_size), np.concatenate(targets).reshape(-1, block_size)
-        starts = np.concatenate(starts)
-        if max_blocks is not None:
-            inputs, targets, starts = inputs[:max_blocks], targets[:max_blocks], starts[:max_blocks]
-        kept_sizes = np.concatenate(target_sizes)[: targets.size]
-        self.target_bytes = int(kept_sizes.sum()) if document_bytes is not None else None
-        total_streams = num_streams * world_size
-        self.blocks_per_stream = math.ceil(len(inputs) / total_streams)
-        empty = total_streams * self.blocks_per_stream - len(inputs)
-        shape = (total_streams, self.blocks_per_stream, block_size)
-        self.inputs = np.concatenate([inputs, np.full((empty, block_size), pad_token_id)]).reshape(shape)
-        self.targets = np.concatenate([targets, np.full((empty, block_size), -100)]).reshape(shape)
-        self.resets = np.concatenate([starts, np.zeros(empty, dtype=bool)]).reshape(shape[:2])
-        self.resets[:, 0] = True
+        check_padding(self._lengths, block_size)
+        # The block each document starts at, and (last) the number of blocks.
+        self._first_blocks = np.concatenate([[0], np.cumsum(-(-self._lengths // block_size))])
+        self.num_blocks = int(self._first_blocks[-1]) if max_blocks is None else min(int(self._first_blocks[-1]), max_blocks)
+        self.block_size, self.eos_token_id, self.pad_token_id = block_size, eos_token_id, pad_token_id
         self.num_streams, self.world_size = num_streams, world_size
+        self.blocks_per_stream = math.ceil(self.num_blocks / self.total_streams)
 
     @classmethod
     def from_pieces(cls, pieces, tokenizer: PreTrainedTokenizerBase, block_size: int, num_streams: int, **kwargs):
-        """Lays out the documents of a `tokenize_documents` result (pieces, each document's last ending in EOS)."""
-        ends = pieces["ends_document"]
-        return cls(
-            join_documents(pieces["input_ids"], ends),
-            block_size,
-            eos_token_id=document_start_id(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            num_streams=num_streams,
-            document_bytes=join_documents(pieces["token_bytes"], ends),
-            **kwargs,
-        )
+        """Lays out the documents of a `tokenize_documents` result (pieces, each document's last ending in EOS), read
+        in place from its memory-mapped Arrow data."""
+        return cls(TokenDocuments.from_pieces(pieces), block_size, eos_token_id=document_start_id(tokenizer),
+                   pad_token_id=tokenizer.pad_token_id, num_streams=num_streams, **kwargs)
+
+    def with_max_blocks(self, max_blocks: int | None) -> StreamBlocks:
+        """The same text and streams, only the first `max_blocks` blocks kept (None: all of them)."""
+        return StreamBlocks(self.documents, self.block_size, self.eos_token_id, self.pad_token_id, self.num_streams,
+                            self.world_size, max_blocks)
 
     def __len__(self) -> int:
-        return self.inputs.shape[0] * self.inputs.shape[1]
-
-    def _position(self, row: int) -> tuple[int, int]:
-        batch, slot = divmod(row, self.num_streams)
-        block, process = divmod(batch, self.world_size)
-        return process * self.num_streams + slot, block
-
-    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        if not 0 <= row < len(self):
-            raise IndexError(f"row {row} out of range for {len(self)} blocks")
-        stream, block = self._position(row)
-        return {
-            "input_ids": torch.from_numpy(self.inputs[stream, block]),
-            "shift_labels": torch.from_numpy(self.targets[stream, block]),
-            "reset": torch.tensor(bool(self.resets[stream, block])),
-        }
+        return self.total_streams * self.blocks_per_stream
 
     @property
     def total_streams(self) -> int:
         """Streams over all processes."""
         return self.num_streams * self.world_size
 
+    def _position(self, row: int) -> tuple[int, int]:
+        batch, slot = divmod(row, self.num_streams)
+        block, process = divmod(batch, self.world_size)
+        return process * self.num_streams + slot, block
+
+    def _kept_targets(self) -> np.ndarray:
+        """Targets of each document within the first `num_blocks` blocks."""
+        kept_blocks = np.clip(self.num_blocks - self._first_blocks[:-1], 0, None)
+        return np.minimum(self._lengths, kept_blocks * self.block_size)
+
+    def block(self, stream: int, block: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Block `block` of stream `stream`: inputs and targets (int64 arrays of shape `(block_size,)`) and whether
+        the state resets before it."""
+        inputs = np.full(self.block_size, self.pad_token_id, dtype=np.int64)
+        targets = np.full(self.block_size, -100, dtype=np.int64)
+        index = stream * self.blocks_per_stream + block  # in the sequence of blocks
+        if index >= self.num_blocks:  # an empty block filling the last stream
+            return inputs, targets, block == 0
+        document = int(np.searchsorted(self._first_blocks, index, side="right")) - 1
+        first = int(index - self._first_blocks[document])  # the document's first block is 0
+        start = int(self._starts[document]) + first * self.block_size
+        stop = min(start + self.block_size, int(self._starts[document] + self._lengths[document]))
+        tokens = self.documents.ids.read(start - (first > 0), stop)  # with the token before, which is an input
+        count = stop - start
+        targets[:count] = tokens[-count:]
+        inputs[0] = tokens[0] if first else self.eos_token_id  # a document starts from EOS
+        inputs[1:count] = targets[: count - 1]
+        return inputs, targets, first == 0 or block == 0
+
+    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} blocks")
+        inputs, targets, reset = self.block(*self._position(row))
+        return {"input_ids": torch.from_numpy(inputs), "shift_labels": torch.from_numpy(targets),
+                "reset": torch.tensor(reset)}
+
+    def _whole(self, part: int) -> np.ndarray:
+        return np.array([[self.block(stream, block)[part] for block in range(self.blocks_per_stream)]
+                         for stream in range(self.total_streams)])
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """All inputs, of shape `(total_streams, blocks_per_stream, block_size)`: a copy of the text, to inspect
+        small layouts (training reads rows)."""
+        return self._whole(0)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """All targets, as `inputs` (-100 at padding)."""
+        return self._whole(1)
+
+    @property
+    def resets(self) -> np.ndarray:
+        """Whether the state resets before each block, of shape `(total_streams, blocks_per_stream)`."""
+        resets = np.zeros(self.total_streams * self.blocks_per_stream, dtype=bool)
+        starts = self._first_blocks[:-1]
+        resets[starts[starts < self.num_blocks]] = True
+        resets = resets.reshape(self.total_streams, self.blocks_per_stream)
+        resets[:, 0] = True
+        return resets
+
+    @property
+    def num_targets(self) -> int:
+        """Tokens of text the layout predicts (all but padding), counted from the index."""
+        return int(self._kept_targets().sum())
+
+    @functools.cached_property
+    def target_bytes(self) -> int | None:
+        """UTF-8 bytes of text the targets stand for (None when the documents carry no sizes); read from the token
+        sizes, a document at a time, when first asked for."""
+        sizes = self.documents.sizes
+        if sizes is None:
+            return None
+        kept = self._kept_targets()
+        return sum(int(sizes.read(begin, min(begin + READ_TOKENS, int(start + count))).sum())
+                   for start, count in zip(self._starts[kept > 0], kept[kept > 0])
+                   for begin in range(int(start), int(start + count), READ_TOKENS))
+
     def target_ids(self) -> list[int]:
-        """All targets in text order (every token of the text once)."""
-        flat = self.targets.reshape(-1)
-        return flat[flat != -100].tolist()
+        """All targets in text order (every token of the text once), as a list: for inspecting small layouts."""
+        kept = self._kept_targets()
+        return [int(token) for start, count in zip(self._starts, kept) if count
+                for token in self.documents.ids.read(int(start), int(start + count))]
 
 
 MAX_PADDING_RATIO = 16  # padded tokens per real token beyond which a layout is refused (on more than a million)
 
 
-def check_padding(documents: list[list[int]], block_size: int) -> None:
-    """Raises `DataError` when padding each document to whole blocks would blow the text up (`--block_size` far
-    longer than the documents): more than `MAX_PADDING_RATIO` times its tokens, and over a million."""
-    real = sum(len(document) for document in documents)
-    padded = sum(-(-len(document) // block_size) * block_size for document in documents)
+def check_padding(lengths: np.ndarray, block_size: int) -> None:
+    """Raises `DataError` when padding documents of `lengths` tokens to whole blocks would blow the text up
+    (`--block_size` far longer than the documents): more than `MAX_PADDING_RATIO` times its tokens, and over a
+    million."""
+    real = int(lengths.sum())
+    padded = int((-(-lengths // block_size) * block_size).sum())
     if padded > max(MAX_PADDING_RATIO * real, 1 << 20):
-        longest = max(len(document) for document in documents)
         raise DataError(
             f"--block_size {block_size} would pad the text's {real:,} tokens to {padded:,} (its longest document has "
-            f"{longest:,}); use a smaller --block_size."
+            f"{int(lengths.max()):,}); use a smaller --block_size."
         )
-
-
-def join_documents(pieces: Iterable[list[int]], ends_document: Iterable[bool]) -> Iterator[list[int]]:
-    """Joins consecutive pieces (lists of token ids, or of their bytes) into documents, each ending at a piece marked
-    as its document's last. (A piece ending in EOS need not end its document: a word-level tokenizer's EOS is also
-    its line end.)"""
-    document: list[int] = []
-    for piece, end in zip(pieces, ends_document):
-        document.extend(piece)
-        if end:
-            yield document
-            document = []
-    if document:
-        yield document
 
 
 def collate_stream_blocks(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -194,23 +234,29 @@ class StreamData(TrainingData):
     """Training and validation text as `StreamBlocks`."""
 
     def summary(self, tokenizer: PreTrainedTokenizerBase) -> dict:
-        targets = self.validation.target_ids()
         num_bytes = self.validation.target_bytes
         if num_bytes is None:  # a layout made from token ids alone
-            num_bytes = len(tokenizer.decode(targets, skip_special_tokens=True).encode("utf-8"))
+            num_bytes = len(tokenizer.decode(self.validation.target_ids(), skip_special_tokens=True).encode("utf-8"))
         return {
             "train_blocks": len(self.train),
             "eval_blocks": len(self.validation),
             "block_size": self.block_size,
-            "train_tokens": len(self.train.target_ids()),
-            "eval_tokens": len(targets),
-            "scored_tokens": len(targets),
+            "train_tokens": self.train.num_targets,
+            "eval_tokens": self.validation_tokens(),
+            "scored_tokens": self.validation_tokens(),
             "validation_bytes": max(1, num_bytes),
             "evaluation_method": f"as {self.validation.total_streams} contiguous streams with the state carried from "
             "block to block (reset at document starts): every token is scored once",
             "bptt": f"stateful: {self.train.total_streams} streams, the state carried from batch to batch (reset at "
             "document starts)",
         }
+
+    def validation_tokens(self) -> int:
+        return self.validation.num_targets
+
+    def with_validation_blocks(self, max_blocks: int) -> StreamData:
+        return dataclasses.replace(self, validation=self.validation.with_max_blocks(
+            min(max_blocks, self.validation.num_blocks)))
 
 
 def build_stream_data(

@@ -8,8 +8,10 @@ benchmarks.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,7 +21,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from .arguments import SIZED_OPTION, CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
 from .averaging import NonMonotonicAveraging
 from .card import RunSummary, write_model_card
-from .data import TrainingData, build_block_data, load_text_datasets
+from .budget import EVALUATION_SHARE, evaluation_speed
+from .data import TrainingData, build_block_data, load_text_datasets, tokenizer_training_texts
 from .configuration_lstm import LSTMConfig
 from .evaluation import perplexity_unit
 from .modeling_lstm import LSTMForCausalLM
@@ -29,6 +32,8 @@ from .tokenization import (
     document_start_id, encode_prompt, eos_ends_lines, load_tokenizer, text_decoding, train_tokenizer,
 )
 from .trainer import LSTMTrainer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -43,16 +48,27 @@ class TrainingResult:
     unit: str = "token"  # what loss and perplexity are per: "word" for a word-level tokenizer (`perplexity_unit`)
 
 
-def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_texts) -> PreTrainedTokenizerBase:
-    """The named tokenizer, the fine-tuned model's, or a new one trained on the training text."""
+def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_pieces) -> PreTrainedTokenizerBase:
+    """The named tokenizer, the fine-tuned model's, or a new one trained on the training text (`train_pieces`, as
+    `load_text_datasets` gives them), or on a sample of it beyond `--tokenizer_train_bytes`."""
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name:
         return load_tokenizer(name)
     kind = model_args.tokenizer_type
     if kind == "auto":
         kind = "char" if data_args.uses_default_corpus else "bpe"
-    return train_tokenizer(train_texts, kind=kind, vocab_size=model_args.tokenizer_vocab_size,
+    texts = tokenizer_training_texts(train_pieces, model_args.tokenizer_train_bytes)
+    return train_tokenizer(texts, kind=kind, vocab_size=model_args.tokenizer_vocab_size,
                            min_frequency=model_args.min_frequency)
+
+
+def on_main_process(compute: Callable[[], T], training_args: LSTMTrainingArguments) -> T:
+    """`compute()` run by the main process only, its result shared with the others of a distributed run (so that
+    every process makes the same choice from one measurement)."""
+    values = [compute() if training_args.process_index == 0 else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(values, src=0)
+    return values[0]
 
 
 def size_new_model(model_args: ModelArguments, training_args: LSTMTrainingArguments, tokenizer: PreTrainedTokenizerBase,
@@ -73,19 +89,19 @@ def size_new_model(model_args: ModelArguments, training_args: LSTMTrainingArgume
         return None
     if training_args.max_time is None:
         return None
-    choices: list[SizeChoice | None] = [None]
-    if training_args.process_index == 0:
+
+    def choose() -> SizeChoice:
         summary = data.summary(tokenizer)
         bytes_per_token = summary["validation_bytes"] / summary["scored_tokens"]  # characters, for ASCII text
-        choices[0] = size_model(
+        choice = size_model(
             model_args.new_config(tokenizer), training_args.max_time, training_args.per_device_train_batch_size,
             data.block_size, bool(training_args.bf16), summary["train_tokens"] * bytes_per_token, bytes_per_token,
             training_args.world_size,
         )
-        print(choices[0].describe(), flush=True)
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(choices, src=0)
-    choice = choices[0]
+        print(choice.describe(), flush=True)
+        return choice
+
+    choice = on_main_process(choose, training_args)
     setattr(model_args, SIZED_OPTION, choice.hidden_size)
     training_args.max_time = max(1.0, training_args.max_time - choice.probe_seconds)
     return choice
@@ -122,6 +138,44 @@ def build_training_data(
         raw, tokenizer, data_args.block_size, data_args.max_train_samples, data_args.max_eval_samples,
         num_proc=data_args.preprocessing_num_workers,
     )
+
+
+def plan_evaluation(model, data: TrainingData, data_args: DataArguments,
+                    training_args: LSTMTrainingArguments) -> TrainingData:
+    """Fits evaluation to the time budget (`--max_time`), and returns the data with its validation cut as decided:
+
+    - to `--max_eval_tokens` when it is given (0: no cut);
+    - by default, validation text carved from the training files to the tokens one evaluation scores in
+      `EVALUATION_SHARE` of the budget, at the speed measured here (by the main process, the same for all);
+    - without `--eval_on_start`, the evaluation before training is made only when one evaluation is expected to
+      take at most that share.
+
+    The main process prints what it decided when it measured. Without a time budget nothing is measured and nothing is cut by default.
+    """
+    budget, cap = training_args.max_time, data_args.max_eval_tokens
+    if cap:
+        data = data.with_validation_tokens(cap)
+    cut_to_budget = cap is None and budget is not None and data_args.carves_validation
+    if budget is None or not (cut_to_budget or training_args.eval_on_start is None):
+        return data
+    rows = [data.validation[row] for row in range(min(len(data.validation), training_args.per_device_eval_batch_size))]
+    speed = on_main_process(lambda: evaluation_speed(model, data.collator(rows), bool(training_args.bf16)),
+                            training_args)
+    allowed = EVALUATION_SHARE * budget
+    carved = data.validation_tokens()
+    if cut_to_budget and carved > speed * allowed:
+        data = data.with_validation_tokens(int(speed * allowed))
+    tokens = data.validation_tokens()
+    seconds = tokens / speed
+    if training_args.eval_on_start is None:
+        training_args.eval_on_start = seconds <= allowed
+    cut = f" (the first of {carved:,}: --max_eval_tokens)" if tokens < carved else ""
+    start = "an evaluation before training" if training_args.eval_on_start else (
+        f"no evaluation before training (more than {EVALUATION_SHARE:.0%} of the time budget; --eval_on_start makes one)")
+    if training_args.process_index == 0:
+        print(f"Evaluation: {tokens:,} validation tokens{cut}, about {seconds:.0f} s each at {speed:,.0f} tokens/s "
+              f"(measured); {start}.", flush=True)
+    return data
 
 
 def configure_generation(model, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -177,6 +231,7 @@ def summarize_run(
     """What the model card reports about a finished run (`size_choice`: how `size_new_model` chose its size)."""
     args, state = trainer.args, trainer.state
     data_summary = data.summary(trainer.processing_class)
+    evaluations = [entry["eval_runtime"] for entry in state.log_history if "eval_runtime" in entry]
     description, dataset_ids, language = describe_data(data_args)
     output_dir = Path(args.output_dir)
     return RunSummary(
@@ -200,6 +255,8 @@ def summarize_run(
         },
         **data_summary,
         wall_time_seconds=wall_time,
+        evaluations=len(evaluations),
+        evaluation_seconds=sum(evaluations),
         time_budget_seconds=size_choice.budget_seconds if size_choice else args.max_time,  # measuring included
         training_limit=trainer.training_limit(),
         **({"model_size": size_choice.describe()} if size_choice else {}),
@@ -239,11 +296,15 @@ def train(
     """
     start = time.time()
     set_seed(training_args.seed)
-    raw = load_text_datasets(data_args.source())
-    tokenizer = build_tokenizer(model_args, data_args, (row["text"] for row in raw["train"]))
-    data = build_training_data(raw, tokenizer, data_args, training_args)
+    # The main process of each machine reads and tokenises first; the others then find its work in the `datasets`
+    # cache rather than tokenise the whole corpus again beside it.
+    with training_args.main_process_first(desc="reading and tokenising the text"):
+        raw = load_text_datasets(data_args.source())
+        tokenizer = build_tokenizer(model_args, data_args, raw["train"])
+        data = build_training_data(raw, tokenizer, data_args, training_args)
     size_choice = size_new_model(model_args, training_args, tokenizer, data)
     model = build_model(model_args, tokenizer)
+    data = plan_evaluation(model, data, data_args, training_args)
     configure_generation(model, tokenizer)
 
     if training_args.weight_averaging_patience is not None:

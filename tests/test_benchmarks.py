@@ -19,6 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("quality", "quality_0.05min", "vs gpt"),
     ("scaling", "scaling", "fitted nats/char"),
     ("onnx", "onnx", "vs generate()"),
+    ("scale", "scale", "tokenize MB/s"),
 ])
 def test_benchmark_runs_in_quick_mode(name, stem, ratio, tmp_path):
     result = subprocess.run([sys.executable, BENCHMARKS / f"{name}.py", "--quick", "--results_dir", tmp_path],

@@ -1,6 +1,7 @@
 """Data loading: file kinds, text columns, validation carving, tokenisation into blocks, caching, bad files."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -8,7 +9,7 @@ from datasets import Dataset, DatasetDict
 
 import lm_lstm.data
 from lm_lstm.data import (
-    DataError, DataSource, check_text_file, collate_blocks, load_text_datasets, tokenize_dataset, tokenize_documents,
+    DataError, DataSource, carve_validation, check_text_file, collate_blocks, load_documents, load_text_datasets, tokenize_dataset, tokenize_documents,
 )
 from lm_lstm.streams import StreamBlocks, build_stream_data
 from lm_lstm.tokenization import document_start_id, train_char_tokenizer, train_tokenizer
@@ -129,8 +130,9 @@ def test_unusable_records_fail_with_one_clear_error(tmp_path, content, suffix, m
 def test_a_missing_csv_cell_is_an_empty_document(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text("text,other\nhello,1\n,2\nworld,3\n")
+    assert load_documents([str(path)])["text"] == ["hello", "", "world"]
     raw = load_text_datasets(DataSource(train_files=[str(path)], validation_files=[str(path)]))
-    assert raw["train"]["text"] == ["hello", "", "world"]
+    assert list(raw["train"]["text"]) == ["hello", "world"] and list(raw["train"]["ends_document"]) == [True, True]
 
 
 def test_word_level_documents_end_with_one_eos_per_line():
@@ -163,3 +165,40 @@ def test_a_word_level_document_in_several_pieces_is_one_document_in_the_streams(
     summary = data.summary(tokenizer)
     assert summary["eval_tokens"] == len(tokenizer(text)["input_ids"]) + 2  # é is <unk>, then its <eos>
     assert summary["validation_bytes"] == len(text) + 2
+
+
+def split_into_pieces_before(batch):
+    """How documents were cut into pieces before text files were read in pieces (commit 27b34b7)."""
+    pieces, ends = [], []
+    for text in batch["text"]:
+        start = 0
+        while start < len(text):
+            stop = text.find("\n", start + lm_lstm.data.PIECE_CHARS)
+            stop = len(text) if stop == -1 else stop + 1
+            pieces.append(text[start:stop])
+            ends.append(stop == len(text))
+            start = stop
+    return {"text": pieces, "ends_document": ends}
+
+
+@pytest.mark.parametrize("percentage", [10.0, 37.5, 80.0])
+def test_text_files_are_read_in_the_pieces_their_whole_documents_were_cut_in(tmp_path, monkeypatch, shakespeare_text,
+                                                                           percentage):
+    """Read in chunks, never whole, text files give the pieces and the validation cut that loading each as one
+    document gave: line ends read as `datasets` reads them, the cut by character position, a line longer than a
+    piece kept whole."""
+    monkeypatch.setattr(lm_lstm.data, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(lm_lstm.data, "_SNIFF_BYTES", 777)  # chunks that cut lines, characters and "\r\n"
+    texts = [shakespeare_text[:9000].replace("\n", "\r\n", 40) + "é…\r", "x" * 2500 + "\nshort tail",
+             shakespeare_text[9000:15000]]
+    files = []
+    for index, text in enumerate(texts):
+        files.append(str(tmp_path / f"part{index}.txt"))
+        Path(files[-1]).write_bytes(text.encode("utf-8"))
+    pieces = load_text_datasets(DataSource(train_files=files, validation_split_percentage=percentage))
+    before = carve_validation(load_documents(files), percentage).map(split_into_pieces_before, batched=True,
+                                                                      remove_columns=["text"])
+    for split in ("train", "validation"):
+        assert list(pieces[split]["text"]) == list(before[split]["text"])
+        assert list(pieces[split]["ends_document"]) == list(before[split]["ends_document"])
+    assert len(pieces["train"]) + len(pieces["validation"]) > 15 and "\r" not in "".join(pieces["train"]["text"])

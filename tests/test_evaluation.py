@@ -185,3 +185,20 @@ def test_a_damaged_model_folder_is_a_one_line_error(saved_model, tmp_path, capsy
     assert main(["evaluate", "--model", str(damaged), "--file", str(saved_model / "text.txt")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         f"lm-lstm evaluate: error: {damaged}: its tokenizer cannot be loaded (")
+
+
+def test_a_large_file_is_scored_a_window_at_a_time(saved_model, tmp_path, monkeypatch):
+    """The file is cut into several pieces and read from them a window at a time: the model never sees more than a
+    window, and the result is that of the whole token stream held in memory."""
+    monkeypatch.setattr(lm_lstm.data, "PIECE_CHARS", 100)
+    model, tokenizer = load_model_and_tokenizer(str(saved_model))
+    (tmp_path / "long.txt").write_text(TEXT * 5, encoding="utf-8")
+    widths = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda input_ids, **kwargs: widths.append(input_ids.shape[1]) or
+                        forward(input_ids, **kwargs))
+    score = evaluate_file(model, tokenizer, tmp_path / "long.txt", block_size=64)
+    assert max(widths) == 64 and len(widths) == math.ceil(len(TEXT * 5) / 64)
+    stream = [tokenizer.eos_token_id] + tokenizer(TEXT * 5, add_special_tokens=False).input_ids
+    nll, count = lm_lstm.evaluation.score_stream(model, stream, block_size=64)
+    assert (score.tokens, score.bytes) == (count, len((TEXT * 5).encode())) and score.nll == pytest.approx(nll, rel=1e-6)

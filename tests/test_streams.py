@@ -2,21 +2,24 @@
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from lm_lstm.data import BlockData, DataError, group_blocks, tokenize_documents
+import lm_lstm.data
+import lm_lstm.streams
+from lm_lstm.data import TOKEN_FEATURES, BlockData, DataError, TokenDocuments, group_blocks, tokenize_documents
 from lm_lstm.streams import (
     StatefulBPTT,
     StreamBlocks,
     build_stream_data,
     collate_stream_blocks,
-    join_documents,
 )
 from lm_lstm.tokenization import train_char_tokenizer
 
 from conftest import tiny_model
+from eager_streams import eager_layout
 
 EOS, PAD = 2, 0
 
@@ -28,12 +31,32 @@ def arguments(**changes) -> SimpleNamespace:
     return SimpleNamespace(**{**defaults, **changes})
 
 
-def test_join_documents_ends_a_document_at_each_piece_marked_as_its_last():
-    pieces = [[5, 6], [7, EOS], [8, EOS], [], [9]]
-    ends = [False, True, True, False, False]
-    assert list(join_documents(pieces, ends)) == [[5, 6, 7, EOS], [8, EOS], [9]]
+def pieces_dataset(pieces, ends):
+    return Dataset.from_dict({"input_ids": pieces, "token_bytes": [[1] * len(p) for p in pieces],
+                              "ends_document": ends}, features=TOKEN_FEATURES)
+
+
+def documents_of(token_documents):
+    starts = token_documents.starts
+    return [token_documents.ids.read(a, b).tolist() for a, b in zip(starts[:-1], starts[1:])]
+
+
+def test_documents_end_at_each_piece_marked_as_its_last():
+    documents = TokenDocuments.from_pieces(pieces_dataset([[5, 6], [7, EOS], [8, EOS], [], [9]],
+                                                          [False, True, True, False, False]))
+    assert documents_of(documents) == [[5, 6, 7, EOS], [8, EOS], [9]]
     # a piece ending in EOS (a word-level tokenizer's line end) does not end its document unless marked
-    assert list(join_documents([[5, EOS], [6, EOS]], [False, True])) == [[5, EOS, 6, EOS]]
+    assert documents_of(TokenDocuments.from_pieces(pieces_dataset([[5, EOS], [6, EOS]], [False, True]))) == [
+        [5, EOS, 6, EOS]]
+
+
+def test_tokens_are_read_across_arrow_chunks_without_copying_them_whole():
+    from datasets import concatenate_datasets
+
+    parts = [pieces_dataset([[5, 6, 7]], [False]), pieces_dataset([[8], [9, EOS]], [False, True])]
+    documents = TokenDocuments.from_pieces(concatenate_datasets(parts))
+    assert len(documents.ids.parts) == 2 and documents.ids.read(1, 5).tolist() == [6, 7, 8, 9]
+    assert documents.ids.read(3, 3).tolist() == [] and documents.starts.tolist() == [0, 6]
 
 
 def test_built_streams_hold_every_token_of_each_split_once(char_tokenizer):
@@ -133,3 +156,69 @@ def test_a_checkpoint_state_for_other_streams_is_refused(tmp_path):
     carrier.load(tmp_path, num_streams=3)  # the same run resumes
     with pytest.raises(ValueError, match="--per_device_train_batch_size"):
         carrier.load(tmp_path, num_streams=2)
+
+
+def eager_rows(inputs, targets, resets, num_streams, world_size):
+    """The rows of an eager layout in the order `StreamBlocks` hands them out (its module docstring)."""
+    rows = []
+    for block in range(inputs.shape[1]):
+        for stream in range(num_streams * world_size):
+            rows.append((inputs[stream, block].tolist(), targets[stream, block].tolist(), bool(resets[stream, block])))
+    return rows
+
+
+@pytest.mark.parametrize("num_streams, world_size, max_blocks", [
+    (1, 1, None), (3, 1, None), (2, 2, None), (2, 2, 7), (3, 2, 1), (4, 2, 1000),
+])
+def test_the_lazy_layout_is_the_eager_one(num_streams, world_size, max_blocks, char_tokenizer, shakespeare_text,
+                                          monkeypatch):
+    """Read from memory-mapped pieces (several per document), the layout is the one the eager implementation built:
+    the same rows, resets and target bytes, for one process or two."""
+    monkeypatch.setattr(lm_lstm.data, "PIECE_CHARS", 500)
+    monkeypatch.setattr(lm_lstm.streams, "READ_TOKENS", 7)  # target bytes summed in several reads per document
+    texts = [shakespeare_text[:3000], "", "a", shakespeare_text[3000:3100] + "é\n", shakespeare_text[5000:7000]]
+    pieces = tokenize_documents(Dataset.from_dict({"text": texts}), char_tokenizer)
+    assert len(pieces) > len(texts)
+    layout = StreamBlocks.from_pieces(pieces, char_tokenizer, block_size=16, num_streams=num_streams,
+                                      world_size=world_size, max_blocks=max_blocks)
+    documents, sizes = [], []
+    for piece, piece_sizes, end in zip(pieces["input_ids"], pieces["token_bytes"], pieces["ends_document"]):
+        if not documents or documents[-1][1]:
+            documents.append(([], False))
+            sizes.append([])
+        documents[-1][0].extend(piece)
+        documents[-1] = (documents[-1][0], end)
+        sizes[-1].extend(piece_sizes)
+    inputs, targets, resets, target_bytes = eager_layout(
+        [document for document, _ in documents], 16, char_tokenizer.eos_token_id, char_tokenizer.pad_token_id,
+        num_streams, world_size, max_blocks, sizes)
+    np.testing.assert_array_equal(layout.inputs, inputs)
+    np.testing.assert_array_equal(layout.targets, targets)
+    np.testing.assert_array_equal(layout.resets, resets)
+    assert layout.target_bytes == target_bytes and target_bytes > 0
+    assert layout.num_targets == int((targets != -100).sum())
+    rows = [layout[row] for row in range(len(layout))]
+    assert [(r["input_ids"].tolist(), r["shift_labels"].tolist(), bool(r["reset"])) for r in rows] == eager_rows(
+        inputs, targets, resets, num_streams, world_size)
+
+
+@pytest.mark.parametrize("num_streams", [1, 3])
+def test_each_process_reads_only_the_tokens_of_its_own_streams(num_streams):
+    """Accelerate hands process p the batches p, p + 2, ...: reading them touches only its streams' tokens (and the
+    one token before each of its blocks, an input)."""
+    tokens = list(range(1000, 1000 + 203))  # each token is 1000 + its position in the text
+    layout = StreamBlocks([tokens], block_size=5, eos_token_id=EOS, pad_token_id=PAD, num_streams=num_streams,
+                          world_size=2)
+    reads = {0: [], 1: []}
+    original = layout.documents.ids.read
+    batches = [range(start, start + num_streams) for start in range(0, len(layout), num_streams)]
+    for process in (0, 1):
+        layout.documents.ids.read = lambda start, stop, process=process: reads[process].append((start, stop)) or \
+            original(start, stop)
+        for batch in batches[process::2]:
+            for row in batch:
+                layout[row]
+    boundary = num_streams * layout.blocks_per_stream * 5  # the first token of process 1's first stream
+    assert reads[0] and reads[1]
+    assert max(stop for _, stop in reads[0]) <= boundary
+    assert min(start for start, _ in reads[1]) == boundary - 1  # the input before its first block

@@ -60,6 +60,11 @@ def test_training_lowers_validation_perplexity(trained):
     assert final["eval_perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
     assert f"Validation perplexity: {final['eval_perplexity']:.3f}" in stdout
     assert "Training ended by the step limit (40 steps): 40 steps," in stdout
+    runtimes = [entry["eval_runtime"] for entry in history if "eval_runtime" in entry]
+    assert len(runtimes) == len(evals) >= 3  # the final evaluation reused the one at step 40
+    assert f"; evaluation: {len(runtimes)} evaluations, {sum(runtimes):.1f} s in all" in stdout
+    card = (output / "README.md").read_text()
+    assert f"| evaluation time | {len(runtimes)} evaluations, {sum(runtimes):.1f} s in all (" in card
     assert "Sample:" in stdout
     assert list((output / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs"
 
