@@ -92,7 +92,10 @@ def test_torchao_quantised_model_saves_and_reloads(name, folder, tmp_path):
                            model.generate(ids, max_new_tokens=4, do_sample=False))
 
 
-@pytest.mark.parametrize("name, error", [("quanto int8 weights", ValueError), ("torch.ao dynamic int8", AttributeError)])
+@pytest.mark.parametrize("name, error", [
+    ("quanto int8 weights", ValueError),  # transformers: "not serializable"
+    ("torch.ao dynamic int8", AttributeError),  # its packed LSTM weights have no `device`
+])
 def test_quanto_and_torch_dynamic_models_cannot_be_saved(name, error, folder, tmp_path):
     """What the README says of them in the installed versions: quantise after loading instead."""
     with pytest.raises(error):
