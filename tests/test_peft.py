@@ -73,15 +73,15 @@ def test_lora_trains_with_weight_drop_round_trips_and_merges(target, base_folder
     assert all(weight.abs().sum() > 0 for name, weight in model.named_parameters() if "lora_B" in name)
 
     ids = torch.randint(3, 40, (2, 7))
+    # As the reloaded adapter is: `F.linear` on a 3-D input rounds differently (1e-8) whether its weight requires grad.
+    model.requires_grad_(False)
     with torch.no_grad():
         adapted = model(ids).logits
         model.save_pretrained(tmp_path / "adapter")
         fresh = load_remote_code_base(base_folder)
         assert (fresh(ids).logits - adapted).abs().max() > 1e-3  # the adapter changes the model
         reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
-        # The same weights and arithmetic; on the output layer, MKL rounds the last bit differently by the weights'
-        # memory addresses (1.5e-8 measured).
-        torch.testing.assert_close(reloaded(ids).logits, adapted, atol=1e-7, rtol=0)
+        torch.testing.assert_close(reloaded(ids).logits, adapted, atol=0, rtol=0)
         generated = reloaded.generate(ids, max_new_tokens=5, do_sample=False)
 
         merged = reloaded.merge_and_unload()
