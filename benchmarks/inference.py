@@ -32,6 +32,7 @@ from common import argument_parser, load_average, write_results  # noqa: E402
 from lm_lstm.arguments import (  # noqa: E402
     DataArguments, LSTMTrainingArguments, ModelArguments, fast_bf16_available,
 )
+from lm_lstm import modeling_lstm  # noqa: E402
 from lm_lstm.data import DEFAULT_CORPUS  # noqa: E402
 from lm_lstm.evaluation import evaluate_file, load_model_and_tokenizer  # noqa: E402
 from lm_lstm.training import train  # noqa: E402
@@ -117,6 +118,10 @@ def main() -> None:
     write_results(args, "inference", rows, columns, extra={
         "model": args.model or "small model trained here",
         "load average (1 min) before and after timing": (load_before, load_after),
+        # fp32 steps take `step_matmul` where this process measured it faster (`modeling_lstm.STEP_MATMUL`)
+        "step_matmul chosen, by rows x weight shape": {
+            " x ".join(map(str, shape)): chosen for shape, chosen in modeling_lstm._step_matmul_is_faster.items()
+        },
     })
 
 
