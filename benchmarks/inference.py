@@ -89,6 +89,7 @@ def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--model", help="A trained lm-lstm folder (default: train a small one).")
     parser.add_argument("--rounds", type=int, default=5, help="Rounds of timing all variants in turn (median).")
+    parser.add_argument("--note", help="Conditions of the run, written with the results (other work on the machine).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.model or train_small_model(str(Path(scratch) / "model"), args.quick)
@@ -117,6 +118,7 @@ def main() -> None:
                "perplexity", "perplexity change"]
     write_results(args, "inference", rows, columns, extra={
         "model": args.model or "small model trained here",
+        **({"note": args.note} if args.note else {}),
         "load average (1 min) before and after timing": (load_before, load_after),
         # fp32 steps take `step_matmul` where this process measured it faster (`modeling_lstm.STEP_MATMUL`)
         "step_matmul chosen, by rows x weight shape": {
