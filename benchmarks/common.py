@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -56,9 +57,26 @@ def lstm_lm_forward_flops(vocab: int, embedding: int, hidden: int, layers: int, 
     return recurrent + 2 * vocab * sizes[-1]
 
 
+def cpu_model() -> str:
+    """The CPU's model name, family and model numbers from /proc/cpuinfo (`platform` gives only the architecture)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)  # the last processor's, all alike
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    name = fields.get("model name", platform.machine())
+    return f"{name} (family {fields.get('cpu family')}, model {fields.get('model')})"
+
+
+def load_average() -> float:
+    """The 1-minute load average: other processes running beside a benchmark show in it."""
+    return os.getloadavg()[0]
+
+
 def machine() -> dict[str, object]:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

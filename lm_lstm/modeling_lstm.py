@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._higher_order_ops import scan
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import initialization as init
 from transformers.cache_utils import (
@@ -138,6 +139,18 @@ class LockedDropout(nn.Module):
         return f"p={self.p}"
 
 
+class WeightDropMask(nn.Module):
+    """A parametrization (`torch.nn.utils.parametrize`) multiplying a weight by one dropout mask, drawn at
+    construction: the weight is read several times in a forward pass, and every read must see the same mask."""
+
+    def __init__(self, weight: torch.Tensor, p: float):
+        super().__init__()
+        self.mask = F.dropout(torch.ones_like(weight), p, training=True)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
 class PaddingLayout:
     """Where the real tokens of a padded batch are, and how to move them to the front of each row and back.
 
@@ -258,11 +271,22 @@ class LSTMLayer(GradientCheckpointingLayer):
             inputs = pack_padded_sequence(
                 padding.to_front(hidden_states), padding.packing_lengths, batch_first=True, enforce_sorted=False
             )
-        if dropping_weights:
+        if dropping_weights and type(self.rnn) is nn.LSTM:
             dropped = F.dropout(self.rnn.weight_hh_l0, self.weight_dropout, training=True)
             outputs, (hidden, cell) = torch.func.functional_call(
                 self.rnn, {"weight_hh_l0": dropped}, (inputs, initial_state)
             )
+        elif dropping_weights:
+            # A wrapper around the LSTM, such as PEFT's LoRA on its weights (`target_parameters`), adds its update to
+            # them as a parametrization while it runs; the drop is a parametrization too, registered first, so that
+            # the update is added to the dropped matrix.
+            lstm = next(module for module in self.rnn.modules() if isinstance(module, nn.LSTM))
+            drop = WeightDropMask(lstm.weight_hh_l0, self.weight_dropout)
+            parametrize.register_parametrization(lstm, "weight_hh_l0", drop, unsafe=True)
+            try:
+                outputs, (hidden, cell) = self.rnn(inputs, initial_state)
+            finally:
+                parametrize.remove_parametrizations(lstm, "weight_hh_l0", leave_parametrized=False)
         else:
             outputs, (hidden, cell) = self.rnn(inputs, initial_state)
         hidden, cell = hidden[0], cell[0]
@@ -505,7 +529,8 @@ class LSTMModel(LSTMPreTrainedModel):
 
     def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Looks tokens up, dropping whole word types in training (`embedding_dropout`)."""
-        vocab_size = self.embeddings.num_embeddings
+        # From the config, not the module: a wrapper such as PEFT's LoRA `Embedding` has no `num_embeddings`.
+        vocab_size = self.config.vocab_size
         if input_ids.numel() and not is_tracing():
             low, high = (int(v) for v in torch.aminmax(input_ids))
             if low < 0 or high >= vocab_size:
@@ -819,7 +844,14 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
     def _output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`lm_head` on the hidden states; through `step_matmul` for a one-token step where it is faster."""
         head = self.lm_head
-        if hidden_states.shape[1] != 1 or type(head) is not nn.Linear or is_tracing():
+        # `step_matmul` takes plain weights only: a quantiser's tensor subclass (torchao's `Int8Tensor`) implements
+        # `F.linear` but not the `torch.mm` that `step_matmul` calls.
+        if (
+            hidden_states.shape[1] != 1
+            or type(head) is not nn.Linear
+            or type(head.weight) not in (torch.Tensor, nn.Parameter)
+            or is_tracing()
+        ):
             return head(hidden_states)
         rows = hidden_states[:, 0]
         if not has_step_matmul(rows, head.weight):

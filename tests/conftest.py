@@ -1,6 +1,9 @@
 """Shared fixtures: tiny models and tokenizers built locally; nothing is ever downloaded."""
 
+import functools
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -55,3 +58,16 @@ def corpus(tmp_path_factory, shakespeare_text) -> Path:
 def forced_step_kernel(monkeypatch):
     """One-token steps take `step_matmul` whatever this machine would measure: the same arithmetic on every machine."""
     monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", True)
+
+
+@functools.cache
+def import_noise_lines() -> int:
+    """How many lines importing the package prints to stderr here before any command runs: torchao's warnings, where
+    it is installed and its compiled kernels do not match this Python and torch (transformers imports it); else 0."""
+    result = subprocess.run([sys.executable, "-c", "import lm_lstm.cli"], capture_output=True, text=True)
+    return len(result.stderr.strip().splitlines())
+
+
+def command_stderr_lines(stderr: str) -> list[str]:
+    """A command's own stderr lines: what follows the lines its imports printed (`import_noise_lines`)."""
+    return stderr.strip().splitlines()[import_noise_lines():]

@@ -9,6 +9,7 @@ import zipfile
 
 import pytest
 import torch
+from conftest import command_stderr_lines
 from hub_server import TOKEN, FakeHub, metadata_errors
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
@@ -136,7 +137,7 @@ def test_push_failures_are_one_line_and_change_nothing(model_folder, tmp_path, t
                      hub_env(hub, tmp_path, token=token, offline=offline))
         assert not hub.repos
     assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
+    lines = command_stderr_lines(result.stderr)
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert sorted(p.relative_to(model_folder) for p in model_folder.rglob("*")) == before
 
@@ -144,7 +145,7 @@ def test_push_failures_are_one_line_and_change_nothing(model_folder, tmp_path, t
 def test_push_refuses_an_incomplete_folder(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     result = run(["-m", "lm_lstm.cli", "push", str(tmp_path), "--repo-id", "alice/x"], dict(os.environ))
-    assert result.returncode != 0 and "missing" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.returncode != 0 and "missing" in result.stderr and len(command_stderr_lines(result.stderr)) == 1
 
 
 def test_push_to_hub_during_training(shakespeare_text, tmp_path):

@@ -9,6 +9,7 @@ from collections import Counter
 import evaluate
 import pytest
 import torch
+from conftest import command_stderr_lines
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -260,7 +261,7 @@ def test_bad_training_inputs_fail_with_one_line(tmp_path, make_args, message):
     (tmp_path / "data.xml").write_text("<a/>")
     result = run_cli("train", "--output_dir", tmp_path / "out", "--max_steps", 1, *make_args(tmp_path), cwd=tmp_path)
     assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
+    lines = command_stderr_lines(result.stderr)
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert message in lines[0]
     assert not (tmp_path / "out").exists()
@@ -269,7 +270,7 @@ def test_bad_training_inputs_fail_with_one_line(tmp_path, make_args, message):
 def test_unknown_command_and_evaluate_errors(tmp_path):
     assert run_cli("fly").returncode == 2
     result = run_cli("evaluate", "--model", tmp_path / "nothing", "--file", tmp_path / "x.txt")
-    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert result.returncode != 0 and len(command_stderr_lines(result.stderr)) == 1
 
 
 def test_named_tokenizer_and_config_are_reused(trained, corpus, tmp_path):
