@@ -310,6 +310,11 @@ class LSTMLayer(GradientCheckpointingLayer):
         and for a static one-token input, a loop over the steps, unrolled (inductor cannot compile `scan` on CPU in
         torch 2.13). Padding positions leave the state as it was and output zeros, as `_run` does."""
         rnn = self.rnn
+        if type(rnn) is not nn.LSTM:
+            raise ValueError(
+                f"Layer {self.layer_idx}'s LSTM is a {type(rnn).__name__}: compile or export the plain model (merge "
+                "adapters with `merge_and_unload()`; quantise after exporting)."
+            )
         batch_size, seq_len = hidden_states.shape[:2]
         if hidden is None:  # two tensors: `scan` goes wrong when its initial carries alias each other
             hidden, cell = (hidden_states.new_zeros(batch_size, rnn.hidden_size) for _ in range(2))

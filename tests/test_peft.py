@@ -145,3 +145,13 @@ def test_recurrent_lora_generates_like_its_merged_model_step_by_step():
         generated = model.generate(ids, max_new_tokens=8, do_sample=False)
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged.generate(ids, max_new_tokens=8, do_sample=False), generated, atol=0, rtol=0)
+
+
+def test_exporting_an_adapted_lstm_asks_for_the_merged_model():
+    model = lora(tiny_model(), "recurrent").eval()
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        torch.export.export(model, (torch.tensor([[1, 2, 3]]),), {"use_cache": False})
+    merged = model.merge_and_unload()
+    program = torch.export.export(merged, (torch.tensor([[1, 2, 3]]),), {"use_cache": False})
+    torch.testing.assert_close(program.module()(torch.tensor([[1, 2, 3]]), use_cache=False).logits,
+                               merged(torch.tensor([[1, 2, 3]]), use_cache=False).logits)
