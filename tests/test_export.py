@@ -46,15 +46,19 @@ def cache_states(cache) -> list[torch.Tensor]:
     return [layer.recurrent_states[slot] for layer in cache.layers for slot in (0, 1)]
 
 
+def forward_export_inputs() -> tuple[dict, dict]:
+    """Keyword inputs of `model.forward` for exporting it, and their dynamic shapes: any batch and length."""
+    input_ids, attention_mask = padded_batch(2, 5, 40)
+    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    return kwargs, {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}, "use_cache": None}
+
+
 @torch.no_grad()
 def test_exported_forward_takes_any_batch_and_length_with_padding():
     model = tiny_model()
-    input_ids, attention_mask = padded_batch(2, 5, 40)
-    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
-    program = torch.export.export(
-        model, (), {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False},
-        dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}, "use_cache": None},
-    )
+    kwargs, dynamic_shapes = forward_export_inputs()
+    program = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes)
     for shape in [(3, 11), (1, 2), (4, 30)]:
         input_ids, attention_mask = padded_batch(*shape, 40, seed=shape[1])
         if shape[0] == 1:
@@ -67,13 +71,8 @@ def test_exported_forward_takes_any_batch_and_length_with_padding():
 @torch.no_grad()
 def test_dynamo_onnx_export_of_the_forward_pass_runs_in_onnxruntime():
     model = tiny_model()
-    input_ids, attention_mask = padded_batch(2, 5, 40)
-    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
-    program = torch.onnx.export(
-        model, (), kwargs={"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}, dynamo=True,
-        dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}, "use_cache": None},
-        verbose=False,
-    )
+    kwargs, dynamic_shapes = forward_export_inputs()
+    program = torch.onnx.export(model, (), kwargs=kwargs, dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False)
     input_ids, attention_mask = padded_batch(3, 12, 40, seed=1)
     (logits,) = program(input_ids=input_ids, attention_mask=attention_mask)  # onnxruntime
     want = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
