@@ -264,7 +264,7 @@ def export_command(argv: list[str]) -> int:
     parser.add_argument("model", help="Model folder (or Hub name).")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="Export format.")
     parser.add_argument("--output_dir", required=True, help="Folder to write the graphs to.")
-    parser.add_argument("--opset", type=int, help="ONNX opset version (default: 20).")
+    parser.add_argument("--opset", type=int, help="ONNX opset version, from 18 (default: 20).")
     parser.add_argument("--int8", action="store_true",
                         help="Quantise the weights to int8 (onnxruntime dynamic quantisation): faster, less exact.")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Write into a non-empty --output_dir.")
@@ -274,7 +274,7 @@ def export_command(argv: list[str]) -> int:
     from .export import ONNX_OPSET, export_onnx, max_logit_difference
 
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    output_dir = export_onnx(model, args.output_dir, tokenizer, opset=args.opset or ONNX_OPSET, int8=args.int8,
+    output_dir = export_onnx(model, args.output_dir, tokenizer, opset=ONNX_OPSET if args.opset is None else args.opset, int8=args.int8,
                              overwrite=args.overwrite_output_dir)
     print(f"Prefill and decode graphs, onnx_config.json and the tokenizer written to {output_dir}")
     print(f"Largest logit difference from the model (onnxruntime, prefill and one decode step): "

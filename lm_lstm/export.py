@@ -9,10 +9,12 @@ files with onnxruntime alone.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -113,19 +115,23 @@ def export_onnx(
     """Writes `prefill.onnx` and `decode.onnx` (see `export_programs`; float32), `onnx_config.json` (how to run them:
     input and output names, state sizes, special tokens) and, if given, the tokenizer into `output_dir`. With `int8`,
     the graphs' matrix weights are quantised to int8 by onnxruntime's dynamic quantisation (activations stay float,
-    quantised on the fly).
+    quantised on the fly). `model` itself is left as it was (a float32 copy in evaluation mode is exported).
 
     The graphs' inputs are `input_ids` (int64), `attention_mask` (int64, prefill only) and the states named by
     `state_names` (float32 zeros to start); their outputs are `logits` of the last real position and the states with
-    an `_out` suffix. `onnx_generation.OnnxLM` runs them. Raises `ValueError` if `output_dir` is a non-empty folder
-    and not `overwrite`.
+    an `_out` suffix. `onnx_generation.OnnxLM` runs them. Raises `ValueError` for a model other than a plain lm-lstm
+    one, an `opset` outside 18 (the exporter's own) to the installed `onnx`'s latest, and an `output_dir` that is a
+    file, or a non-empty folder without `overwrite`. Nothing is written unless the whole export succeeds.
     """
-    if getattr(getattr(model, "config", None), "model_type", None) != "lstm":
-        raise ValueError(f"Only lm-lstm models export this way; this one is a {type(model).__name__}.")
-    output_dir = Path(output_dir)
+    model = plain_float_copy(model)
+    latest = onnx.defs.onnx_opset_version()
+    if not 18 <= opset <= latest:
+        raise ValueError(f"`opset` must be from 18 to {latest} (the installed onnx's latest), got {opset}.")
+    output_dir = Path(output_dir).resolve()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"{output_dir} is a file; the output must be a folder.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"{output_dir} is not empty; choose another folder or allow overwriting it.")
-    model = model.float().eval()
     num_layers = model.config.num_hidden_layers
     names = {
         "prefill": (["input_ids", "attention_mask", *state_names(num_layers)], ["logits", *state_names(num_layers, "_out")]),
@@ -134,38 +140,64 @@ def export_onnx(
     staging = output_dir.with_name(f".{output_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for graph, program in export_programs(model).items():
-        inputs, outputs = names[graph]
-        onnx_program = torch.onnx.export(
-            program, input_names=inputs, output_names=outputs, opset_version=opset, dynamo=True, verbose=False
-        )
-        onnx_program.save(str(staging / GRAPH_FILES[graph]))
-        if int8:
-            quantize_int8(staging / GRAPH_FILES[graph])
-    config = model.config
-    description = {
-        "format": "lm-lstm onnx",
-        "opset": opset,
-        "weights": "int8 (onnxruntime dynamic quantisation)" if int8 else "float32",
-        "graphs": {graph: {"file": GRAPH_FILES[graph], "inputs": names[graph][0], "outputs": names[graph][1]}
-                   for graph in GRAPH_FILES},
-        "state_sizes": [hidden for _, hidden in config.layer_sizes for _ in range(2)],
-        "vocab_size": config.vocab_size,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": model.generation_config.eos_token_id,
-        "pad_token_id": model.generation_config.pad_token_id,
-    }
-    (staging / ONNX_CONFIG_NAME).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    for path in staging.iterdir():  # moved into place only once every file is written
-        target = output_dir / path.name
+    try:
+        for graph, program in export_programs(model).items():
+            inputs, outputs = names[graph]
+            onnx_program = torch.onnx.export(
+                program, input_names=inputs, output_names=outputs, opset_version=opset, dynamo=True, verbose=False
+            )
+            written = {entry.domain: entry.version for entry in onnx_program.model_proto.opset_import}.get("")
+            if written != opset:  # the exporter reports a failed conversion and carries on with its own opset
+                raise ValueError(f"The ONNX exporter could not write opset {opset} (it wrote {written}).")
+            onnx_program.save(str(staging / GRAPH_FILES[graph]))
+            if int8:
+                quantize_int8(staging / GRAPH_FILES[graph])
+        config = model.config
+        description = {
+            "format": "lm-lstm onnx",
+            "opset": opset,
+            "weights": "int8 (onnxruntime dynamic quantisation)" if int8 else "float32",
+            "graphs": {graph: {"file": GRAPH_FILES[graph], "inputs": names[graph][0], "outputs": names[graph][1]}
+                       for graph in GRAPH_FILES},
+            "state_sizes": [hidden for _, hidden in config.layer_sizes for _ in range(2)],
+            "vocab_size": config.vocab_size,
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": model.generation_config.eos_token_id,
+            "pad_token_id": model.generation_config.pad_token_id,
+        }
+        (staging / ONNX_CONFIG_NAME).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         output_dir.mkdir(parents=True, exist_ok=True)
-        if target.is_dir():
-            shutil.rmtree(target)
-        path.replace(target)
-    staging.rmdir()
+        for path in staging.iterdir():  # moved into place only once every file is written
+            target = output_dir / path.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            path.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def plain_float_copy(model: LSTMForCausalLM) -> LSTMForCausalLM:
+    """`model` as float32, on the CPU, in evaluation mode: itself if it is so already, else a copy. Raises
+    `ValueError` for a model that is not lm-lstm's, or is quantised or adapted (export the plain model)."""
+    if getattr(getattr(model, "config", None), "model_type", None) != "lstm":
+        raise ValueError(f"Only lm-lstm models export this way; this one is a {type(model).__name__}.")
+    plain = (
+        not getattr(model, "is_quantized", False)
+        and all(type(layer.rnn) is nn.LSTM for layer in model.model.layers)
+        and type(model.lm_head) is nn.Linear
+        and all(type(parameter) is nn.Parameter for parameter in model.parameters())
+    )
+    if not plain:
+        raise ValueError(
+            "Export the plain model: this one is quantised or adapted (merge adapters with `merge_and_unload()`; for "
+            "int8 graphs, export the float model with `--int8` / `int8=True`)."
+        )
+    if model.dtype == torch.float32 and model.device.type == "cpu" and not model.training:
+        return model
+    return copy.deepcopy(model).float().cpu().eval()
 
 
 def quantize_int8(path: Path) -> None:
@@ -190,7 +222,7 @@ def max_logit_difference(model: LSTMForCausalLM, folder: str | Path, batch_size:
     attention_mask[0, : length // 2] = 0
     next_ids = torch.randint(model.config.vocab_size, (batch_size, 1), generator=generator)
     cache = DynamicCache()
-    model = model.float().eval().cpu()
+    model = plain_float_copy(model)
     expected = [model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True).logits[:, -1],
                 model(next_ids, cache=cache, use_cache=True).logits[:, -1]]
     logits, states = onnx_lm.run("prefill", onnx_lm.initial_states(batch_size), input_ids=input_ids.numpy(),

@@ -291,3 +291,45 @@ def test_compiled_training_step_gives_the_eager_gradients():
         torch._dynamo.reset()
     for eager, compiled in zip(*gradients):
         torch.testing.assert_close(compiled, eager)
+
+
+def test_onnxruntime_generation_checks_what_generate_checks(onnx_folder, tmp_path):
+    onnx_lm = OnnxLM(onnx_folder)
+    vocab_size = onnx_lm.config["vocab_size"]
+    prompt = np.array([[5, 6, 7]])
+    refused = [
+        (dict(input_ids=np.array([[5, -1]])), r"must be in \[0, "),
+        (dict(input_ids=np.array([[5, vocab_size]])), r"must be in \[0, "),
+        (dict(input_ids=np.array([[5.7, 6.2]])), "must be integers"),
+        (dict(input_ids=np.array([5, 6])), "must be integers of shape"),
+        (dict(input_ids=np.zeros((1, 0), np.int64)), "length >= 1"),
+        (dict(input_ids=prompt, attention_mask=np.array([[1, 0, 1]])), "on the left only"),
+        (dict(input_ids=prompt, attention_mask=np.array([[1, 1, 2]])), "0 and 1"),
+        (dict(input_ids=prompt, max_new_tokens=-1), "max_new_tokens"),
+        (dict(input_ids=prompt, max_new_tokens=2.5), "max_new_tokens"),
+        (dict(input_ids=prompt, do_sample=True, temperature=0), "temperature"),
+        (dict(input_ids=prompt, do_sample=True, top_p=0), "top_p"),
+        (dict(input_ids=prompt, do_sample=True, top_k=-3), "top_k"),
+    ]
+    for arguments, message in refused:
+        with pytest.raises(ValueError, match=message):
+            onnx_lm.generate(**arguments)
+    assert onnx_lm.generate(prompt, max_new_tokens=0).tolist() == prompt.tolist()
+    for broken in ("{", "{}", '{"graphs": {"prefill": {"file": "missing.onnx"}}, "state_sizes": [], "vocab_size": 3}'):
+        (tmp_path / "onnx_config.json").write_text(broken)
+        with pytest.raises(OSError, match="onnx_config.json|not all there"):
+            OnnxLM(tmp_path)
+
+
+def test_export_checks_its_options_before_exporting(saved_model, tmp_path, capsys):
+    for opset in ("17", "99"):
+        assert main(["export", str(saved_model), "--output_dir", str(tmp_path / "out"), "--opset", opset]) == 2
+        assert "`opset` must be from 18" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("keep me")
+    assert main(["export", str(saved_model), "--output_dir", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    model = LSTMForCausalLM.from_pretrained(saved_model).to(torch.bfloat16).train()
+    export_onnx(model, tmp_path / "from_bf16")
+    assert model.dtype == torch.bfloat16 and model.training  # the caller's model is left as it was
+    assert (tmp_path / "from_bf16" / "decode.onnx").is_file()
