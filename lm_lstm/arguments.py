@@ -231,6 +231,8 @@ class DataArguments:
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 0:
+            raise ValueError(f"--preprocessing_num_workers must be at least 0, got {self.preprocessing_num_workers}.")
         if self.max_eval_tokens is not None and self.max_eval_tokens < 0:
             raise ValueError(f"--max_eval_tokens must be at least 0 (0: no limit), got {self.max_eval_tokens}.")
         self.source()  # checks the split percentage before any work

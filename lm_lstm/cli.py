@@ -146,7 +146,7 @@ def evaluate_command(argv: list[str]) -> int:
         raise UsageError("lm-lstm evaluate: --block_size must be >= 2 and --batch_size >= 1.")
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     score = evaluate_file(model, tokenizer, args.file, args.block_size, args.context, args.batch_size,
-                          args.text_column)
+                          args.text_column, progress=True)
     unit = perplexity_unit(tokenizer)  # "word" for word-level tokenizers
     print(f"file            {args.file}")
     print(f"context         {args.context} (block_size {args.block_size})")
@@ -282,6 +282,15 @@ def export_command(argv: list[str]) -> int:
     return 0
 
 
+def first_line(error: BaseException) -> str:
+    """The error's message on one line: its first line, joined to the next one where it only announces it (torch's
+    "Error(s) in loading state_dict for X:" then the mismatch)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def _usage() -> str:
     lines = ["usage: lm-lstm COMMAND [options]   (lm-lstm COMMAND --help for a command's options)", "", "commands:"]
     lines += [f"  {name:<10} {summary}" for name, (summary, _) in COMMANDS.items()]
@@ -304,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, ImportError) as error:
         if os.environ.get("LM_LSTM_DEBUG"):
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = first_line(error)
         message = message.removeprefix(f"lm-lstm {name}: ")  # usage errors name the command already
         print(f"lm-lstm {name}: error: {message}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import codecs
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,11 +198,21 @@ def _file_pieces(spans: list[tuple[str, int, int | None]]) -> Iterator[dict]:
 PIECE_FEATURES = Features({"text": Value("string"), "ends_document": Value("bool")})
 
 
+def content_digest(path: str | Path, chunk_bytes: int = 1 << 24) -> str:
+    """A BLAKE2b digest of the file's bytes, read 16 MB at a time (about a second per GB)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _pieces_of_files(spans: list[tuple[str, int, int | None]]) -> Dataset:
     """The pieces of text file spans (`_file_pieces`) as a dataset cached on disk, written as they are read; the
-    cache holds while the files keep their size and modification time."""
-    stamps = [(str(Path(path).resolve()), Path(path).stat().st_size, Path(path).stat().st_mtime_ns, start, stop)
-              for path, start, stop in spans]
+    cache holds while the files keep their content (a digest of their bytes: copies that keep the modification
+    time, such as `cp -p` or `rsync -a`, would fool a time stamp)."""
+    digests = {path: content_digest(path) for path in {path for path, _, _ in spans}}
+    stamps = [(str(Path(path).resolve()), digests[path], start, stop) for path, start, stop in spans]
     return Dataset.from_generator(
         _file_pieces, features=PIECE_FEATURES, gen_kwargs={"spans": spans},
         fingerprint=Hasher.hash(["lm-lstm text pieces", PIECE_CHARS, stamps]), writer_batch_size=TOKENIZE_BATCH_PIECES,

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 from safetensors import SafetensorError
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
 
 from .tokenization import document_start_id, eos_ends_lines, load_tokenizer, tokenizer_kind
@@ -127,16 +128,18 @@ def score_stream(model, token_ids: list[int], block_size: int) -> tuple[float, i
     return score_windows(model, stream_windows(torch.tensor(token_ids), block_size))
 
 
-def file_windows(tokenizer: PreTrainedTokenizerBase, pieces, block_size: int) -> Iterator[torch.Tensor]:
+def file_windows(
+    tokenizer: PreTrainedTokenizerBase, pieces, block_size: int, progress: bool = False
+) -> Iterator[torch.Tensor]:
     """The token stream the `carry` policy scores from the pieces of a file's documents (`tokenize_documents`), in
     windows of `block_size + 1` tokens that overlap by one (see `score_windows`), read from the memory-mapped pieces
     a window at a time: the document-start token, then every token, less a last EOS that only separates documents
-    (see the module docstring)."""
+    (see the module docstring). With `progress`, a tqdm bar counts the windows."""
     from .data import TokenDocuments
 
     ids = TokenDocuments.from_pieces(pieces).ids
     end = len(ids) - (not eos_ends_lines(tokenizer))  # the stream's last position; position p > 0 holds ids[p - 1]
-    for start in range(0, end, block_size):
+    for start in tqdm(range(0, end, block_size), desc="Scoring", unit="window", disable=not progress):
         window = torch.from_numpy(ids.read(max(start - 1, 0), min(start + block_size, end)))
         yield torch.cat([torch.tensor([document_start_id(tokenizer)]), window]) if start == 0 else window
 
@@ -168,10 +171,11 @@ def evaluate_file(
     context: Literal["carry", "blocks"] = "carry",
     batch_size: int = 16,
     text_column: str = "text",
+    progress: bool = False,
 ) -> Score:
     """Scores a text file (see the module docstring for the context policies); `text_column` names the text of
     .json/.jsonl/.csv/.parquet records. The file is read, tokenised (into the `datasets` cache) and scored a bounded
-    piece at a time, so memory does not grow with its size."""
+    piece at a time, so memory does not grow with its size. With `progress`, a tqdm bar shows the scoring."""
     if context not in CONTEXT_POLICIES:
         raise ValueError(f"`context` must be one of {CONTEXT_POLICIES}, got {context!r}.")
     # Imported here: `datasets` is slow to import, and loading a model for `lm-lstm generate` does not need it.
@@ -182,13 +186,15 @@ def evaluate_file(
     texts = load_pieces([str(path)], text_column)
     pieces = tokenize_documents(texts, tokenizer)
     if context == "carry":
-        nll, count = score_windows(model, file_windows(tokenizer, pieces, block_size))
+        nll, count = score_windows(model, file_windows(tokenizer, pieces, block_size, progress))
         num_bytes = pc.sum(pc.binary_length(texts.with_format("arrow")["text"])).as_py()
         return Score(nll=nll, tokens=count, bytes=num_bytes)
     blocks = group_blocks(pieces, block_size)
     if len(blocks) == 0:
         raise ValueError(f"{path}: shorter than one block of {block_size} tokens; use a smaller --block_size.")
-    nll, count = score_blocks(model, (batch["input_ids"] for batch in blocks.iter(batch_size=batch_size)))
+    batches = tqdm(blocks.iter(batch_size=batch_size), total=math.ceil(len(blocks) / batch_size), desc="Scoring",
+                   unit="batch", disable=not progress)
+    nll, count = score_blocks(model, (batch["input_ids"] for batch in batches))
     return Score(nll=nll, tokens=count, bytes=max(1, pc.sum(blocks.with_format("arrow")["scored_bytes"]).as_py()))
 
 

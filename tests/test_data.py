@@ -1,6 +1,7 @@
 """Data loading: file kinds, text columns, validation carving, tokenisation into blocks, caching, bad files."""
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -91,6 +92,17 @@ def test_second_run_reuses_the_datasets_cache(tmp_path, char_tokenizer, shakespe
     second = tokenize_dataset(load_text_datasets(DataSource(train_files=[str(path)])), char_tokenizer, 32)
     assert first["train"]._fingerprint == second["train"]._fingerprint
     assert first["train"].cache_files and first["train"].cache_files == second["train"].cache_files
+
+
+def test_the_text_cache_follows_the_content_not_the_file_time(tmp_path, char_tokenizer):
+    path = tmp_path / "play.txt"
+    path.write_text("hello world\n" * 10)
+    stamp = path.stat().st_mtime_ns
+    first = load_text_datasets(DataSource(train_files=[str(path)], validation_split_percentage=10))
+    path.write_text("HELLO WORLD\n" * 10)  # as `cp -p` or `rsync -a` would: same size, same time
+    os.utime(path, ns=(stamp, stamp))
+    second = load_text_datasets(DataSource(train_files=[str(path)], validation_split_percentage=10))
+    assert first["train"][0]["text"].startswith("hello") and second["train"][0]["text"].startswith("HELLO")
 
 
 @pytest.mark.parametrize("content, message", [

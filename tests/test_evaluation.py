@@ -151,7 +151,9 @@ def test_word_level_evaluation_scores_every_line_end_as_a_word_over_the_bytes_of
     assert blocks.tokens == usable // 8 * 7
 
     assert main(["evaluate", "--model", str(tmp_path), "--file", str(tmp_path / "text.txt")]) == 0
-    report = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    assert "Scoring: 100%" in captured.err  # the progress bar
+    report = captured.out.splitlines()
     assert "unit            word (each line end, <eos>, counts as a word)" in report
     assert f"words scored    {len(ids)}" in report
 
@@ -202,3 +204,13 @@ def test_a_large_file_is_scored_a_window_at_a_time(saved_model, tmp_path, monkey
     stream = [tokenizer.eos_token_id] + tokenizer(TEXT * 5, add_special_tokens=False).input_ids
     nll, count = lm_lstm.evaluation.score_stream(model, stream, block_size=64)
     assert (score.tokens, score.bytes) == (count, len((TEXT * 5).encode())) and score.nll == pytest.approx(nll, rel=1e-6)
+
+
+def test_an_error_announcing_its_next_line_is_reported_with_it():
+    from lm_lstm.cli import first_line
+
+    mismatch = RuntimeError("Error(s) in loading state_dict for LSTMForCausalLM:\n\tsize mismatch for lm_head.weight")
+    assert first_line(mismatch) == ("Error(s) in loading state_dict for LSTMForCausalLM: size mismatch for "
+                                    "lm_head.weight")
+    assert first_line(ValueError("one line\nand more")) == "one line"
+    assert first_line(OSError()) == "OSError"

@@ -248,6 +248,7 @@ def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path, stateful):
         (lambda d: ["--stateful", "--activation_checkpointing"], "activation (gradient) checkpointing"),
         (lambda d: ["--train_sampling_strategy", "group_by_length"], "--train_sampling_strategy group_by_length"),
         (lambda d: ["--data_seed", 3], "--data_seed shuffles blocks"),
+        (lambda d: ["--preprocessing_num_workers", -2], "--preprocessing_num_workers must be at least 0"),
         (lambda d: ["--bf16_full_eval"], "--bf16_full_eval is not supported with --stateful"),
         (lambda d: ["--max_time", "ten minutes"], "--max_time: expected seconds or a duration"),
         (lambda d: ["--max_time", "1m", "--lr_scheduler_type", "polynomial"],
