@@ -40,6 +40,9 @@ TRAINING_SHARE = 0.9
 the bundled corpus with the default recipe: benchmarks/results/quality_10min.json)."""
 PROBE_SHARE = 0.05
 """At most this part of the budget is spent measuring candidates; larger ones are then not measured."""
+FIT_MIN_CHARACTERS = 999_424
+"""The fewest training characters a run behind `SCALING_FIT` saw (benchmarks/results/scaling.json): the expected
+losses of shorter runs are extrapolations, and rough ones."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,9 @@ class SizeChoice:
             f"({chosen.measurement.parameters / 1e6:.2f}M LSTM parameters) trains at "
             f"{chosen.measurement.tokens_per_second:,.0f} tokens/s here, so about {chosen.characters / 1e6:.1f}M "
             f"characters in the budget, for an expected {chosen.loss:.3f} nats/char, the lowest of the sizes measured "
-            f"in {self.probe_seconds:.0f} s (others, hidden size: nats/char: {others or 'none'})."
+            f"in {self.probe_seconds:.0f} s (others, hidden size: nats/char: {others or 'none'})"
+            + (f"; below the {FIT_MIN_CHARACTERS / 1e6:.1f}M characters of the fit's shortest run, these expected "
+               "losses are rough extrapolations." if chosen.characters < FIT_MIN_CHARACTERS else ".")
         )
 
 

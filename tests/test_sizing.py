@@ -110,6 +110,14 @@ def test_the_shipped_fit_is_the_one_benchmarks_scaling_wrote():
     fit = json.loads(RESULTS.read_text())["fit"]
     shipped = SCALING_FIT.__dict__
     assert shipped == pytest.approx({name: fit[name] for name in shipped}, rel=1e-3)
+    assert sizing.FIT_MIN_CHARACTERS == min(row["tokens seen"] for row in json.loads(RESULTS.read_text())["rows"])
+
+
+def test_a_budget_below_the_fits_range_says_its_expectations_are_rough():
+    short, long = (choose_size(speeds(1_000), seconds, TEXT) for seconds in (60, 3_600))
+    assert short.chosen.characters < sizing.FIT_MIN_CHARACTERS < long.chosen.characters
+    assert short.describe().endswith("these expected losses are rough extrapolations.")
+    assert long.describe().endswith(").")
 
 
 def run_train(corpus, output, fake_speed: float | None, monkeypatch, **model_options):
