@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import argument_parser, write_results  # noqa: E402
-from generation import plain_generate  # noqa: E402
+from generation import peak_rss_mb, plain_generate  # noqa: E402
 
 # This file is onnx.py: once the benchmarks' modules are imported, its folder leaves the path, where it would shadow
 # the `onnx` package that torch's exporter and onnxruntime import later.
@@ -76,10 +75,6 @@ def timed(run) -> tuple[float, np.ndarray]:
     start = time.perf_counter()
     tokens = run()
     return time.perf_counter() - start, np.asarray(tokens)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def memory_worker(folder: str, lengths: list[int]) -> None:

@@ -41,17 +41,12 @@ leaves nothing behind.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import io
 import math
-import os
 import pickle
 import pickletools
 import re
-import shutil
-import tempfile
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import Counter, OrderedDict
@@ -67,8 +62,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from .card import ConversionSummary, write_conversion_card
 from .configuration_lstm import LSTMConfig
-from .data import DataError, utf8_chunks
+from .data import DataError, file_digest, utf8_chunks
 from .modeling_lstm import LSTMForCausalLM
+from .output_dir import staged_output_dir
 from .tokenization import LINE_END, UNKNOWN_WORD, word_tokenizer
 from .training import configure_generation
 
@@ -1014,64 +1010,6 @@ class ConversionResult:
     checked_tokens: int
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir}: exists and is not a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{output_dir}: exists and is not empty; choose another output folder or allow overwriting "
-            "(--overwrite_output_dir)."
-        )
-
-
-@contextlib.contextmanager
-def staged_output_dir(output_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """A new temporary folder to write a conversion into, beside `output_dir` (inside it if it exists and its parent
-    cannot be written), moved into place when the block ends normally (its files into `output_dir` if that exists:
-    empty, or with `overwrite`, when files of the same names are replaced and others kept); removed, with any parent
-    folders made for it, when the block raises, so that a failed conversion leaves nothing behind.
-
-    Raises `FileExistsError` if `output_dir` is a file, or a non-empty folder without `overwrite`.
-    """
-    _check_output_dir(output_dir, overwrite)
-    target = Path(os.path.abspath(output_dir))
-    made = [folder for folder in target.parents if not folder.exists()]  # deepest first
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    except PermissionError:
-        if not target.is_dir():
-            raise
-        staging = Path(tempfile.mkdtemp(prefix=".lm-lstm-convert.", suffix=".partial", dir=target))
-    try:
-        yield staging
-        if not target.exists():
-            staging.rename(target)
-        else:
-            for entry in staging.iterdir():
-                destination = target / entry.name
-                if destination.is_dir() and not destination.is_symlink():
-                    shutil.rmtree(destination)
-                elif destination.exists() or destination.is_symlink():
-                    destination.unlink()
-                shutil.move(entry, destination)
-            staging.rmdir()
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for folder in made:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty
-        raise
-
-
 def _check_vocabulary_size(layout: LSTMLayout, vocabulary: Sequence[str], origin: str, from_corpus: bool) -> None:
     if len(vocabulary) == layout.vocab_size:
         return
@@ -1165,7 +1103,7 @@ def convert_checkpoint(
             source_name=SOURCE_NAMES[checkpoint.source],
             source_url=SOURCE_URLS[checkpoint.source],
             checkpoint_file=checkpoint.path.name,
-            checkpoint_sha256=_sha256(checkpoint.path),
+            checkpoint_sha256=file_digest(checkpoint.path, "sha256"),
             checkpoint_kind=checkpoint.kind,
             vocabulary_source=origin,
             dropouts_recorded=bool(checkpoint.dropouts),

@@ -198,9 +198,10 @@ def _file_pieces(spans: list[tuple[str, int, int | None]]) -> Iterator[dict]:
 PIECE_FEATURES = Features({"text": Value("string"), "ends_document": Value("bool")})
 
 
-def content_digest(path: str | Path, chunk_bytes: int = 1 << 24) -> str:
-    """A BLAKE2b digest of the file's bytes, read 16 MB at a time (about a second per GB)."""
-    digest = hashlib.blake2b(digest_size=16)
+def file_digest(path: str | Path, algorithm: str = "blake2b", chunk_bytes: int = 1 << 24) -> str:
+    """The hex digest of the file's bytes by `hashlib`'s `algorithm`, read 16 MB at a time (BLAKE2b: about a
+    second per GB)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as file:
         while chunk := file.read(chunk_bytes):
             digest.update(chunk)
@@ -211,7 +212,7 @@ def _pieces_of_files(spans: list[tuple[str, int, int | None]]) -> Dataset:
     """The pieces of text file spans (`_file_pieces`) as a dataset cached on disk, written as they are read; the
     cache holds while the files keep their content (a digest of their bytes: copies that keep the modification
     time, such as `cp -p` or `rsync -a`, would fool a time stamp)."""
-    digests = {path: content_digest(path) for path in {path for path, _, _ in spans}}
+    digests = {path: file_digest(path) for path in {path for path, _, _ in spans}}
     stamps = [(str(Path(path).resolve()), digests[path], start, stop) for path, start, stop in spans]
     return Dataset.from_generator(
         _file_pieces, features=PIECE_FEATURES, gen_kwargs={"spans": spans},

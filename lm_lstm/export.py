@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import onnx
@@ -21,6 +20,7 @@ from transformers import DynamicCache
 
 from .modeling_lstm import LSTMForCausalLM, prepare_cache, store_state
 from .onnx_generation import ONNX_CONFIG_NAME, OnnxLM
+from .output_dir import staged_output_dir
 
 ONNX_OPSET = 20
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
@@ -120,27 +120,21 @@ def export_onnx(
     The graphs' inputs are `input_ids` (int64), `attention_mask` (int64, prefill only) and the states named by
     `state_names` (float32 zeros to start); their outputs are `logits` of the last real position and the states with
     an `_out` suffix. `onnx_generation.OnnxLM` runs them. Raises `ValueError` for a model other than a plain lm-lstm
-    one, an `opset` outside 18 (the exporter's own) to the installed `onnx`'s latest, and an `output_dir` that is a
-    file, or a non-empty folder without `overwrite`. Nothing is written unless the whole export succeeds.
+    one or an `opset` outside 18 (the exporter's own) to the installed `onnx`'s latest, and `FileExistsError` for an
+    `output_dir` that is a file, or a non-empty folder without `overwrite`. Nothing is written unless the whole
+    export succeeds (`staged_output_dir`).
     """
     model = plain_float_copy(model)
     latest = onnx.defs.onnx_opset_version()
     if not 18 <= opset <= latest:
         raise ValueError(f"`opset` must be from 18 to {latest} (the installed onnx's latest), got {opset}.")
-    output_dir = Path(output_dir).resolve()
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"{output_dir} is a file; the output must be a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"{output_dir} is not empty; choose another folder or allow overwriting it.")
     num_layers = model.config.num_hidden_layers
     names = {
         "prefill": (["input_ids", "attention_mask", *state_names(num_layers)], ["logits", *state_names(num_layers, "_out")]),
         "decode": (["input_ids", *state_names(num_layers)], ["logits", *state_names(num_layers, "_out")]),
     }
-    staging = output_dir.with_name(f".{output_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    output_dir = Path(output_dir).resolve()
+    with staged_output_dir(output_dir, overwrite) as staging:
         for graph, program in export_programs(model).items():
             inputs, outputs = names[graph]
             onnx_program = torch.onnx.export(
@@ -168,14 +162,6 @@ def export_onnx(
         (staging / ONNX_CONFIG_NAME).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for path in staging.iterdir():  # moved into place only once every file is written
-            target = output_dir / path.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            path.replace(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

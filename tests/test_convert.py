@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 
 import lm_lstm.convert
 import lm_lstm.data
+import lm_lstm.output_dir
 from hub_server import metadata_errors
 from lm_lstm.cli import main
 from lm_lstm.convert import (
@@ -937,8 +938,8 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, corpus_dir, monkeyp
             raise PermissionError(13, "Permission denied", dir)
         return make_temporary_folder(dir=dir, **options)
 
-    make_temporary_folder = lm_lstm.convert.tempfile.mkdtemp
-    monkeypatch.setattr(lm_lstm.convert.tempfile, "mkdtemp", no_writing_beside)
+    make_temporary_folder = lm_lstm.output_dir.tempfile.mkdtemp
+    monkeypatch.setattr(lm_lstm.output_dir.tempfile, "mkdtemp", no_writing_beside)
     convert_checkpoint(checkpoint, tmp_path / "empty", overwrite=True, **inputs)
     assert not [p for p in (tmp_path / "empty").iterdir() if p.name.endswith(".partial")]
     with pytest.raises(PermissionError):
