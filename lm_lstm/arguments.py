@@ -222,7 +222,7 @@ class DataArguments:
         default=None,
         metadata={"help": "Keep only the first N tokens of the validation text (whole blocks, at least one); 0 keeps "
                   "it all. Default: validation text carved from --train_file (or the bundled corpus) is cut to what "
-                  f"one evaluation scores in {EVALUATION_SHARE:.0%} of --max_time, at the evaluation speed measured "
+                  f"one evaluation scores in {EVALUATION_SHARE:.0%}% of --max_time, at the evaluation speed measured "
                   "before training; validation files, Hub datasets and runs without a time budget keep it all."},
     )
 
@@ -327,7 +327,7 @@ class LSTMTrainingArguments(TrainingArguments):
     eval_on_start: bool | None = field(
         default=None,
         metadata={"help": "Evaluate before training (step 0). Default: with a time budget, when one evaluation is "
-                  f"expected to take at most {EVALUATION_SHARE:.0%} of --max_time (measured before training by "
+                  f"expected to take at most {EVALUATION_SHARE:.0%}% of --max_time (measured before training by "
                   "`lm-lstm train`; off for a Trainer built otherwise); without one, on.",
                   "nargs": "?", "const": True},
     )

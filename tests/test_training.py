@@ -334,3 +334,13 @@ def test_cli_refuses_bad_generation_counts_and_do_predict_in_one_line(capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors == ["lm-lstm generate: error: --num_beams must be at least 1, got 0.",
                       "lm-lstm train: error: --do_predict is not supported (there is no prediction step); drop it."]
+
+
+def test_every_command_prints_its_help(capsys):
+    from lm_lstm.cli import COMMANDS, main
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out, name
