@@ -98,7 +98,7 @@ class Candidate:
 
     measurement: Measurement
     characters: float  # expected training characters seen in the budget
-    loss: float  # expected validation nats per character (`SCALING_FIT`)
+    loss: float  # expected validation nats per character: `SCALING_FIT`, at most the untrained model's loss
 
 
 @dataclass
@@ -109,6 +109,7 @@ class SizeChoice:
     chosen: Candidate
     candidates: list[Candidate] = field(default_factory=list)
     probe_seconds: float = 0.0  # spent measuring, out of the budget
+    untrained_loss: float = math.inf  # nats per character of the untrained model, ln(vocabulary size): the cap
 
     @property
     def hidden_size(self) -> int:
@@ -127,29 +128,37 @@ class SizeChoice:
             f"characters in the budget, for an expected {chosen.loss:.3f} nats/char, the lowest of the sizes measured "
             f"in {self.probe_seconds:.0f} s (others, hidden size: nats/char: {others or 'none'})"
             + (f"; below the {FIT_MIN_CHARACTERS / 1e6:.1f}M characters of the fit's shortest run, these expected "
-               "losses are rough extrapolations." if chosen.characters < FIT_MIN_CHARACTERS else ".")
+               "losses are rough extrapolations" if chosen.characters < FIT_MIN_CHARACTERS else "")
+            + (f", capped at {self.untrained_loss:.3f}, an untrained model's loss (ln of the vocabulary size)"
+               if any(c.loss == self.untrained_loss for c in self.candidates) else "")
+            + "."
         )
 
 
 def expected_candidate(measurement: Measurement, budget_seconds: float, unique_characters: float,
-                       characters_per_token: float = 1.0, fit: LossFit = SCALING_FIT) -> Candidate:
+                       characters_per_token: float = 1.0, fit: LossFit = SCALING_FIT,
+                       untrained_loss: float = math.inf) -> Candidate:
+    """What `budget_seconds` give the measured size: the characters it trains on, and the fit's expected loss at
+    them, at most `untrained_loss` (the fit's power law grows without bound below its range, a model's loss does
+    not)."""
     characters = measurement.tokens_per_second * budget_seconds * TRAINING_SHARE * characters_per_token
-    return Candidate(measurement, characters, fit.loss(measurement.parameters, characters, unique_characters))
+    loss = min(untrained_loss, fit.loss(measurement.parameters, characters, unique_characters))
+    return Candidate(measurement, characters, loss)
 
 
 def choose_size(measurements: Sequence[Measurement], budget_seconds: float, unique_characters: float,
                 characters_per_token: float = 1.0, fit: LossFit = SCALING_FIT,
-                probe_seconds: float = 0.0) -> SizeChoice:
-    """The measured size with the lowest expected loss for `budget_seconds` of training on `unique_characters` of
-    text (ties: the smaller).
+                probe_seconds: float = 0.0, untrained_loss: float = math.inf) -> SizeChoice:
+    """The measured size with the lowest expected loss (`expected_candidate`) for `budget_seconds` of training on
+    `unique_characters` of text (ties, such as several sizes at the `untrained_loss` cap: the smaller).
 
     Deterministic given the measurements. Raises `ValueError` if there are none."""
     if not measurements:
         raise ValueError("No candidate size was measured.")
-    candidates = [expected_candidate(m, budget_seconds, unique_characters, characters_per_token, fit)
+    candidates = [expected_candidate(m, budget_seconds, unique_characters, characters_per_token, fit, untrained_loss)
                   for m in measurements]
     chosen = min(candidates, key=lambda c: (c.loss, c.measurement.hidden_size))
-    return SizeChoice(budget_seconds, chosen, candidates, probe_seconds)
+    return SizeChoice(budget_seconds, chosen, candidates, probe_seconds, untrained_loss)
 
 
 def training_step_seconds(model: LSTMForCausalLM, batch_size: int, block_size: int, bf16: bool,
@@ -189,21 +198,24 @@ def size_model(config: LSTMConfig, budget_seconds: float, batch_size: int, block
     """Measures (`measure`) the candidate `sizes` (default `CANDIDATE_HIDDEN_SIZES`) of `config` from the smallest up and chooses one (`choose_size`);
     `budget_seconds` includes the time spent measuring.
 
-    Measuring stops at the first size whose expected loss is higher than the previous one's (for a given budget the
-    expected loss falls, then rises, with the size), or once `PROBE_SHARE` of the budget is spent.
+    Measuring stops at the first size whose expected loss is no lower than the previous one's (for a given budget the
+    expected loss falls, then rises, with the size), or once `PROBE_SHARE` of the budget is spent. Expected losses
+    are at most the untrained model's, ln(`config.vocab_size`) nats per token.
     """
+    untrained_loss = math.log(config.vocab_size) / characters_per_token
     start = clock()
     measurements: list[Measurement] = []
     previous = math.inf
     for hidden_size in sorted(sizes or CANDIDATE_HIDDEN_SIZES):
         measurement = measure(config, hidden_size, batch_size, block_size, bf16, world_size)
         measurements.append(measurement)
-        loss = expected_candidate(measurement, budget_seconds, unique_characters, characters_per_token, fit).loss
-        if loss > previous or clock() - start > PROBE_SHARE * budget_seconds:
+        loss = expected_candidate(measurement, budget_seconds, unique_characters, characters_per_token, fit,
+                                  untrained_loss).loss
+        if loss >= previous or clock() - start > PROBE_SHARE * budget_seconds:
             break
         previous = loss
     probe_seconds = clock() - start
     choice = choose_size(measurements, budget_seconds - probe_seconds, unique_characters, characters_per_token, fit,
-                         probe_seconds)
+                         probe_seconds, untrained_loss)
     choice.budget_seconds = budget_seconds
     return choice

@@ -120,6 +120,20 @@ def test_a_budget_below_the_fits_range_says_its_expectations_are_rough():
     assert long.describe().endswith(").")
 
 
+def test_expected_losses_are_capped_at_the_untrained_models(monkeypatch):
+    """On a slow machine with a short budget the fit's power law exceeds ln(vocabulary size), the loss of an
+    untrained model: every size is expected at that cap, the smallest is chosen, and measuring stops at the second."""
+    untrained = math.log(65)
+    assert SCALING_FIT.loss(speeds(100)[0].parameters, 100 * 60 * sizing.TRAINING_SHARE, TEXT) > untrained
+    table = {m.hidden_size: m for m in speeds(100)}
+    monkeypatch.setattr(sizing, "measure", lambda config, hidden_size, *args: table[hidden_size])
+    choice = size_model(LSTMConfig(vocab_size=65), 60, 16, 128, bf16=False, unique_characters=TEXT)
+    assert [c.loss for c in choice.candidates] == [untrained, untrained]
+    assert choice.hidden_size == min(sizing.CANDIDATE_HIDDEN_SIZES)
+    assert f"capped at {untrained:.3f}, an untrained model's loss" in choice.describe()
+    assert "capped" not in choose_size(speeds(100_000), 600, TEXT, untrained_loss=untrained).describe()
+
+
 def run_train(corpus, output, fake_speed: float | None, monkeypatch, **model_options):
     measured = []
 
