@@ -24,9 +24,11 @@ streams and the BPTT length stay the recipe's (`presets.py`). Any size option gi
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -40,6 +42,10 @@ TRAINING_SHARE = 0.9
 the bundled corpus with the default recipe: benchmarks/results/quality_10min.json)."""
 PROBE_SHARE = 0.05
 """At most this part of the budget is spent measuring candidates; larger ones are then not measured."""
+BUSY_SHARE = 0.25
+"""Above this share of its CPUs' time taken by other work while measuring, the sizing line warns that the speeds were
+measured low: two 2-thread processes on 2 cores slow each other's steps several-fold (OpenMP threads wait for
+each other at every parallel region), and the training that follows runs at the speed of whatever load is left."""
 FIT_MIN_CHARACTERS = 999_424
 """The fewest training characters a run behind `SCALING_FIT` saw (benchmarks/results/scaling.json): the expected
 losses of shorter runs are extrapolations, and rough ones."""
@@ -110,6 +116,7 @@ class SizeChoice:
     candidates: list[Candidate] = field(default_factory=list)
     probe_seconds: float = 0.0  # spent measuring, out of the budget
     untrained_loss: float = math.inf  # nats per character of the untrained model, ln(vocabulary size): the cap
+    other_work_share: float = 0.0  # of this process's CPUs' time, taken by other work while measuring
 
     @property
     def hidden_size(self) -> int:
@@ -132,7 +139,46 @@ class SizeChoice:
             + (f", capped at {self.untrained_loss:.3f}, an untrained model's loss (ln of the vocabulary size)"
                if any(c.loss == self.untrained_loss for c in self.candidates) else "")
             + "."
+            + (f" Other work kept {self.other_work_share:.0%} of this process's CPUs busy while measuring: the speeds, "
+               "and so the size, may be low (--hidden_size sets it)." if self.other_work_share > BUSY_SHARE else "")
         )
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    """Clocks read together: wall seconds, this process's CPU seconds, and the busy seconds of the CPUs it may run
+    on."""
+
+    wall: float
+    own: float
+    busy: float
+    cpus: int
+
+
+def read_cpus() -> CpuReading | None:
+    """The clocks of `CpuReading` now; busy time from /proc/stat (user, nice, system, irq, softirq and steal, the
+    time a hypervisor gave to other guests), None where it cannot be read (not Linux)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        lines = Path("/proc/stat").read_text().splitlines()
+    except (AttributeError, OSError):
+        return None
+    ticks = 0
+    for line in lines:
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, values[:8])
+            ticks += user + nice + system + irq + softirq + steal
+    return CpuReading(time.monotonic(), time.process_time(), ticks / os.sysconf("SC_CLK_TCK"), len(cpus))
+
+
+def other_work_share(before: CpuReading | None, after: CpuReading | None) -> float:
+    """The share (0 to 1) of the CPUs' time between two readings that went to other work than this process's (0
+    without readings)."""
+    if before is None or after is None or after.wall <= before.wall:
+        return 0.0
+    others = (after.busy - before.busy) - (after.own - before.own)
+    return min(1.0, max(0.0, others / ((after.wall - before.wall) * after.cpus)))
 
 
 def expected_candidate(measurement: Measurement, budget_seconds: float, unique_characters: float,
@@ -200,10 +246,11 @@ def size_model(config: LSTMConfig, budget_seconds: float, batch_size: int, block
 
     Measuring stops at the first size whose expected loss is no lower than the previous one's (for a given budget the
     expected loss falls, then rises, with the size), or once `PROBE_SHARE` of the budget is spent. Expected losses
-    are at most the untrained model's, ln(`config.vocab_size`) nats per token.
+    are at most the untrained model's, ln(`config.vocab_size`) nats per token. The choice records how busy other work
+    kept the CPUs meanwhile (`other_work_share`).
     """
     untrained_loss = math.log(config.vocab_size) / characters_per_token
-    start = clock()
+    start, cpus_before = clock(), read_cpus()
     measurements: list[Measurement] = []
     previous = math.inf
     for hidden_size in sorted(sizes or CANDIDATE_HIDDEN_SIZES):
@@ -218,4 +265,5 @@ def size_model(config: LSTMConfig, budget_seconds: float, batch_size: int, block
     choice = choose_size(measurements, budget_seconds - probe_seconds, unique_characters, characters_per_token, fit,
                          probe_seconds, untrained_loss)
     choice.budget_seconds = budget_seconds
+    choice.other_work_share = other_work_share(cpus_before, read_cpus())
     return choice

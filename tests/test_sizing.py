@@ -134,6 +134,26 @@ def test_expected_losses_are_capped_at_the_untrained_models(monkeypatch):
     assert "capped" not in choose_size(speeds(100_000), 600, TEXT, untrained_loss=untrained).describe()
 
 
+def test_other_work_on_the_cpus_while_measuring_is_reported(monkeypatch):
+    """Other processes' CPU time between the readings around the measurement (busy time less this process's own),
+    as a share of the CPUs' time, warns in the sizing line above `BUSY_SHARE`."""
+    reading = sizing.read_cpus()  # this machine's, if Linux
+    assert reading is None or (reading.busy > 0 and reading.cpus >= 1)
+    readings = iter([sizing.CpuReading(wall=10.0, own=1.0, busy=100.0, cpus=2),
+                     sizing.CpuReading(wall=14.0, own=8.0, busy=112.0, cpus=2)])  # others: 12 - 7 = 5 of 8 s
+    monkeypatch.setattr(sizing, "read_cpus", lambda: next(readings))
+    monkeypatch.setattr(sizing, "measure", lambda config, hidden_size, *args: speeds(10_000)[0])
+    choice = size_model(LSTMConfig(vocab_size=65), 600, 16, 128, bf16=False, unique_characters=TEXT,
+                        sizes=[128])
+    assert choice.other_work_share == pytest.approx(5 / 8)
+    assert choice.describe().endswith("Other work kept 62% of this process's CPUs busy while measuring: the speeds, "
+                                      "and so the size, may be low (--hidden_size sets it).")
+    quiet = sizing.CpuReading(wall=14.0, own=8.0, busy=108.5, cpus=2)  # others: 1.5 of 8 s
+    assert sizing.other_work_share(sizing.CpuReading(10.0, 1.0, 100.0, 2), quiet) == pytest.approx(1.5 / 8)
+    assert "Other work" not in choose_size(speeds(10_000), 600, TEXT).describe()
+    assert sizing.other_work_share(None, quiet) == 0.0  # no /proc/stat: nothing to say
+
+
 def run_train(corpus, output, fake_speed: float | None, monkeypatch, **model_options):
     measured = []
 
