@@ -74,12 +74,29 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+INSTRUCTION_SET_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+"""Environment variables that keep oneDNN, MKL and PyTorch's own kernels to an older instruction set (`avx2`, for
+instance): together, a stand-in for an older CPU on a newer one."""
+
+
+def instruction_set_limits() -> dict[str, str]:
+    """The `INSTRUCTION_SET_LIMITS` set in this process's environment."""
+    return {name: os.environ[name] for name in INSTRUCTION_SET_LIMITS if os.environ.get(name)}
+
+
+def limits_suffix() -> str:
+    """A results-name suffix for the instruction-set limits in force, such as `_onednn-avx2_mkl-avx2` ('' if none)."""
+    return "".join(f"_{name.split('_')[0].lower()}-{value.lower()}" for name, value in instruction_set_limits().items())
+
+
 def machine() -> dict[str, object]:
+    """The CPU, threads, torch, GPU, and the instruction-set limits in force (`INSTRUCTION_SET_LIMITS`)."""
     return {
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **instruction_set_limits(),
     }
 
 

@@ -4,10 +4,16 @@
    `step_matmul(rows, weight)`, which lm-lstm uses for one-token steps where `has_step_matmul` says so.
 2. The whole decode step `model(token, cache=cache)` of lm-lstm at config B, with `step_matmul` switched off
    (`torch.lstm_cell` and `F.linear`, the previous path) and on, at batch 1, 2, 8 and 32.
+3. Greedy decoding at batch 1 (issue #15's sizes: 10,000-token vocabulary, 650 x 2, tied), in tokens/s:
+   `generate()` with the kernel choice it makes on this machine (`has_step_matmul`), against the plain stepping
+   loops a user would write over the same weights: `nn.LSTM` called a token at a time, and `torch.lstm_cell` with
+   `F.linear` and oneDNN off (`step_kernels_generate.*`).
 
-The two methods alternate round after round in this one process; the table holds medians.
+The methods alternate round after round in this one process; the tables hold medians. Run it natively and kept to
+AVX2 as on an AVX2-only CPU (`ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2`: oneDNN,
+MKL and PyTorch's own kernels; the results name gets `_onednn-avx2_mkl-avx2_aten-avx2`).
 
-    python benchmarks/step_kernels.py           # about a minute
+    python benchmarks/step_kernels.py           # about two minutes
     python benchmarks/step_kernels.py --quick
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
@@ -23,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import argument_parser, median_seconds, write_results  # noqa: E402
+from common import argument_parser, limits_suffix, load_average, median_seconds, write_results  # noqa: E402
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM  # noqa: E402
 from lm_lstm import modeling_lstm  # noqa: E402
@@ -31,6 +38,8 @@ from lm_lstm import modeling_lstm  # noqa: E402
 FULL = {"vocab": 33278, "width": 650, "layers": 2, "kernel rows": [1, 2, 4, 8, 64, 1024], "step batches": [1, 2, 8, 32],
         "repeats": 20, "rounds": 3}
 QUICK = {"vocab": 500, "width": 32, "layers": 2, "kernel rows": [1, 2], "step batches": [1], "repeats": 2, "rounds": 1}
+GENERATE = {"vocab": 10_000, "width": 650, "layers": 2, "new tokens": 128, "rounds": 5}
+GENERATE_QUICK = {"vocab": 500, "width": 32, "layers": 2, "new tokens": 8, "rounds": 1}
 
 
 def alternate(methods: dict[str, Callable[[], object]], repeats: int, rounds: int) -> dict[str, float]:
@@ -80,14 +89,85 @@ def decode_step_rows(sizes: dict) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def nn_lstm_loop(model: LSTMForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy tokens by the model's own `nn.LSTM` modules called one token at a time, then its output layer."""
+    states = [None] * len(model.model.layers)
+    token, tokens = prompt, []
+    for _ in range(new_tokens):
+        hidden = model.get_input_embeddings()(token)
+        for index, layer in enumerate(model.model.layers):
+            hidden, states[index] = layer.rnn(hidden, states[index])
+        token = model.lm_head(hidden[:, -1]).argmax(-1, keepdim=True)
+        tokens.append(token)
+    return torch.cat(tokens, 1)
+
+
+@torch.no_grad()
+def lstm_cell_loop(model: LSTMForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy tokens by `torch.lstm_cell` over the model's weights and `F.linear`, oneDNN off, the prompt fed a token
+    at a time."""
+    rnns = [layer.rnn for layer in model.model.layers]
+    states = [(prompt.new_zeros(prompt.shape[0], rnn.hidden_size, dtype=torch.float32),) * 2 for rnn in rnns]
+    tokens = []
+    with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
+        warnings.filterwarnings("ignore", message="TF32 acceleration")  # the flags' restore of a GPU-only setting
+        for position in range(prompt.shape[1] + new_tokens - 1):
+            token = prompt[:, position] if position < prompt.shape[1] else tokens[-1][:, 0]
+            hidden = F.embedding(token, model.get_input_embeddings().weight)
+            for index, rnn in enumerate(rnns):
+                states[index] = torch.lstm_cell(hidden, states[index], rnn.weight_ih_l0, rnn.weight_hh_l0,
+                                                rnn.bias_ih_l0, rnn.bias_hh_l0)
+                hidden = states[index][0]
+            if position >= prompt.shape[1] - 1:
+                tokens.append(F.linear(hidden, model.lm_head.weight, model.lm_head.bias).argmax(-1, keepdim=True))
+    return torch.cat(tokens, 1)
+
+
+def generate_rows(sizes: dict) -> list[dict]:
+    """Tokens/s of greedy decoding at batch 1 by `generate()` and by the two plain loops, which must agree."""
+    torch.manual_seed(0)
+    config = LSTMConfig(vocab_size=sizes["vocab"], embedding_size=sizes["width"], hidden_size=sizes["width"],
+                        num_hidden_layers=sizes["layers"], tie_word_embeddings=True)
+    model = LSTMForCausalLM(config).eval()
+    prompt = torch.randint(0, sizes["vocab"], (1, 8), generator=torch.Generator().manual_seed(1))
+    count = sizes["new tokens"]
+
+    @torch.no_grad()
+    def generate() -> torch.Tensor:
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count,
+                              min_new_tokens=count, do_sample=False, pad_token_id=0)[:, prompt.shape[1]:]
+
+    methods = {"generate()": generate, "nn.LSTM loop": lambda: nn_lstm_loop(model, prompt, count),
+               "lstm_cell loop, oneDNN off": lambda: lstm_cell_loop(model, prompt, count)}
+    first = {name: method() for name, method in methods.items()}  # warm-up; `generate()` measures its kernels here
+    assert all(torch.equal(tokens, first["generate()"]) for tokens in first.values()), "the loops disagree"
+    ms = alternate(methods, repeats=1, rounds=sizes["rounds"])
+    row = {"measure": f"greedy decoding, batch 1, {sizes['vocab']} x {sizes['width']} x {sizes['layers']}, tied",
+           "new tokens": count, **{f"{name} tokens/s": 1e3 * count / value for name, value in ms.items()},
+           "gates and output by step_matmul": [modeling_lstm._step_matmul_is_faster.get(shape) for shape in (
+               (1, 4 * sizes["width"], sizes["width"]), (1, sizes["vocab"], sizes["width"]))]}
+    for name in list(methods)[1:]:
+        row[f"generate() / {name}"] = ms[name] / ms["generate()"]  # speed ratio: above 1, generate() is faster
+    print(row, flush=True)
+    return [row]
+
+
 def main() -> None:
     args = argument_parser(__doc__).parse_args()
     sizes = QUICK if args.quick else FULL
+    suffix = limits_suffix()
+    conditions = {"load average before": load_average()}
     rows = kernel_rows(sizes) + decode_step_rows(sizes)
     for row in rows:
         row["speed-up"] = row["before ms (F.linear, lstm_cell)"] / row["step_matmul ms"]
     columns = ["measure", "rows", "before ms (F.linear, lstm_cell)", "step_matmul ms", "speed-up"]
-    write_results(args, "step_kernels", rows, columns, extra={"rounds": sizes["rounds"], "calls per round": sizes["repeats"]})
+    write_results(args, "step_kernels" + suffix, rows, columns,
+                  extra={"rounds": sizes["rounds"], "calls per round": sizes["repeats"], **conditions})
+    rows = generate_rows(GENERATE_QUICK if args.quick else GENERATE)
+    write_results(args, "step_kernels_generate" + suffix, rows, list(rows[0]),
+                  extra={"rounds": (GENERATE_QUICK if args.quick else GENERATE)["rounds"], **conditions,
+                         "load average after": load_average()})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize("name, stem, ratio", [
     ("train_speed", "train_speed", "Trainer / plain"),
     ("generation", "generation", "lm-lstm / this"),
-    ("step_kernels", "step_kernels", "speed-up"),
+    ("step_kernels", "step_kernels", "speed-up"),  # and step_kernels_generate, below
     ("inference", "inference", "speed vs fp32"),
     ("bf16_quality", "bf16_quality", "loss vs fp32"),
     ("quality", "quality_0.05min", "vs gpt"),
@@ -28,3 +28,6 @@ def test_benchmark_runs_in_quick_mode(name, stem, ratio, tmp_path):
     results = json.loads((tmp_path / f"{stem}-quick.json").read_text())
     assert results["rows"] and all(row[ratio] > 0 for row in results["rows"])
     assert (tmp_path / f"{stem}-quick.md").read_text().count("|") > 10
+    if name == "step_kernels":
+        generate = json.loads((tmp_path / "step_kernels_generate-quick.json").read_text())
+        assert all(row["generate() / lstm_cell loop, oneDNN off"] > 0 for row in generate["rows"])
