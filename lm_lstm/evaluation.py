@@ -129,16 +129,23 @@ def score_stream(model, token_ids: list[int], block_size: int) -> tuple[float, i
 
 
 def file_windows(
-    tokenizer: PreTrainedTokenizerBase, pieces, block_size: int, progress: bool = False
+    tokenizer: PreTrainedTokenizerBase, pieces, block_size: int, progress: bool = False,
+    max_positions: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """The token stream the `carry` policy scores from the pieces of a file's documents (`tokenize_documents`), in
     windows of `block_size + 1` tokens that overlap by one (see `score_windows`), read from the memory-mapped pieces
     a window at a time: the document-start token, then every token, less a last EOS that only separates documents
-    (see the module docstring). With `progress`, a tqdm bar counts the windows."""
+    (see the module docstring). With `progress`, a tqdm bar counts the windows.
+
+    Raises `ValueError` if the stream is longer than `max_positions`, the most a model with position embeddings
+    sees."""
     from .data import TokenDocuments
 
     ids = TokenDocuments.from_pieces(pieces).ids
     end = len(ids) - (not eos_ends_lines(tokenizer))  # the stream's last position; position p > 0 holds ids[p - 1]
+    if max_positions is not None and end > max_positions:
+        raise ValueError(f"the 'carry' context feeds the model the whole file, {end} tokens, and it sees at most "
+                         f"{max_positions} positions: use --context blocks with --block_size at most {max_positions}.")
     for start in tqdm(range(0, end, block_size), desc="Scoring", unit="window", disable=not progress):
         window = torch.from_numpy(ids.read(max(start - 1, 0), min(start + block_size, end)))
         yield torch.cat([torch.tensor([document_start_id(tokenizer)]), window]) if start == 0 else window
@@ -175,7 +182,10 @@ def evaluate_file(
 ) -> Score:
     """Scores a text file (see the module docstring for the context policies); `text_column` names the text of
     .json/.jsonl/.csv/.parquet records. The file is read, tokenised (into the `datasets` cache) and scored a bounded
-    piece at a time, so memory does not grow with its size. With `progress`, a tqdm bar shows the scoring."""
+    piece at a time, so memory does not grow with its size. With `progress`, a tqdm bar shows the scoring.
+
+    Raises `ValueError` for a model with position embeddings (`config.max_position_embeddings`, a GPT-2 say) given
+    blocks longer than its positions, or the 'carry' context on a file longer than them."""
     if context not in CONTEXT_POLICIES:
         raise ValueError(f"`context` must be one of {CONTEXT_POLICIES}, got {context!r}.")
     # Imported here: `datasets` is slow to import, and loading a model for `lm-lstm generate` does not need it.
@@ -183,10 +193,13 @@ def evaluate_file(
 
     from .data import group_blocks, load_pieces, tokenize_documents
 
+    max_positions = getattr(model.config, "max_position_embeddings", None)  # None for lm-lstm: no position limit
+    if context == "blocks" and max_positions is not None and block_size > max_positions:
+        raise ValueError(f"--block_size {block_size} is longer than the {max_positions} positions the model sees.")
     texts = load_pieces([str(path)], text_column)
     pieces = tokenize_documents(texts, tokenizer)
     if context == "carry":
-        nll, count = score_windows(model, file_windows(tokenizer, pieces, block_size, progress))
+        nll, count = score_windows(model, file_windows(tokenizer, pieces, block_size, progress, max_positions))
         num_bytes = pc.sum(pc.binary_length(texts.with_format("arrow")["text"])).as_py()
         return Score(nll=nll, tokens=count, bytes=num_bytes)
     blocks = group_blocks(pieces, block_size)

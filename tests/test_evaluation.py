@@ -189,6 +189,28 @@ def test_a_damaged_model_folder_is_a_one_line_error(saved_model, tmp_path, capsy
         f"lm-lstm evaluate: error: {damaged}: its tokenizer cannot be loaded (")
 
 
+def test_a_model_with_position_embeddings_is_refused_text_beyond_its_positions(char_tokenizer, tmp_path, capsys):
+    """A GPT-2 sees at most `n_positions` tokens: the 'carry' context on a longer file, or longer blocks, get one
+    line saying what to do instead of an index error from deep inside torch; blocks that fit are scored."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(char_tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2)
+                    ).save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    (folder / "text.txt").write_text(TEXT, encoding="utf-8")
+    options = ["evaluate", "--model", str(folder), "--file", str(folder / "text.txt")]
+    assert main(options) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lm-lstm evaluate: error: the 'carry' context feeds the model the whole file, {len(TEXT)} tokens, and it "
+        "sees at most 32 positions: use --context blocks with --block_size at most 32.")
+    assert main(options + ["--context", "blocks", "--block_size", "33"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lm-lstm evaluate: error: --block_size 33 is longer than the 32 positions the model sees.")
+    assert main(options + ["--context", "blocks", "--block_size", "32"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
 def test_a_large_file_is_scored_a_window_at_a_time(saved_model, tmp_path, monkeypatch):
     """The file is cut into several pieces and read from them a window at a time: the model never sees more than a
     window, and the result is that of the whole token stream held in memory."""
