@@ -308,6 +308,9 @@ def test_options_that_would_lose_work_or_be_ignored_are_refused(tmp_path):
         ModelArguments(config_name=str(tmp_path / "model"), hidden_size=8)
     with pytest.raises(ValueError, match="--max_train_samples must be at least 1"):
         DataArguments(max_train_samples=0)
+    for name in ("eval_steps", "save_steps", "logging_steps"):  # 0 would quietly mean another interval, or none
+        with pytest.raises(ValueError, match=f"--{name} must be positive"):
+            LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", **{name: 0})
 
 
 @pytest.mark.parametrize("options, message", [
