@@ -153,28 +153,33 @@ def plan_evaluation(model, data: TrainingData, data_args: DataArguments,
     The main process prints what it decided when it measured. Without a time budget nothing is measured and nothing is cut by default.
     """
     budget, cap = training_args.max_time, data_args.max_eval_tokens
+    available = data.validation_tokens()
     if cap:
         data = data.with_validation_tokens(cap)
     cut_to_budget = cap is None and budget is not None and data_args.carves_validation
-    if budget is None or not (cut_to_budget or training_args.eval_on_start is None):
-        return data
-    rows = [data.validation[row] for row in range(min(len(data.validation), training_args.per_device_eval_batch_size))]
-    speed = on_main_process(lambda: evaluation_speed(model, data.collator(rows), bool(training_args.bf16)),
-                            training_args)
-    allowed = EVALUATION_SHARE * budget
-    carved = data.validation_tokens()
-    if cut_to_budget and carved > speed * allowed:
-        data = data.with_validation_tokens(int(speed * allowed))
+    measure = budget is not None and (cut_to_budget or training_args.eval_on_start is None)
+    if measure:
+        rows = [data.validation[row]
+                for row in range(min(len(data.validation), training_args.per_device_eval_batch_size))]
+        speed = on_main_process(lambda: evaluation_speed(model, data.collator(rows), bool(training_args.bf16)),
+                                training_args)
+        allowed = EVALUATION_SHARE * budget
+        if cut_to_budget and data.validation_tokens() > speed * allowed:
+            data = data.with_validation_tokens(int(speed * allowed))
+        seconds = data.validation_tokens() / speed
+        if training_args.eval_on_start is None:
+            training_args.eval_on_start = seconds <= allowed
     tokens = data.validation_tokens()
-    seconds = tokens / speed
-    if training_args.eval_on_start is None:
-        training_args.eval_on_start = seconds <= allowed
-    cut = f" (the first of {carved:,}: --max_eval_tokens)" if tokens < carved else ""
+    if training_args.process_index != 0 or not (measure or tokens < available):
+        return data
+    cut = f" (the first of {available:,}: --max_eval_tokens)" if tokens < available else ""
+    if not measure:
+        print(f"Evaluation: {tokens:,} validation tokens{cut}.", flush=True)
+        return data
     start = "an evaluation before training" if training_args.eval_on_start else (
         f"no evaluation before training (more than {EVALUATION_SHARE:.0%} of the time budget; --eval_on_start makes one)")
-    if training_args.process_index == 0:
-        print(f"Evaluation: {tokens:,} validation tokens{cut}, about {seconds:.0f} s each at {speed:,.0f} tokens/s "
-              f"(measured); {start}.", flush=True)
+    print(f"Evaluation: {tokens:,} validation tokens{cut}, about {seconds:.0f} s each at {speed:,.0f} tokens/s "
+          f"(measured); {start}.", flush=True)
     return data
 
 

@@ -105,11 +105,16 @@ def test_the_evaluation_before_training_is_skipped_when_it_would_not_fit_the_sha
     assert args.eval_on_start is True and len(measured) == 1  # nothing left to decide: not measured
 
 
-def test_an_explicit_cap_applies_to_any_validation_and_zero_keeps_it_all(data, measured, tmp_path):
+def test_an_explicit_cap_applies_to_any_validation_and_zero_keeps_it_all(data, measured, tmp_path, capsys):
     args = arguments(tmp_path, max_time=200, eval_on_start=False)
     assert plan_evaluation(tiny_model(), data, DataArguments(max_eval_tokens=45), args).validation_tokens() == 40
+    assert capsys.readouterr().out == "Evaluation: 40 validation tokens (the first of 2,001: --max_eval_tokens).\n"
     assert plan_evaluation(tiny_model(), data, DataArguments(max_eval_tokens=0), args).validation_tokens() == 2001
+    assert capsys.readouterr().out == ""  # nothing cut, nothing measured: nothing to say
     assert measured == []
+    plan_evaluation(tiny_model(), data, DataArguments(max_eval_tokens=45), arguments(tmp_path, max_time=200))
+    assert "Evaluation: 40 validation tokens (the first of 2,001: --max_eval_tokens), about 0 s each at 100 " \
+        "tokens/s (measured); an evaluation before training." in capsys.readouterr().out
 
 
 def test_without_a_time_budget_nothing_is_measured_or_cut(data, measured, tmp_path, char_tokenizer, shakespeare_text):
