@@ -64,8 +64,8 @@ class Score:
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """Loads a saved model in evaluation mode and its tokenizer as `load_tokenizer` does.
 
-    Raises `OSError` when `name_or_path` is a path (it cannot be a Hub name) to no folder, or its weights cannot be
-    read (a truncated `model.safetensors`), and `ValueError` when its tokenizer cannot be loaded.
+    Raises `OSError` when `name_or_path` is a path (it cannot be a Hub name) to no folder, names neither a folder nor
+    a model the Hub gives, or its weights cannot be read (a truncated `model.safetensors`), and `ValueError` when its tokenizer cannot be loaded.
     """
     looks_like_path = str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1
     if looks_like_path and not Path(name_or_path).expanduser().is_dir():
@@ -74,6 +74,11 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | None = None
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     except SafetensorError as error:
         raise OSError(f"{name_or_path}: its weights cannot be read ({error}).") from error
+    except OSError as error:
+        if Path(name_or_path).expanduser().exists():
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(f"{name_or_path}: no such folder here, and not loadable as a Hub name ({reason})") from error
     try:
         tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     except ValueError as error:

@@ -104,9 +104,12 @@ def test_lm_evaluation_harness_scores_a_text_as_lm_lstm_evaluate_does(saved_mode
     assert -windowed > score.nll * (1 + 1e-4)  # short windows, each from a zero state, lose context
 
 
-def test_a_missing_model_folder_is_named(tmp_path):
+def test_a_missing_model_folder_is_named(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="nope: no such model folder"):
         load_model_and_tokenizer(str(tmp_path / "nope"))
+    monkeypatch.chdir(tmp_path)  # a bare name that is no folder here is tried on the Hub (offline in the tests)
+    with pytest.raises(OSError, match=r"^my-model: no such folder here, and not loadable as a Hub name \(.+\)$"):
+        load_model_and_tokenizer("my-model")
 
 
 def test_a_tabular_file_is_scored_from_its_text_column(saved_model, tmp_path):
