@@ -46,6 +46,7 @@ from lm_lstm.training import (  # noqa: E402
 
 VARIANTS = ("lstm", "lstm-blocks", "gpt", "small-gpt")
 GPT_VARIANTS = ("gpt", "small-gpt")  # the references the other rows are compared with
+TRAINING_LOG = "training log"  # [step, training loss, gradient norm] every 50 steps: in the JSON, not the table
 DEFAULT_SEED = 42
 GPT_RECIPE = dict(n_layer=4, n_head=4, n_embd=256, n_positions=128, dropout=0.1, learning_rate=2e-3, batch_size=16,
                   weight_decay=0.1, max_grad_norm=1.0)
@@ -95,16 +96,18 @@ def training_arguments(output_dir: str, quick: bool, seed: int, minutes: float, 
     return LSTMTrainingArguments(**{**arguments, **overrides})
 
 
-def train_for(model, args, train_dataset, collator, tokenizer) -> tuple[int, float]:
-    """Trains until the time budget (`args.max_time`) is spent, with the schedule over it; returns the steps taken
-    and the training seconds."""
+def train_for(model, args, train_dataset, collator, tokenizer) -> tuple[int, float, list[list[float]]]:
+    """Trains until the time budget (`args.max_time`) is spent, with the schedule over it; returns the steps taken,
+    the training seconds and the logged [step, training loss, gradient norm] (to tell a bad run from a bad recipe)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     trainer = LSTMTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=collator, processing_class=tokenizer,
         optimizers=(optimizer, None),
     )
     output = trainer.train()
-    return trainer.state.global_step, output.metrics["train_runtime"]
+    log = [[entry["step"], entry["loss"], entry["grad_norm"]] for entry in trainer.state.log_history
+           if "loss" in entry and "grad_norm" in entry]
+    return trainer.state.global_step, output.metrics["train_runtime"], log
 
 
 def recipe_overrides(assignments: list[str]) -> dict[str, dict[str, object]]:
@@ -131,11 +134,12 @@ def run_lstm(setup: Setup, minutes: float, stateful: bool, quick: bool, output_d
     choice = size_new_model(model_args, args, setup.tokenizer, data)  # the adaptive recipe, when no size is set
     model = build_model(model_args, setup.tokenizer)
     configure_generation(model, setup.tokenizer)  # samples as `lm-lstm generate` does (and as the GPT's below)
-    steps, seconds = train_for(model, args, data.train, data.collator, setup.tokenizer)
+    steps, seconds, log = train_for(model, args, data.train, data.collator, setup.tokenizer)
     model.eval()
     nll, count = score_stream(model, setup.validation_ids, block_size=1024)
     tokens = steps * args.per_device_train_batch_size * data_args.block_size
     row = result_row("lstm" if stateful else "lstm-blocks", model, setup, steps, tokens, seconds, nll / count)
+    row[TRAINING_LOG] = log
     row["hidden size"] = model.config.hidden_size
     if choice is not None:
         row["measuring minutes"] = choice.probe_seconds / 60
@@ -194,12 +198,12 @@ def run_gpt(setup: Setup, minutes: float, quick: bool, output_dir: str, recipe: 
         **({} if quick else {"per_device_train_batch_size": recipe["batch_size"]}),
     )
     data = build_training_data(setup.raw, tokenizer, data_args, args)
-    steps, seconds = train_for(model, args, data.train, data.collator, tokenizer)
+    steps, seconds, log = train_for(model, args, data.train, data.collator, tokenizer)
     model.eval()
     context = recipe["n_positions"]
     nll, count = score_windows(model, setup.validation_ids, context, stride=context // 4)
     tokens = steps * args.per_device_train_batch_size * context
-    return result_row("gpt", model, setup, steps, tokens, seconds, nll / count)
+    return {**result_row("gpt", model, setup, steps, tokens, seconds, nll / count), TRAINING_LOG: log}
 
 
 def run_small_gpt(setup: Setup, minutes: float, seed: int) -> dict[str, object]:
@@ -219,7 +223,7 @@ def run_small_gpt(setup: Setup, minutes: float, seed: int) -> dict[str, object]:
     min_lr_rate = recipe["min_learning_rate"] / recipe["learning_rate"]
     context, batch_size = recipe["n_positions"], recipe["batch_size"]
     generator = torch.Generator().manual_seed(seed)
-    budget, steps, progress = minutes * 60, 0, 0.0
+    budget, steps, progress, log = minutes * 60, 0, 0.0, []
     start = time.perf_counter()
     while progress < 1.0:
         rate = learning_rate_factor(steps, progress, recipe["warmup_steps"], "cosine", min_lr_rate)
@@ -231,15 +235,18 @@ def run_small_gpt(setup: Setup, minutes: float, seed: int) -> dict[str, object]:
             logits = model(windows[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["max_grad_norm"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["max_grad_norm"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1
+        if steps % 50 == 0:
+            log.append([steps, loss.item(), grad_norm.item()])
         progress = min(1.0, (time.perf_counter() - start) / budget)
     seconds = time.perf_counter() - start
     model.eval()
     nll, count = score_windows(model, setup.validation_ids, context, stride=context)  # non-overlapping windows
-    return result_row("small-gpt", model, setup, steps, steps * batch_size * context, seconds, nll / count)
+    row = result_row("small-gpt", model, setup, steps, steps * batch_size * context, seconds, nll / count)
+    return {**row, TRAINING_LOG: log}
 
 
 @torch.no_grad()
@@ -305,7 +312,7 @@ def main() -> None:
         for reference in [row for row in rows if row["model"] in GPT_VARIANTS] or rows[-1:]:
             for row in rows:
                 row["vs " + reference["model"]] = row["nats/char"] / reference["nats/char"]
-        columns = list(dict.fromkeys(column for row in rows for column in row if column != "sample"))
+        columns = list(dict.fromkeys(column for row in rows for column in row if column not in ("sample", TRAINING_LOG)))
         samples = "".join(f"\n## Sample: {row['model']}\n\n```\n{row['sample']}\n```\n" for row in rows)
         extra = {"budget minutes": minutes, "bf16": use_bf16(), "seed": args.seed, "gpt recipe": gpt_recipe,
                  "small-gpt recipe": SMALL_GPT_RECIPE, "lstm recipe changes": args.set}
