@@ -7,6 +7,7 @@ benchmarks.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import SIZED_OPTION, CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
@@ -286,6 +288,30 @@ def final_evaluation(trainer: LSTMTrainer, trained: bool) -> dict[str, float]:
     return trainer.evaluate()
 
 
+logger = logging.getLogger(__name__)
+
+
+class TrainingTextCheck(TrainerCallback, ExportableState):
+    """Keeps the size of the training data (`TrainingData.summary`: tokens and blocks) in every checkpoint
+    (`trainer_state.json`), and warns when a run resumes on data of another size: the steps done, and under stateful
+    BPTT the streams' positions, refer to the text the checkpoint was trained on."""
+
+    def __init__(self, training_data: dict[str, int]):
+        self.training_data = training_data
+
+    def state(self) -> dict:
+        return {"args": {"training_data": self.training_data}, "attributes": {}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__, {}).get("args", {}).get("training_data")
+        if saved and saved != self.training_data and state.is_world_process_zero:
+            then, now = (f"{data['train_tokens']:,} tokens in {data['train_blocks']:,} blocks"
+                         for data in (saved, self.training_data))
+            logger.warning(f"Resuming on other training data than the checkpoint's ({then} then, {now} now): its "
+                           "steps and stream positions refer to the old text. To train a finished model further on "
+                           "new text, start a new run from it (--model_name_or_path).")
+
+
 def train(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -312,8 +338,10 @@ def train(
     data = plan_evaluation(model, data, data_args, training_args)
     configure_generation(model, tokenizer)
 
+    summary = data.summary(tokenizer)
+    callbacks = [*(callbacks or []), TrainingTextCheck({key: summary[key] for key in ("train_tokens", "train_blocks")})]
     if training_args.weight_averaging_patience is not None:
-        callbacks = [*(callbacks or []), NonMonotonicAveraging(training_args.weight_averaging_patience)]
+        callbacks.append(NonMonotonicAveraging(training_args.weight_averaging_patience))
     trainer = LSTMTrainer(
         model=model,
         args=training_args,

@@ -229,6 +229,28 @@ def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path, stateful):
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=0, rtol=0)
 
 
+def test_resuming_on_other_training_text_warns(corpus, tmp_path, caplog):
+    def run(output, train_file, resume=None):
+        training_args = LSTMTrainingArguments(
+            output_dir=str(output), max_steps=4, save_steps=2, eval_strategy="no", bf16=False,
+            per_device_train_batch_size=8, load_best_model_at_end=False, resume_from_checkpoint=resume,
+            report_to="none", disable_tqdm=True,
+        )
+        model_args = ModelArguments(tokenizer_type="char", embedding_size=8, hidden_size=16)
+        train(model_args, DataArguments(train_file=[str(train_file)], block_size=32), training_args, do_eval=False)
+
+    run(tmp_path / "a", corpus / "train.txt")
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    with caplog.at_level("WARNING", logger="lm_lstm.training"):
+        run(tmp_path / "same", corpus / "train.txt", resume=str(checkpoint))
+        assert "Resuming on other training data" not in caplog.text
+        shorter = tmp_path / "shorter.txt"
+        shorter.write_text((corpus / "train.txt").read_text()[:30_000], encoding="utf-8")
+        run(tmp_path / "other", shorter, resume=str(checkpoint))
+    assert "Resuming on other training data than the checkpoint's (54,001 tokens in 1,688 blocks then, 27,001 tokens " \
+        "in 848 blocks now)" in caplog.text
+
+
 @pytest.mark.parametrize(
     "make_args, message",
     [
