@@ -174,7 +174,13 @@ def plan_evaluation(model, data: TrainingData, data_args: DataArguments,
     tokens = data.validation_tokens()
     if training_args.process_index != 0 or not (measure or tokens < available):
         return data
-    cut = f" (the first of {available:,}: --max_eval_tokens)" if tokens < available else ""
+    if tokens >= available:
+        cut = ""
+    elif cap:
+        cut = f" (the first of {available:,}: --max_eval_tokens)"
+    else:
+        cut = (f" (the first of {available:,}, to fit {EVALUATION_SHARE:.0%} of the time budget; --max_eval_tokens "
+               "sets it)")
     if not measure:
         print(f"Evaluation: {tokens:,} validation tokens{cut}.", flush=True)
         return data
@@ -307,9 +313,9 @@ class TrainingTextCheck(TrainerCallback, ExportableState):
         if saved and saved != self.training_data and state.is_world_process_zero:
             then, now = (f"{data['train_tokens']:,} tokens in {data['train_blocks']:,} blocks"
                          for data in (saved, self.training_data))
-            logger.warning(f"Resuming on other training data than the checkpoint's ({then} then, {now} now): its "
-                           "steps and stream positions refer to the old text. To train a finished model further on "
-                           "new text, start a new run from it (--model_name_or_path).")
+            logger.warning(f"Resuming on other training data, or other blocks of it, than the checkpoint's ({then} "
+                           f"then, {now} now): its steps and stream positions refer to the old blocks. To train a "
+                           "finished model further on new text, start a new run from it (--model_name_or_path).")
 
 
 def train(

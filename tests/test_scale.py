@@ -86,8 +86,8 @@ def test_carved_validation_is_cut_to_a_share_of_the_budget_and_evaluated_before_
                                                                                         capsys):
     args = arguments(tmp_path, max_time=200)  # 5% of 200 s at 100 tokens/s: 1,000 tokens
     planned = plan_evaluation(tiny_model(), data, DataArguments(), args)
-    assert "Evaluation: 1,000 validation tokens (the first of 2,001: --max_eval_tokens), about 10 s each at 100 " \
-        "tokens/s (measured); an evaluation before training." in capsys.readouterr().out
+    assert "Evaluation: 1,000 validation tokens (the first of 2,001, to fit 5% of the time budget; --max_eval_tokens " \
+        "sets it), about 10 s each at 100 tokens/s (measured); an evaluation before training." in capsys.readouterr().out
     assert measured == [(2, 20)]  # one batch of the evaluation streams
     assert data.validation_tokens() == 2001 and planned.validation_tokens() == 1000  # 50 whole blocks of 20
     assert planned.validation.target_ids() == data.validation.target_ids()[:1000]  # the first tokens
