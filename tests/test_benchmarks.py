@@ -1,5 +1,6 @@
 """Each benchmark runs end to end in its tiny --quick mode and writes its table (the numbers are not tests)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -8,8 +9,15 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-from common import limits_suffix  # noqa: E402  (step_kernels names its results after ONEDNN_MAX_CPU_ISA and the like)
+
+
+def limits_suffix() -> str:
+    """benchmarks/common.py's `limits_suffix` (step_kernels names its results after ONEDNN_MAX_CPU_ISA and the like),
+    loaded by path: benchmarks/ on sys.path would shadow the `onnx` package with benchmarks/onnx.py."""
+    spec = importlib.util.spec_from_file_location("benchmarks_common", BENCHMARKS / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    return common.limits_suffix()
 
 
 @pytest.mark.parametrize("name, stem, ratio", [
