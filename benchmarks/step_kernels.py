@@ -164,10 +164,10 @@ def main() -> None:
     columns = ["measure", "rows", "before ms (F.linear, lstm_cell)", "step_matmul ms", "speed-up"]
     write_results(args, "step_kernels" + suffix, rows, columns,
                   extra={"rounds": sizes["rounds"], "calls per round": sizes["repeats"], **conditions})
-    rows = generate_rows(GENERATE_QUICK if args.quick else GENERATE)
+    generate_sizes = GENERATE_QUICK if args.quick else GENERATE
+    rows = generate_rows(generate_sizes)
     write_results(args, "step_kernels_generate" + suffix, rows, list(rows[0]),
-                  extra={"rounds": (GENERATE_QUICK if args.quick else GENERATE)["rounds"], **conditions,
-                         "load average after": load_average()})
+                  extra={"rounds": generate_sizes["rounds"], **conditions, "load average after": load_average()})
 
 
 if __name__ == "__main__":

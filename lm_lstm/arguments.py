@@ -371,9 +371,10 @@ class LSTMTrainingArguments(TrainingArguments):
             self.dataloader_pin_memory = False  # nothing to pin for
         for name in ("eval_steps", "save_steps", "logging_steps"):
             # TrainingArguments takes an eval_steps of 0 as "as logging_steps" and a save_steps of 0 as given.
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
                 raise ValueError(f"--{name} must be positive (steps, or below 1 a fraction of the training steps), "
-                                 f"got {getattr(self, name):g}.")
+                                 f"got {value:g}.")
         super().__post_init__()
         check_output_dir(self)
         if not 0 <= self.label_smoothing_factor < 1:

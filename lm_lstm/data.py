@@ -554,6 +554,10 @@ class TrainingData:
         `evaluation_method`), for `RunSummary`."""
         raise NotImplementedError
 
+    def train_tokens(self) -> int:
+        """Tokens of the training data (what one epoch reads)."""
+        raise NotImplementedError
+
     def validation_tokens(self) -> int:
         """Tokens of the validation data (what one evaluation reads)."""
         raise NotImplementedError
@@ -576,7 +580,7 @@ class BlockData(TrainingData):
             "train_blocks": len(self.train),
             "eval_blocks": len(self.validation),
             "block_size": block_size,
-            "train_tokens": len(self.train) * block_size,
+            "train_tokens": self.train_tokens(),
             "eval_tokens": len(self.validation) * block_size,
             "scored_tokens": len(self.validation) * (block_size - 1),
             "validation_bytes": max(1, sum(self.validation["scored_bytes"])),
@@ -584,6 +588,9 @@ class BlockData(TrainingData):
             "its first token is not scored)",
             "bptt": "truncated at each block (every block starts from a zero state)",
         }
+
+    def train_tokens(self) -> int:
+        return len(self.train) * self.block_size
 
     def validation_tokens(self) -> int:
         return len(self.validation) * self.block_size

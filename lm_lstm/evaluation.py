@@ -61,6 +61,12 @@ class Score:
         return bits_per_byte(self.nll, self.bytes)
 
 
+def _first_line(error: Exception) -> str:
+    """The first line of an error's message (its type's name if it has none), to quote in one of ours."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
+
+
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """Loads a saved model in evaluation mode and its tokenizer as `load_tokenizer` does.
 
@@ -77,13 +83,12 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | None = None
     except OSError as error:
         if Path(name_or_path).expanduser().exists():
             raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OSError(f"{name_or_path}: no such folder here, and not loadable as a Hub name ({reason})") from error
+        raise OSError(f"{name_or_path}: no such folder here, and not loadable as a Hub name ({_first_line(error)})"
+                      ) from error
     try:
         tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     except ValueError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{name_or_path}: its tokenizer cannot be loaded ({reason}).") from error
+        raise ValueError(f"{name_or_path}: its tokenizer cannot be loaded ({_first_line(error)}).") from error
     return model.eval(), tokenizer
 
 

@@ -241,7 +241,7 @@ class StreamData(TrainingData):
             "train_blocks": len(self.train),
             "eval_blocks": len(self.validation),
             "block_size": self.block_size,
-            "train_tokens": self.train.num_targets,
+            "train_tokens": self.train_tokens(),
             "eval_tokens": self.validation_tokens(),
             "scored_tokens": self.validation_tokens(),
             "validation_bytes": max(1, num_bytes),
@@ -250,6 +250,9 @@ class StreamData(TrainingData):
             "bptt": f"stateful: {self.train.total_streams} streams, the state carried from batch to batch (reset at "
             "document starts)",
         }
+
+    def train_tokens(self) -> int:
+        return self.train.num_targets
 
     def validation_tokens(self) -> int:
         return self.validation.num_targets

@@ -152,7 +152,8 @@ def plan_evaluation(model, data: TrainingData, data_args: DataArguments,
     - without `--eval_on_start`, the evaluation before training is made only when one evaluation is expected to
       take at most that share.
 
-    The main process prints what it decided when it measured. Without a time budget nothing is measured and nothing is cut by default.
+    The main process prints what it decided when it measured or cut. Without a time budget nothing is measured and
+    nothing is cut by default.
     """
     budget, cap = training_args.max_time, data_args.max_eval_tokens
     available = data.validation_tokens()
@@ -172,22 +173,15 @@ def plan_evaluation(model, data: TrainingData, data_args: DataArguments,
         if training_args.eval_on_start is None:
             training_args.eval_on_start = seconds <= allowed
     tokens = data.validation_tokens()
-    if training_args.process_index != 0 or not (measure or tokens < available):
-        return data
-    if tokens >= available:
-        cut = ""
-    elif cap:
-        cut = f" (the first of {available:,}: --max_eval_tokens)"
-    else:
-        cut = (f" (the first of {available:,}, to fit {EVALUATION_SHARE:.0%} of the time budget; --max_eval_tokens "
-               "sets it)")
-    if not measure:
-        print(f"Evaluation: {tokens:,} validation tokens{cut}.", flush=True)
-        return data
-    start = "an evaluation before training" if training_args.eval_on_start else (
-        f"no evaluation before training (more than {EVALUATION_SHARE:.0%} of the time budget; --eval_on_start makes one)")
-    print(f"Evaluation: {tokens:,} validation tokens{cut}, about {seconds:.0f} s each at {speed:,.0f} tokens/s "
-          f"(measured); {start}.", flush=True)
+    if training_args.process_index == 0 and (measure or tokens < available):
+        cut = "" if tokens >= available else f" (the first of {available:,}" + (
+            ": --max_eval_tokens)" if cap else
+            f", to fit {EVALUATION_SHARE:.0%} of the time budget; --max_eval_tokens sets it)")
+        timing = "" if not measure else f", about {seconds:.0f} s each at {speed:,.0f} tokens/s (measured); " + (
+            "an evaluation before training" if training_args.eval_on_start else
+            f"no evaluation before training (more than {EVALUATION_SHARE:.0%} of the time budget; --eval_on_start "
+            "makes one)")
+        print(f"Evaluation: {tokens:,} validation tokens{cut}{timing}.", flush=True)
     return data
 
 
@@ -298,7 +292,7 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingTextCheck(TrainerCallback, ExportableState):
-    """Keeps the size of the training data (`TrainingData.summary`: tokens and blocks) in every checkpoint
+    """Keeps the size of the training data (`TrainingData.train_tokens` and its blocks) in every checkpoint
     (`trainer_state.json`), and warns when a run resumes on data of another size: the steps done, and under stateful
     BPTT the streams' positions, refer to the text the checkpoint was trained on."""
 
@@ -344,8 +338,8 @@ def train(
     data = plan_evaluation(model, data, data_args, training_args)
     configure_generation(model, tokenizer)
 
-    summary = data.summary(tokenizer)
-    callbacks = [*(callbacks or []), TrainingTextCheck({key: summary[key] for key in ("train_tokens", "train_blocks")})]
+    callbacks = [*(callbacks or []),
+                 TrainingTextCheck({"train_tokens": data.train_tokens(), "train_blocks": len(data.train)})]
     if training_args.weight_averaging_patience is not None:
         callbacks.append(NonMonotonicAveraging(training_args.weight_averaging_patience))
     trainer = LSTMTrainer(
