@@ -375,6 +375,7 @@ class LSTMTrainingArguments(TrainingArguments):
             if value is not None and not value > 0:
                 raise ValueError(f"--{name} must be positive (steps, or below 1 a fraction of the training steps), "
                                  f"got {value:g}.")
+        check_best_model_steps(self)
         super().__post_init__()
         check_output_dir(self)
         if not 0 <= self.label_smoothing_factor < 1:
@@ -384,6 +385,19 @@ class LSTMTrainingArguments(TrainingArguments):
             check_stateful_arguments(self)
         if self.weight_averaging_patience is not None:
             NonMonotonicAveraging(self.weight_averaging_patience)  # checks the value before any work
+
+
+def check_best_model_steps(args: LSTMTrainingArguments) -> None:
+    """Raises `ValueError` naming both options when `--load_best_model_at_end` cannot hold: it needs a checkpoint at
+    every evaluation, so `--save_steps` a multiple of `--eval_steps` (TrainingArguments' own message names neither
+    fix)."""
+    if not (args.load_best_model_at_end and args.eval_strategy == "steps" and args.save_strategy == "steps"):
+        return
+    eval_steps = args.eval_steps if args.eval_steps is not None else args.logging_steps  # as TrainingArguments does
+    if eval_steps >= 1 and args.save_steps >= 1 and args.save_steps % eval_steps:
+        raise ValueError(f"--save_steps {args.save_steps:g} is not a multiple of --eval_steps {eval_steps:g}, which "
+                         f"--load_best_model_at_end needs (on by default): give --eval_steps {args.save_steps:g} too, "
+                         "or --load_best_model_at_end False.")
 
 
 def check_output_dir(args: LSTMTrainingArguments) -> None:

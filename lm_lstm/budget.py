@@ -18,12 +18,14 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
-from transformers import ProgressCallback, TrainerCallback, TrainingArguments
+from transformers import ProgressCallback, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
@@ -219,6 +221,22 @@ class TimeBudget(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.paused_at = None  # what follows training is not a pause between steps
+
+
+def check_limits_left(checkpoint: str | Path, args: TrainingArguments) -> None:
+    """Raises `ValueError` when the run of `checkpoint` already reached `args.max_steps` or spent `args.max_time`
+    (the `TimeBudget` stopping rule on its saved state): `Trainer` would still train one more step from it, at the
+    schedule's end."""
+    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+    if 0 < args.max_steps != NO_STEP_LIMIT and state.global_step >= args.max_steps:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: its run already reached --max_steps "
+                         f"{args.max_steps} (step {state.global_step}); give a larger --max_steps to train further.")
+    seconds = budget_seconds(args)
+    saved = state.stateful_callbacks.get(TimeBudget.__name__, {}).get("attributes", {})
+    if seconds is not None and saved.get("elapsed_before", 0.0) + 2 * saved.get("longest_pause", 0.0) >= seconds:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: its run already spent --max_time "
+                         f"{format_duration(seconds)} ({saved['elapsed_before']:.0f} s trained, and the time its final "
+                         "evaluation and save take); give a longer --max_time to train further.")
 
 
 class OpenEndedProgressCallback(ProgressCallback):

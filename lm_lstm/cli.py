@@ -152,6 +152,9 @@ def evaluate_command(argv: list[str]) -> int:
     print(f"context         {args.context} (block_size {args.block_size})")
     print(f"unit            {unit}" + (" (each line end, <eos>, counts as a word)" if unit == "word" else ""))
     print(f"{unit + 's scored':<15} {score.tokens}")
+    if score.left_out:
+        print(f"{unit + 's left out':<15} {score.left_out} (tokens that do not fill a block of {args.block_size}, "
+              "left out as in training)")
     print(f"{'loss (nats/' + unit + ')':<15} {score.loss:.6f}")
     print(f"perplexity      {score.perplexity:.4f}")
     print(f"bits per byte   {score.bits_per_byte:.4f}")

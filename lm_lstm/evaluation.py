@@ -41,11 +41,13 @@ def perplexity(loss: float) -> float:
 
 @dataclass
 class Score:
-    """Summed negative log-likelihood (nats) of `tokens` predicted tokens spanning `bytes` bytes of text."""
+    """Summed negative log-likelihood (nats) of `tokens` predicted tokens spanning `bytes` bytes of text;
+    `left_out` tokens of the text were not in any block (the 'blocks' context cuts as training does)."""
 
     nll: float
     tokens: int
     bytes: int
+    left_out: int = 0
 
     @property
     def loss(self) -> float:
@@ -218,7 +220,9 @@ def evaluate_file(
     batches = tqdm(blocks.iter(batch_size=batch_size), total=math.ceil(len(blocks) / batch_size), desc="Scoring",
                    unit="batch", disable=not progress)
     nll, count = score_blocks(model, (batch["input_ids"] for batch in batches))
-    return Score(nll=nll, tokens=count, bytes=max(1, pc.sum(blocks.with_format("arrow")["scored_bytes"]).as_py()))
+    total = pc.sum(pc.list_value_length(pieces.with_format("arrow")["input_ids"])).as_py()
+    return Score(nll=nll, tokens=count, bytes=max(1, pc.sum(blocks.with_format("arrow")["scored_bytes"]).as_py()),
+                 left_out=total - len(blocks) * block_size)
 
 
 @torch.no_grad()

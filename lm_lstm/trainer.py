@@ -7,9 +7,10 @@ from pathlib import Path
 
 from transformers import ProgressCallback, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
 from .averaging import NonMonotonicAveraging
-from .budget import OpenEndedProgressCallback, TimeBudget, budget_seconds
+from .budget import OpenEndedProgressCallback, TimeBudget, budget_seconds, check_limits_left
 from .evaluation import perplexity
 from .hub import push_folder
 from .streams import STREAM_COLUMNS, StatefulBPTT
@@ -53,6 +54,16 @@ class LSTMTrainer(Trainer):
         if budget is not None and budget.stopped_training:
             return "time"
         return "steps" if self.state.global_step >= self.state.max_steps else "epochs"
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; raises `ValueError` when the checkpoint to resume from has no step or time left
+        (`check_limits_left`)."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True and Path(self.args.output_dir).is_dir():
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, Path)):
+            check_limits_left(checkpoint, self.args)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Trainer's schedule, or with a time budget the same kind of schedule over the training time."""

@@ -179,6 +179,29 @@ def test_resumed_run_trains_for_the_budget_it_had_left(corpus, tmp_path):
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=0, rtol=0)
 
 
+def test_a_finished_run_is_not_resumed_by_one_more_step(corpus, tmp_path):
+    """Trainer would train one more step from the last checkpoint of a finished run, at the schedule's end: the
+    resumed run asks for a larger limit instead, and trains on to it when given one."""
+    steps = dict(save_strategy="steps", save_steps=3, save_total_limit=None)
+    run_train(corpus, tmp_path / "a", [], max_steps=6, **steps)
+    with pytest.raises(ValueError, match=r"checkpoint-6: its run already reached --max_steps 6 \(step 6\); give a "):
+        run_train(corpus, tmp_path / "b", [], max_steps=6, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    run_train(corpus, tmp_path / "a", [], max_steps=8, resume_from_checkpoint=True, **steps)  # its last checkpoint
+    assert json.loads((tmp_path / "a" / "trainer_state.json").read_text())["global_step"] == 8
+
+    # the time budget: 12 s at 1 s a step ends at step 12, with a checkpoint there
+    run_train(corpus, tmp_path / "c", budget_callbacks(StepClock()), max_time=12, save_strategy="steps",
+              save_steps=5, save_total_limit=None)
+    with pytest.raises(ValueError, match=r"checkpoint-12: its run already spent --max_time 12 s \(12 s trained"):
+        run_train(corpus, tmp_path / "d", budget_callbacks(StepClock()), max_time=12,
+                  resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-12"))
+    clock = StepClock(now=100.0)
+    run_train(corpus, tmp_path / "d", budget_callbacks(clock), max_time=15,
+              resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-12"))
+    assert json.loads((tmp_path / "d" / "trainer_state.json").read_text())["global_step"] == 15 and clock.now == 103.0
+
+
 DDP_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {tests!r})

@@ -53,6 +53,7 @@ def test_blocks_context_scores_independent_blocks(saved_model):
     with torch.no_grad():
         expected = model(blocks, labels=blocks).loss.item()
     assert score.tokens == blocks.shape[0] * 49 and score.loss == pytest.approx(expected, rel=1e-5)
+    assert score.left_out == len(ids) % 50 > 0
     with pytest.raises(ValueError, match="context"):
         evaluate_file(model, tokenizer, saved_model / "text.txt", context="sliding")
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lm_lstm
 from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments
+from lm_lstm.evaluation import evaluate_file, load_model_and_tokenizer
 from lm_lstm.training import train
 
 TINY_MODEL = ["--embedding_size", "24", "--hidden_size", "48", "--num_hidden_layers", "2"]
@@ -130,6 +131,9 @@ def test_evaluate_command_agrees_with_trainer(trained, corpus):
     assert result.returncode == 0, result.stderr[-2000:]
     reported = dict(line.rsplit(None, 1) for line in result.stdout.splitlines() if line.startswith("perplexity"))
     assert float(reported["perplexity"]) == pytest.approx(math.exp(eval_loss), rel=1e-4)
+    model, tokenizer = load_model_and_tokenizer(str(output))
+    score = evaluate_file(model, tokenizer, corpus / "validation.txt", block_size=BLOCK, context="blocks")
+    assert score.left_out > 0 and f"tokens left out {score.left_out} (" in result.stdout
 
 
 def test_generate_command_streams_text(trained):
@@ -333,6 +337,12 @@ def test_options_that_would_lose_work_or_be_ignored_are_refused(tmp_path):
     for name in ("eval_steps", "save_steps", "logging_steps"):  # 0 would quietly mean another interval, or none
         with pytest.raises(ValueError, match=f"--{name} must be positive"):
             LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", **{name: 0})
+    # the best model needs a checkpoint at each evaluation: the message names the option to change
+    with pytest.raises(ValueError, match=r"--save_steps 3 is not a multiple of --eval_steps 250, .*give --eval_steps 3"):
+        LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", save_steps=3)
+    assert LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", save_steps=3,
+                                 load_best_model_at_end=False).save_steps == 3
+    assert LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", save_steps=500).save_steps == 500
 
 
 @pytest.mark.parametrize("options, message", [
