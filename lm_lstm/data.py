@@ -8,8 +8,8 @@ step is a `Dataset.map`, so the `datasets` cache lets a second run skip the work
 Nothing here holds the whole text or its tokens in memory: a `.txt` file is read in chunks and cut into pieces as it
 is read (`load_text_datasets`, which also carves the validation text by character position while reading), the
 pieces and their tokens are Arrow datasets, memory-mapped from the `datasets` cache, and each map works on a bounded
-batch of pieces (`TOKENIZE_BATCH_PIECES`). A single line longer than a piece stays whole, so a file without line ends
-is one piece.
+batch of pieces (`TOKENIZE_BATCH_PIECES`). Pieces end at line ends; a line longer than `LONG_LINE_PIECES` pieces is
+cut before a space, so a file without line ends is read in bounded memory too (`cut_pieces`).
 
 Every document ends with exactly one EOS. With a word-level tokenizer, whose EOS `<eos>` is also the line end
 (`eos_ends_lines`), a document whose text ends with a line end already ends with it, and gets no second one; a
@@ -47,6 +47,7 @@ from .tokenization import document_start_id
 DEFAULT_CORPUS = Path(__file__).with_name("corpus") / "tiny_shakespeare.txt"
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PIECE_CHARS = 1 << 16  # documents are tokenised in pieces of about this many characters
+LONG_LINE_PIECES = 16  # a line longer than this many pieces is cut at a space (`cut_pieces`)
 TOKENIZE_BATCH_PIECES = 32  # pieces per tokenisation batch: about 2 MB of text, whatever the corpus size
 _SNIFF_BYTES = 1 << 20
 
@@ -161,7 +162,10 @@ def read_text(path: str | Path, start: int = 0, stop: int | None = None) -> Iter
 
 def cut_pieces(chunks: Iterable[str]) -> Iterator[str]:
     """Cuts a text, given in chunks, into the pieces it is tokenised in: each runs to the first line end at least
-    `PIECE_CHARS` characters after its start (the last, to the end of the text)."""
+    `PIECE_CHARS` characters after its start (the last, to the end of the text). A line longer than
+    `LONG_LINE_PIECES` pieces is cut before its last space within that length (or at that length, if it has none),
+    so that a file of one long line is read and tokenised in bounded memory too: a space starts a token in every
+    tokenizer here (characters, words, byte-level BPE), so the pieces' tokens are those of the whole line."""
     parts: list[str] = []  # the text of the piece being read
     length = 0
     for chunk in chunks:
@@ -172,6 +176,15 @@ def cut_pieces(chunks: Iterable[str]) -> Iterator[str]:
         if chunk:
             parts.append(chunk)
             length += len(chunk)
+        longest = LONG_LINE_PIECES * PIECE_CHARS
+        if length > longest:
+            text = "".join(parts)
+            while len(text) > longest:
+                cut = text.rfind(" ", PIECE_CHARS, longest)
+                cut = longest if cut == -1 else cut
+                yield text[:cut]
+                text = text[cut:]
+            parts, length = [text], len(text)
     if parts:
         yield "".join(parts)
 
@@ -216,7 +229,7 @@ def _pieces_of_files(spans: list[tuple[str, int, int | None]]) -> Dataset:
     stamps = [(str(Path(path).resolve()), digests[path], start, stop) for path, start, stop in spans]
     return Dataset.from_generator(
         _file_pieces, features=PIECE_FEATURES, gen_kwargs={"spans": spans},
-        fingerprint=Hasher.hash(["lm-lstm text pieces", PIECE_CHARS, stamps]), writer_batch_size=TOKENIZE_BATCH_PIECES,
+        fingerprint=Hasher.hash(["lm-lstm text pieces", PIECE_CHARS, LONG_LINE_PIECES, stamps]), writer_batch_size=TOKENIZE_BATCH_PIECES,
     )
 
 
@@ -330,7 +343,7 @@ DEFAULT_TOKENIZER_TRAIN_BYTES = 100_000_000
 def tokenizer_training_texts(pieces: Dataset, max_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES) -> Iterator[str]:
     """The text a new tokenizer is trained on, in the pieces of the training text (`text`, `ends_document`) that it
     will tokenise: all of them when they hold at most `max_bytes` bytes of UTF-8; else a sample of about `max_bytes`
-    bytes spread evenly over the text, every k-th piece (pieces are about `PIECE_CHARS` characters, cut at line ends).
+    bytes spread evenly over the text, every k-th piece (pieces are about `PIECE_CHARS` characters, cut at line ends or, in long lines, spaces).
 
     Pieces, not whole documents: `tokenizers` pre-tokenises each text whole, which for one 20 MB document took 2 GB.
     A character or word vocabulary is the same either way; byte-level BPE counts can differ where a piece ends.

@@ -10,7 +10,7 @@ from datasets import Dataset, DatasetDict
 
 import lm_lstm.data
 from lm_lstm.data import (
-    DataError, DataSource, carve_validation, check_text_file, collate_blocks, load_documents, load_text_datasets, tokenize_dataset, tokenize_documents,
+    DataError, DataSource, carve_validation, check_text_file, collate_blocks, load_documents, load_pieces, load_text_datasets, tokenize_dataset, tokenize_documents,
 )
 from lm_lstm.streams import StreamBlocks, build_stream_data
 from lm_lstm.tokenization import document_start_id, train_char_tokenizer, train_tokenizer
@@ -177,6 +177,29 @@ def test_a_word_level_document_in_several_pieces_is_one_document_in_the_streams(
     summary = data.summary(tokenizer)
     assert summary["eval_tokens"] == len(tokenizer(text)["input_ids"]) + 2  # é is <unk>, then its <eos>
     assert summary["validation_bytes"] == len(text) + 2
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "word"])
+def test_a_file_of_one_long_line_is_cut_at_spaces_into_bounded_pieces(tmp_path, monkeypatch, kind):
+    """A line longer than `LONG_LINE_PIECES` pieces is cut before a space (or, with none in reach, at the limit): the
+    pieces stay bounded, their tokens are the whole line's, and their bytes the file's."""
+    monkeypatch.setattr(lm_lstm.data, "PIECE_CHARS", 10)
+    monkeypatch.setattr(lm_lstm.data, "LONG_LINE_PIECES", 3)
+    monkeypatch.setattr(lm_lstm.data, "_SNIFF_BYTES", 7)  # read in chunks shorter than a piece
+    text = "the cat sat  on the mat, said the dog " * 8 + "\nthe end\n"
+    (tmp_path / "one-line.txt").write_text(text)
+    pieces = load_pieces([str(tmp_path / "one-line.txt")])
+    texts = list(pieces["text"])
+    assert "".join(texts) == text and len(texts) >= 10
+    assert max(len(t) for t in texts if not t.endswith("\n")) <= 30 and max(map(len, texts)) <= 30 + 7  # + a chunk
+    assert all(b.startswith(" ") for a, b in zip(texts, texts[1:]) if not a.endswith("\n"))
+    tokenizer = train_tokenizer([text], kind=kind, vocab_size=300 if kind == "bpe" else 20)
+    tokens = tokenize_documents(pieces, tokenizer)
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert sum(tokens["input_ids"], []) == whole + ([] if whole[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id])
+    assert sum(map(sum, tokens["token_bytes"])) == len(text.encode())
+    (tmp_path / "no-space.txt").write_text("x" * 70)
+    assert list(load_pieces([str(tmp_path / "no-space.txt")])["text"]) == ["x" * 30, "x" * 30, "x" * 10]
 
 
 def split_into_pieces_before(batch):
