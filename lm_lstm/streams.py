@@ -44,7 +44,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase, TrainingArgument
 from transformers.trainer_utils import EvalLoopOutput
 
 from .configuration_lstm import LSTMConfig
-from .data import DataError, TokenDocuments, TrainingData, check_block_size, tokenize_documents
+from .data import DataError, TokenDocuments, TrainingData, check_block_size, token_digest, tokenize_documents
 from .modeling_lstm import CELL_STATE, HIDDEN_STATE
 from .tokenization import document_start_id
 
@@ -253,6 +253,10 @@ class StreamData(TrainingData):
 
     def train_tokens(self) -> int:
         return self.train.num_targets
+
+    def train_digest(self) -> str:
+        documents = self.train.documents
+        return token_digest([np.array([self.block_size]), documents.starts, *documents.ids.parts])
 
     def validation_tokens(self) -> int:
         return self.validation.num_targets

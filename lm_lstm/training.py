@@ -292,24 +292,27 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingTextCheck(TrainerCallback, ExportableState):
-    """Keeps the size of the training data (`TrainingData.train_tokens` and its blocks) in every checkpoint
-    (`trainer_state.json`), and warns when a run resumes on data of another size: the steps done, and under stateful
-    BPTT the streams' positions, refer to the text the checkpoint was trained on."""
+    """Keeps the size and digest of the training data (`TrainingData.train_tokens`, its blocks and
+    `TrainingData.train_digest`) in every checkpoint (`trainer_state.json`), and warns when a run resumes on other
+    data: the steps done, and under stateful BPTT the streams' positions, refer to the text the checkpoint was
+    trained on."""
 
-    def __init__(self, training_data: dict[str, int]):
+    def __init__(self, training_data: dict[str, int | str]):
         self.training_data = training_data
 
     def state(self) -> dict:
         return {"args": {"training_data": self.training_data}, "attributes": {}}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = state.stateful_callbacks.get(type(self).__name__, {}).get("args", {}).get("training_data")
-        if saved and saved != self.training_data and state.is_world_process_zero:
-            then, now = (f"{data['train_tokens']:,} tokens in {data['train_blocks']:,} blocks"
-                         for data in (saved, self.training_data))
-            logger.warning(f"Resuming on other training data, or other blocks of it, than the checkpoint's ({then} "
-                           f"then, {now} now): its steps and stream positions refer to the old blocks. To train a "
-                           "finished model further on new text, start a new run from it (--model_name_or_path).")
+        saved = state.stateful_callbacks.get(type(self).__name__, {}).get("args", {}).get("training_data") or {}
+        now = self.training_data
+        if not state.is_world_process_zero or all(saved[key] == now[key] for key in saved.keys() & now.keys()):
+            return  # a checkpoint from before the digest was kept compares the sizes only
+        sizes = [f"{data['train_tokens']:,} tokens in {data['train_blocks']:,} blocks" for data in (saved, now)]
+        change = f"{sizes[0]} then, {sizes[1]} now" if sizes[0] != sizes[1] else f"{sizes[1]}, but other tokens"
+        logger.warning(f"Resuming on other training data, or other blocks of it, than the checkpoint's ({change}): "
+                       "its steps and stream positions refer to the old blocks. To train a finished model further on "
+                       "new text, start a new run from it (--model_name_or_path).")
 
 
 def train(
@@ -339,7 +342,8 @@ def train(
     configure_generation(model, tokenizer)
 
     callbacks = [*(callbacks or []),
-                 TrainingTextCheck({"train_tokens": data.train_tokens(), "train_blocks": len(data.train)})]
+                 TrainingTextCheck({"train_tokens": data.train_tokens(), "train_blocks": len(data.train),
+                                    "train_digest": data.train_digest()})]
     if training_args.weight_averaging_patience is not None:
         callbacks.append(NonMonotonicAveraging(training_args.weight_averaging_patience))
     trainer = LSTMTrainer(

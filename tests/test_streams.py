@@ -9,7 +9,9 @@ from datasets import Dataset, DatasetDict
 
 import lm_lstm.data
 import lm_lstm.streams
-from lm_lstm.data import TOKEN_FEATURES, BlockData, DataError, TokenDocuments, group_blocks, tokenize_documents
+from lm_lstm.data import (
+    TOKEN_FEATURES, BlockData, DataError, TokenDocuments, build_block_data, group_blocks, token_digest, tokenize_documents,
+)
 from lm_lstm.streams import (
     StatefulBPTT,
     StreamBlocks,
@@ -127,6 +129,23 @@ def test_the_carried_state_is_detached_and_kept_per_split():
     assert state.abs().sum() > 0 and not state.requires_grad  # the gradient stops at the batch boundary
     evaluation = carrier.model_inputs("eval", {"input_ids": ids, "reset": torch.tensor([False])})
     assert not evaluation["cache"].layers or not evaluation["cache"].layers[0].is_recurrent_states_initialized[0]
+
+
+def test_training_data_digests_tell_the_same_tokens_from_others():
+    """The digest a resumed run compares: the same for the same text however it is laid out in memory, another for
+    the same characters in another order, another block size or another layout."""
+    def digests(texts: list[str], block_size: int = 4) -> tuple[str, str]:
+        raw = DatasetDict(train=Dataset.from_dict({"text": texts}), validation=Dataset.from_dict({"text": texts}))
+        return (build_block_data(raw, tokenizer, block_size).train_digest(),
+                build_stream_data(raw, tokenizer, block_size, train_streams=2, eval_streams=1).train_digest())
+
+    tokenizer = train_char_tokenizer(["abcdefgh"])
+    blocks, streams = digests(["abcdefgh", "hgfedcba"])
+    assert len({blocks, streams}) == 2  # the layouts read the tokens differently
+    assert digests(["abcdefgh", "hgfedcba"]) == (blocks, streams)
+    assert len({blocks, streams, *digests(["abcdefgh", "hgfeecba"]), *digests(["hgfedcba", "abcdefgh"]),
+                *digests(["abcdefgh", "hgfedcba"], block_size=3)}) == 8
+    assert token_digest([np.arange(5, dtype=np.int32)]) == token_digest([np.arange(2), np.arange(2, 5)])
 
 
 def test_block_data_summary_counts_scored_tokens_and_their_bytes():

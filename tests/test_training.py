@@ -251,8 +251,14 @@ def test_resuming_on_other_training_text_warns(corpus, tmp_path, caplog):
         shorter = tmp_path / "shorter.txt"
         shorter.write_text((corpus / "train.txt").read_text()[:30_000], encoding="utf-8")
         run(tmp_path / "other", shorter, resume=str(checkpoint))
-    assert "Resuming on other training data, or other blocks of it, than the checkpoint's (54,001 tokens in 1,688 " \
-        "blocks then, 27,001 tokens in 848 blocks now)" in caplog.text
+        assert "Resuming on other training data, or other blocks of it, than the checkpoint's (54,001 tokens in " \
+            "1,688 blocks then, 27,001 tokens in 848 blocks now)" in caplog.text
+        caplog.clear()
+        text = (corpus / "train.txt").read_text()
+        swapped = tmp_path / "swapped.txt"  # the same characters, as many, in another order
+        swapped.write_text(text[len(text) // 2 :] + text[: len(text) // 2], encoding="utf-8")
+        run(tmp_path / "swapped", swapped, resume=str(checkpoint))
+    assert "than the checkpoint's (54,001 tokens in 1,688 blocks, but other tokens)" in caplog.text
 
 
 @pytest.mark.parametrize(
