@@ -396,8 +396,9 @@ def check_best_model_steps(args: LSTMTrainingArguments) -> None:
     eval_steps = args.eval_steps if args.eval_steps is not None else args.logging_steps  # as TrainingArguments does
     if eval_steps >= 1 and args.save_steps >= 1 and args.save_steps % eval_steps:
         raise ValueError(f"--save_steps {args.save_steps:g} is not a multiple of --eval_steps {eval_steps:g}, which "
-                         f"--load_best_model_at_end needs (on by default): give --eval_steps {args.save_steps:g} too, "
-                         "or --load_best_model_at_end False.")
+                         "--load_best_model_at_end (on by default) needs: change one (--eval_steps "
+                         f"{args.save_steps:g} or --save_steps {eval_steps:g}, say), or give --load_best_model_at_end "
+                         "False.")
 
 
 def check_output_dir(args: LSTMTrainingArguments) -> None:
