@@ -229,7 +229,8 @@ def _pieces_of_files(spans: list[tuple[str, int, int | None]]) -> Dataset:
     stamps = [(str(Path(path).resolve()), digests[path], start, stop) for path, start, stop in spans]
     return Dataset.from_generator(
         _file_pieces, features=PIECE_FEATURES, gen_kwargs={"spans": spans},
-        fingerprint=Hasher.hash(["lm-lstm text pieces", PIECE_CHARS, LONG_LINE_PIECES, stamps]), writer_batch_size=TOKENIZE_BATCH_PIECES,
+        fingerprint=Hasher.hash(["lm-lstm text pieces", PIECE_CHARS, LONG_LINE_PIECES, stamps]),
+        writer_batch_size=TOKENIZE_BATCH_PIECES,
     )
 
 
@@ -343,7 +344,8 @@ DEFAULT_TOKENIZER_TRAIN_BYTES = 100_000_000
 def tokenizer_training_texts(pieces: Dataset, max_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES) -> Iterator[str]:
     """The text a new tokenizer is trained on, in the pieces of the training text (`text`, `ends_document`) that it
     will tokenise: all of them when they hold at most `max_bytes` bytes of UTF-8; else a sample of about `max_bytes`
-    bytes spread evenly over the text, every k-th piece (pieces are about `PIECE_CHARS` characters, cut at line ends or, in long lines, spaces).
+    bytes spread evenly over the text, every k-th piece (pieces are about `PIECE_CHARS` characters, cut at line ends,
+    or at spaces in long lines).
 
     Pieces, not whole documents: `tokenizers` pre-tokenises each text whole, which for one 20 MB document took 2 GB.
     A character or word vocabulary is the same either way; byte-level BPE counts can differ where a piece ends.

@@ -10,7 +10,8 @@ from datasets import Dataset, DatasetDict
 
 import lm_lstm.data
 from lm_lstm.data import (
-    DataError, DataSource, carve_validation, check_text_file, collate_blocks, load_documents, load_pieces, load_text_datasets, tokenize_dataset, tokenize_documents,
+    DataError, DataSource, carve_validation, check_text_file, collate_blocks, load_documents, load_pieces,
+    load_text_datasets, tokenize_dataset, tokenize_documents,
 )
 from lm_lstm.streams import StreamBlocks, build_stream_data
 from lm_lstm.tokenization import document_start_id, train_char_tokenizer, train_tokenizer
@@ -196,7 +197,8 @@ def test_a_file_of_one_long_line_is_cut_at_spaces_into_bounded_pieces(tmp_path, 
     tokenizer = train_tokenizer([text], kind=kind, vocab_size=300 if kind == "bpe" else 20)
     tokens = tokenize_documents(pieces, tokenizer)
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert sum(tokens["input_ids"], []) == whole + ([] if whole[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id])
+    ends = [] if whole[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]  # a word tokenizer's line end
+    assert sum(tokens["input_ids"], []) == whole + ends
     assert sum(map(sum, tokens["token_bytes"])) == len(text.encode())
     (tmp_path / "no-space.txt").write_text("x" * 70)
     assert list(load_pieces([str(tmp_path / "no-space.txt")])["text"]) == ["x" * 30, "x" * 30, "x" * 10]

@@ -10,7 +10,8 @@ from datasets import Dataset, DatasetDict
 import lm_lstm.data
 import lm_lstm.streams
 from lm_lstm.data import (
-    TOKEN_FEATURES, BlockData, DataError, TokenDocuments, build_block_data, group_blocks, token_digest, tokenize_documents,
+    TOKEN_FEATURES, BlockData, DataError, TokenDocuments, build_block_data, group_blocks, token_digest,
+    tokenize_documents,
 )
 from lm_lstm.streams import (
     StatefulBPTT,

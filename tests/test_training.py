@@ -344,7 +344,8 @@ def test_options_that_would_lose_work_or_be_ignored_are_refused(tmp_path):
         with pytest.raises(ValueError, match=f"--{name} must be positive"):
             LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", **{name: 0})
     # the best model needs a checkpoint at each evaluation: the message names the option to change
-    with pytest.raises(ValueError, match=r"--save_steps 3 is not a multiple of --eval_steps 250, .*\(--eval_steps 3 or --save_steps 250, say\)"):
+    message = r"--save_steps 3 is not a multiple of --eval_steps 250, .*\(--eval_steps 3 or --save_steps 250, say\)"
+    with pytest.raises(ValueError, match=message):
         LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", save_steps=3)
     assert LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", save_steps=3,
                                  load_best_model_at_end=False).save_steps == 3
