@@ -120,7 +120,12 @@ def recipe_overrides(assignments: list[str]) -> dict[str, dict[str, object]]:
         if group is None or not value:
             raise SystemExit(f"--set {assignment!r}: expected NAME=VALUE with NAME an argument of `lm-lstm train`.")
         default = groups[group].__dataclass_fields__[name].default
-        overrides[group][name] = value.lower() == "true" if isinstance(default, bool) else type(default)(value)
+        if isinstance(default, bool):
+            overrides[group][name] = value.lower() == "true"
+        elif default is None:  # an option sized or decided later (--hidden_size, --max_time): a number
+            overrides[group][name] = float(value) if "." in value else int(value)
+        else:
+            overrides[group][name] = type(default)(value)
     return overrides
 
 
