@@ -353,6 +353,8 @@ class LSTMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() == "true":
+            self.resume_from_checkpoint = True  # from the command line: the last checkpoint of --output_dir
         if self.max_time is None:  # not given: an explicit step or epoch limit is not cut short by a default budget
             limited = self.max_steps > 0 or self.num_train_epochs is not None
             self.max_time = None if limited else DEFAULT_PRESET.training["max_time"]

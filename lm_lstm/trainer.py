@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import ProgressCallback, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
 from .averaging import NonMonotonicAveraging
@@ -64,6 +65,14 @@ class LSTMTrainer(Trainer):
         if isinstance(checkpoint, (str, Path)):
             check_limits_left(checkpoint, self.args)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Trainer updates the state of each stateful callback by name and fails on one that the checkpoint a run
+        # resumed from did not have (a `TimeBudget` added to a run that had none).
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ExportableState):
+                self.state.stateful_callbacks.setdefault(type(callback).__name__, {})
+        super()._save_checkpoint(model, trial)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Trainer's schedule, or with a time budget the same kind of schedule over the training time."""

@@ -187,8 +187,13 @@ def test_a_finished_run_is_not_resumed_by_one_more_step(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-6: its run already reached --max_steps 6 \(step 6\); give a "):
         run_train(corpus, tmp_path / "b", [], max_steps=6, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
     assert not (tmp_path / "b" / "model.safetensors").exists()
-    run_train(corpus, tmp_path / "a", [], max_steps=8, resume_from_checkpoint=True, **steps)  # its last checkpoint
+    run_train(corpus, tmp_path / "a", [], max_steps=8, resume_from_checkpoint="True", **steps)  # its last checkpoint
     assert json.loads((tmp_path / "a" / "trainer_state.json").read_text())["global_step"] == 8
+    # a step-limited run resumed under a time budget: its checkpoints had no `TimeBudget` state to update
+    run_train(corpus, tmp_path / "a", budget_callbacks(StepClock()), max_steps=10, max_time=100,
+              resume_from_checkpoint=True, **steps)
+    state = json.loads((tmp_path / "a" / "checkpoint-9" / "trainer_state.json").read_text())
+    assert state["global_step"] == 9 and state["stateful_callbacks"]["TimeBudget"]["attributes"]["elapsed_before"] == 1
 
     # the time budget: 12 s at 1 s a step ends at step 12, with a checkpoint there
     run_train(corpus, tmp_path / "c", budget_callbacks(StepClock()), max_time=12, save_strategy="steps",
