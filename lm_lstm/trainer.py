@@ -19,6 +19,14 @@ from .streams import STREAM_COLUMNS, StatefulBPTT
 TRAINING_ARGS_JSON = "training_args.json"
 
 
+def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool | None) -> str | None:
+    """The checkpoint `resume_from_checkpoint` names: itself, or for True the last one in `output_dir` (None when
+    there is none, or nothing to resume)."""
+    if resume_from_checkpoint is True:
+        return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    return str(resume_from_checkpoint) if resume_from_checkpoint else None
+
+
 class LSTMTrainer(Trainer):
     """`Trainer` that reports validation perplexity beside the loss, evaluates and saves the averaged weights once
     NT-ASGD-style averaging has started, pushes Hub-complete folders, runs stateful truncated BPTT when its
@@ -59,10 +67,8 @@ class LSTMTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; raises `ValueError` when the checkpoint to resume from has no step or time left
         (`check_limits_left`)."""
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True and Path(self.args.output_dir).is_dir():
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, (str, Path)):
+        checkpoint = checkpoint_to_resume(self.args.output_dir, resume_from_checkpoint)
+        if checkpoint is not None:
             check_limits_left(checkpoint, self.args)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 

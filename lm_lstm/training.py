@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import SIZED_OPTION, CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
 from .averaging import NonMonotonicAveraging
@@ -33,7 +32,7 @@ from .streams import build_stream_data
 from .tokenization import (
     document_start_id, encode_prompt, eos_ends_lines, load_tokenizer, text_decoding, train_tokenizer,
 )
-from .trainer import LSTMTrainer
+from .trainer import LSTMTrainer, checkpoint_to_resume
 
 T = TypeVar("T")
 
@@ -83,8 +82,7 @@ def size_new_model(model_args: ModelArguments, training_args: LSTMTrainingArgume
         return None
     resume = training_args.resume_from_checkpoint
     if resume:
-        output_dir = Path(training_args.output_dir)
-        checkpoint = (get_last_checkpoint(output_dir) if output_dir.is_dir() else None) if resume is True else resume
+        checkpoint = checkpoint_to_resume(training_args.output_dir, resume)
         if checkpoint is None:
             raise ValueError(f"--resume_from_checkpoint: no checkpoint in {training_args.output_dir}.")
         setattr(model_args, SIZED_OPTION, getattr(LSTMConfig.from_pretrained(checkpoint), SIZED_OPTION))
