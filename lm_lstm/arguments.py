@@ -21,7 +21,7 @@ from .budget import EVALUATION_SHARE, NO_STEP_LIMIT, check_budget_arguments, par
 from .configuration_lstm import LSTMConfig
 from .data import DEFAULT_CORPUS, DEFAULT_TOKENIZER_TRAIN_BYTES, DataSource, check_block_size
 from .modeling_lstm import cpu_autocast_runs_lstm
-from .presets import DEFAULT_PRESET
+from .presets import DEFAULT_PRESET, LEARNING_RATE_WIDTH
 from .streams import check_stateful_arguments
 from .tokenization import BPE_MINIMUM_VOCABULARY, TOKENIZER_KINDS, WORD_MINIMUM_VOCABULARY, document_start_id
 
@@ -306,7 +306,15 @@ class LSTMTrainingArguments(TrainingArguments):
     per_device_eval_batch_size: int = _recipe(
         "per_device_eval_batch_size", "Validation blocks per batch and device (with --stateful: streams per device)."
     )
-    learning_rate: float = _recipe("learning_rate", "Peak AdamW learning rate.")
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak AdamW learning rate. Default: the recipe's, "
+                  f"{DEFAULT_PRESET.training['learning_rate']:g} up to {LEARNING_RATE_WIDTH} hidden units and falling "
+                  f"as 1 / hidden size above ({LEARNING_RATE_WIDTH} / hidden size times as much), set by LSTMTrainer "
+                  "for the model it trains."},
+    )
+    learning_rate_left_open: bool = field(default=False, init=False, repr=False)
+    """Whether `learning_rate` is the recipe's, for `LSTMTrainer` to fit to its model's width (`recipe_learning_rate`)."""
     lr_scheduler_type: str = _recipe("lr_scheduler_type", "Learning-rate schedule after warm-up.")
     warmup_steps: float = _recipe("warmup_steps", "Linear warm-up steps (or a fraction if < 1).")
     weight_decay: float = _recipe("weight_decay", "AdamW weight decay.")
@@ -355,6 +363,9 @@ class LSTMTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() == "true":
             self.resume_from_checkpoint = True  # from the command line: the last checkpoint of --output_dir
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_PRESET.training["learning_rate"]  # until LSTMTrainer sees the model's width
+            self.learning_rate_left_open = True
         if self.max_time is None:  # not given: an explicit step or epoch limit is not cut short by a default budget
             limited = self.max_steps > 0 or self.num_train_epochs is not None
             self.max_time = None if limited else DEFAULT_PRESET.training["max_time"]

@@ -4,8 +4,9 @@
 stateful truncated BPTT over 16 streams of 128 characters with AdamW for a time budget of 10 minutes, the learning
 rate on a cosine over that time. Its hidden size is chosen for the budget and the machine (`lm_lstm.sizing`); the
 512 here is the size without a budget (`--max_steps 2500` is the recipe measured before sizing: about 10 minutes on
-2 CPU cores with fast bf16). Chosen from measurements on the bundled corpus: benchmarks/README.md,
-benchmarks/results/recipe/ and benchmarks/results/scaling.md.
+2 CPU cores with fast bf16). Its learning rate falls with the hidden size above 512 (`recipe_learning_rate`). Chosen
+from measurements on the bundled corpus: benchmarks/README.md, benchmarks/results/recipe/ and
+benchmarks/results/scaling.md.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ TINY_SHAKESPEARE = Preset(
         max_time="10m",  # training time, evaluations included: the steps are as many as the machine makes
         per_device_train_batch_size=16,  # streams: the number of updates matters most on 2 cores
         per_device_eval_batch_size=16,
-        learning_rate=3e-3,
+        learning_rate=3e-3,  # at LEARNING_RATE_WIDTH hidden units or fewer: see recipe_learning_rate
         lr_scheduler_type="cosine",
         warmup_steps=0.02,  # a fraction of training: 50 of the 2,500 steps measured; short budgets warm up briefly
         weight_decay=0.01,
@@ -54,3 +55,18 @@ TINY_SHAKESPEARE = Preset(
 )
 
 DEFAULT_PRESET = TINY_SHAKESPEARE
+
+LEARNING_RATE_WIDTH = 512
+"""The hidden size at which the recipe's learning rate was chosen (benchmarks/results/recipe/)."""
+
+
+def recipe_learning_rate(hidden_size: int, preset: Preset = DEFAULT_PRESET) -> float:
+    """The recipe's peak AdamW learning rate for a model of `hidden_size` units: `preset`'s up to
+    `LEARNING_RATE_WIDTH` units, times `LEARNING_RATE_WIDTH / hidden_size` above.
+
+    Adam moves every weight by about the learning rate, so a step changes a unit's input by about the rate times its
+    fan-in: the stable rate falls as 1 / width (Yang et al., 2022, "Tensor Programs V", muP). 3e-3, chosen at 2 x 512,
+    made 2 x 1,024 collapse to a loss of 3.4 (benchmarks/results/quality_30min_hidden_size=1024_max_steps=400_fp32.md);
+    smaller models keep the measured rate.
+    """
+    return preset.training["learning_rate"] * min(1.0, LEARNING_RATE_WIDTH / hidden_size)

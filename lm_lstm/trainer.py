@@ -14,6 +14,7 @@ from .averaging import NonMonotonicAveraging
 from .budget import OpenEndedProgressCallback, TimeBudget, budget_seconds, check_limits_left
 from .evaluation import perplexity
 from .hub import push_folder
+from .presets import recipe_learning_rate
 from .streams import STREAM_COLUMNS, StatefulBPTT
 
 TRAINING_ARGS_JSON = "training_args.json"
@@ -32,7 +33,8 @@ class LSTMTrainer(Trainer):
     NT-ASGD-style averaging has started, pushes Hub-complete folders, runs stateful truncated BPTT when its
     datasets are `StreamBlocks` (`--stateful`; see `lm_lstm.streams`), and trains for a time budget with
     `args.max_time` (seconds; see `lm_lstm.budget`: a `TimeBudget` callback, added unless one is passed, ends
-    training and drives the learning-rate schedule).
+    training and drives the learning-rate schedule). Arguments whose learning rate was left to the recipe get the
+    rate for the model's hidden size (`recipe_learning_rate`).
 
     Raises `ValueError` when stateful BPTT is asked of a model without a recurrent state or with options it cannot
     honour.
@@ -40,6 +42,9 @@ class LSTMTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        hidden_size = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        if getattr(self.args, "learning_rate_left_open", False) and hidden_size is not None:
+            self.args.learning_rate = recipe_learning_rate(hidden_size)
         # Trainer's label smoother would score the logits against unshifted `labels` (it shifts only for the built-in
         # causal LMs) and never sees the streams' `shift_labels`; the model smooths its own targets instead.
         self.label_smoother = None

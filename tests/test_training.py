@@ -328,6 +328,28 @@ def test_bf16_is_on_by_default_only_where_onednn_runs_a_bf16_lstm(monkeypatch, t
     assert LSTMTrainingArguments(output_dir=str(tmp_path), report_to="none", bf16=True).bf16 is True  # explicit wins
 
 
+def test_the_recipe_learning_rate_falls_with_the_hidden_size_unless_one_is_given(tmp_path):
+    from conftest import tiny_model
+
+    from lm_lstm.presets import recipe_learning_rate
+    from lm_lstm.trainer import LSTMTrainer
+
+    assert [recipe_learning_rate(h) for h in (128, 512, 768, 1024)] == pytest.approx([3e-3, 3e-3, 2e-3, 1.5e-3])
+
+    def trained_rate(hidden_size, **options):
+        args = LSTMTrainingArguments(output_dir=str(tmp_path), report_to="none", bf16=False, max_steps=1,
+                                     eval_strategy="no", load_best_model_at_end=False, **options)
+        trainer = LSTMTrainer(model=tiny_model(hidden_size=hidden_size, num_hidden_layers=1, embedding_size=4),
+                              args=args)
+        trainer.create_optimizer()
+        return [group["lr"] for group in trainer.optimizer.param_groups]
+
+    assert trained_rate(1024) == pytest.approx([1.5e-3, 1.5e-3])  # groups with and without weight decay
+    assert trained_rate(10) == pytest.approx([3e-3, 3e-3])
+    assert trained_rate(1024, learning_rate=3e-3) == [3e-3, 3e-3]  # given: kept, even when it is the recipe's value
+    assert LSTMTrainingArguments(output_dir=str(tmp_path), report_to="none").to_dict()["learning_rate"] == 3e-3
+
+
 def test_options_that_would_lose_work_or_be_ignored_are_refused(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
