@@ -385,9 +385,9 @@ class LSTMTrainingArguments(TrainingArguments):
         for name in ("eval_steps", "save_steps", "logging_steps"):
             # TrainingArguments takes an eval_steps of 0 as "as logging_steps" and a save_steps of 0 as given.
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"--{name} must be positive (steps, or below 1 a fraction of the training steps), "
-                                 f"got {value:g}.")
+            if value is not None and not (0 < value < 1 or float(value).is_integer() and value > 0):
+                raise ValueError(f"--{name} must be a positive whole number of steps, or below 1 a fraction of the "
+                                 f"training steps, got {value:g}.")
         check_best_model_steps(self)
         super().__post_init__()
         check_output_dir(self)
@@ -403,8 +403,15 @@ class LSTMTrainingArguments(TrainingArguments):
 def check_best_model_steps(args: LSTMTrainingArguments) -> None:
     """Raises `ValueError` naming both options when `--load_best_model_at_end` cannot hold: it needs a checkpoint at
     every evaluation, so `--save_steps` a multiple of `--eval_steps` (TrainingArguments' own message names neither
-    fix)."""
-    if not (args.load_best_model_at_end and args.eval_strategy == "steps" and args.save_strategy == "steps"):
+    fix), and the same evaluation and save strategies."""
+    if not args.load_best_model_at_end:
+        return
+    eval_strategy, save_strategy = (str(getattr(s, "value", s)) for s in (args.eval_strategy, args.save_strategy))
+    if save_strategy != "best" and eval_strategy != save_strategy:
+        raise ValueError(f"--eval_strategy {eval_strategy} with --save_strategy {save_strategy}: "
+                         "--load_best_model_at_end (on by default) needs a checkpoint at every evaluation, so the "
+                         "same strategy for both; give one, or --load_best_model_at_end False.")
+    if not (eval_strategy == "steps" and save_strategy == "steps"):
         return
     eval_steps = args.eval_steps if args.eval_steps is not None else args.logging_steps  # as TrainingArguments does
     if eval_steps >= 1 and args.save_steps >= 1 and args.save_steps % eval_steps:

@@ -229,8 +229,8 @@ def check_limits_left(checkpoint: str | Path, args: TrainingArguments) -> None:
     schedule's end."""
     state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
     if 0 < args.max_steps != NO_STEP_LIMIT and state.global_step >= args.max_steps:
-        raise ValueError(f"--resume_from_checkpoint {checkpoint}: its run already reached --max_steps "
-                         f"{args.max_steps} (step {state.global_step}); give a larger --max_steps to train further.")
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: its run is at step {state.global_step}, and "
+                         f"--max_steps is {args.max_steps}; give a larger --max_steps to train further.")
     seconds = budget_seconds(args)
     saved = state.stateful_callbacks.get(TimeBudget.__name__, {}).get("attributes", {})
     if seconds is not None and saved.get("elapsed_before", 0.0) + 2 * saved.get("longest_pause", 0.0) >= seconds:

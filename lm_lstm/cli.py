@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from .messages import first_line
+
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
 
 
@@ -283,15 +285,6 @@ def export_command(argv: list[str]) -> int:
     print(f"Largest logit difference from the model (onnxruntime, prefill and one decode step): "
           f"{max_logit_difference(model, output_dir):.2g}")
     return 0
-
-
-def first_line(error: BaseException) -> str:
-    """The error's message on one line: its first line, joined to the next one where it only announces it (torch's
-    "Error(s) in loading state_dict for X:" then the mismatch)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _usage() -> str:

@@ -63,6 +63,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from .card import ConversionSummary, write_conversion_card
 from .configuration_lstm import LSTMConfig
 from .data import DataError, file_digest, utf8_chunks
+from .messages import first_line
 from .modeling_lstm import LSTMForCausalLM
 from .output_dir import staged_output_dir
 from .tokenization import LINE_END, UNKNOWN_WORD, word_tokenizer
@@ -274,12 +275,7 @@ def _torch_refusal_reason(error: pickle.UnpicklingError) -> str:
         after = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
         if after:
             return after[0]
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return first_line(error)
 
 
 class _StorageType:
@@ -448,9 +444,9 @@ def load_legacy_torch_file(path: str | Path, allowed: dict[str, object], vocabul
                     raise CheckpointError(f"{path}: not a checkpoint lm-lstm can read: storage {key!r} is truncated "
                                           "or malformed.")
         except RefusedGlobal as error:
-            raise _refusal(path, _first_line(error), vocabulary) from None
+            raise _refusal(path, first_line(error), vocabulary) from None
         except MalformedCheckpoint as error:
-            raise CheckpointError(f"{path}: not a checkpoint lm-lstm can read: {_first_line(error)}.") from None
+            raise CheckpointError(f"{path}: not a checkpoint lm-lstm can read: {first_line(error)}.") from None
         except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError, EOFError,
                 RuntimeError) as error:
             if isinstance(error, CheckpointError):
@@ -468,7 +464,7 @@ def _malformed(path: Path, error: BaseException, offset: int | None = None) -> C
     elif isinstance(error, EOFError):
         reason = "it is truncated"
     elif type(error) in (RuntimeError, ValueError, zipfile.BadZipFile):
-        reason = _first_line(error)
+        reason = first_line(error)
     else:  # IndexError, KeyError, TypeError, AttributeError, pickle.UnpicklingError from pickle's opcodes
         reason = "its pickle is malformed" + (f" (near byte {offset:,})" if offset is not None else "")
     return CheckpointError(f"{path}: not a checkpoint lm-lstm can read: {reason}.")

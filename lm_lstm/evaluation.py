@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
 
+from .messages import first_line
 from .tokenization import document_start_id, eos_ends_lines, load_tokenizer, tokenizer_kind
 
 CONTEXT_POLICIES = ("carry", "blocks")
@@ -63,12 +64,6 @@ class Score:
         return bits_per_byte(self.nll, self.bytes)
 
 
-def _first_line(error: Exception) -> str:
-    """The first line of an error's message (its type's name if it has none), to quote in one of ours."""
-    message = str(error).strip()
-    return message.splitlines()[0] if message else type(error).__name__
-
-
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """Loads a saved model in evaluation mode and its tokenizer as `load_tokenizer` does.
 
@@ -85,12 +80,12 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | None = None
     except OSError as error:
         if Path(name_or_path).expanduser().exists():
             raise
-        raise OSError(f"{name_or_path}: no such folder here, and not loadable as a Hub name ({_first_line(error)})"
+        raise OSError(f"{name_or_path}: no such folder here, and not loadable as a Hub name ({first_line(error)})"
                       ) from error
     try:
         tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     except ValueError as error:
-        raise ValueError(f"{name_or_path}: its tokenizer cannot be loaded ({_first_line(error)}).") from error
+        raise ValueError(f"{name_or_path}: its tokenizer cannot be loaded ({first_line(error)}).") from error
     return model.eval(), tokenizer
 
 

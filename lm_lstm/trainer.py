@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from transformers import ProgressCallback, Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -22,10 +22,18 @@ TRAINING_ARGS_JSON = "training_args.json"
 
 def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool | None) -> str | None:
     """The checkpoint `resume_from_checkpoint` names: itself, or for True the last one in `output_dir` (None when
-    there is none, or nothing to resume)."""
+    there is none, or nothing to resume).
+
+    Raises `ValueError` when a named folder is not a checkpoint (no `trainer_state.json`)."""
     if resume_from_checkpoint is True:
         return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    return str(resume_from_checkpoint) if resume_from_checkpoint else None
+    if not resume_from_checkpoint:
+        return None
+    if not (Path(resume_from_checkpoint) / TRAINER_STATE_NAME).is_file():
+        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint (no "
+                         f"{TRAINER_STATE_NAME} in it); name a checkpoint-N folder, or give True for the last one in "
+                         "--output_dir.")
+    return str(resume_from_checkpoint)
 
 
 class LSTMTrainer(Trainer):

@@ -184,8 +184,10 @@ def test_a_finished_run_is_not_resumed_by_one_more_step(corpus, tmp_path):
     resumed run asks for a larger limit instead, and trains on to it when given one."""
     steps = dict(save_strategy="steps", save_steps=3, save_total_limit=None)
     run_train(corpus, tmp_path / "a", [], max_steps=6, **steps)
-    with pytest.raises(ValueError, match=r"checkpoint-6: its run already reached --max_steps 6 \(step 6\); give a "):
+    with pytest.raises(ValueError, match=r"checkpoint-6: its run is at step 6, and --max_steps is 6; give a larger "):
         run_train(corpus, tmp_path / "b", [], max_steps=6, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*/a/runs: not a checkpoint \(no trainer_state.json "):
+        run_train(corpus, tmp_path / "b", [], max_steps=6, resume_from_checkpoint=str(tmp_path / "a" / "runs"))
     assert not (tmp_path / "b" / "model.safetensors").exists()
     run_train(corpus, tmp_path / "a", [], max_steps=8, resume_from_checkpoint="True", **steps)  # its last checkpoint
     assert json.loads((tmp_path / "a" / "trainer_state.json").read_text())["global_step"] == 8

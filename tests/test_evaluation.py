@@ -233,10 +233,12 @@ def test_a_large_file_is_scored_a_window_at_a_time(saved_model, tmp_path, monkey
 
 
 def test_an_error_announcing_its_next_line_is_reported_with_it():
-    from lm_lstm.cli import first_line
+    from lm_lstm.messages import first_line
 
     mismatch = RuntimeError("Error(s) in loading state_dict for LSTMForCausalLM:\n\tsize mismatch for lm_head.weight")
     assert first_line(mismatch) == ("Error(s) in loading state_dict for LSTMForCausalLM: size mismatch for "
                                     "lm_head.weight")
     assert first_line(ValueError("one line\nand more")) == "one line"
+    assert first_line(ValueError("strategies must match, but found\n- Evaluation: no\n- Save: steps\nmore")) == (
+        "strategies must match, but found - Evaluation: no - Save: steps")
     assert first_line(OSError()) == "OSError"

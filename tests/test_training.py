@@ -363,8 +363,13 @@ def test_options_that_would_lose_work_or_be_ignored_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--max_train_samples must be at least 1"):
         DataArguments(max_train_samples=0)
     for name in ("eval_steps", "save_steps", "logging_steps"):  # 0 would quietly mean another interval, or none
-        with pytest.raises(ValueError, match=f"--{name} must be positive"):
-            LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", **{name: 0})
+        for value in (0, 1.5):
+            with pytest.raises(ValueError, match=f"--{name} must be a positive whole number of steps, or below 1 a "
+                               f"fraction of the training steps, got {value:g}."):
+                LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", **{name: value})
+    with pytest.raises(ValueError, match=r"^--eval_strategy no with --save_strategy steps: --load_best_model_at_end "
+                       r"\(on by default\) .* or --load_best_model_at_end False.$"):
+        LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", eval_strategy="no", save_steps=3)
     # the best model needs a checkpoint at each evaluation: the message names the option to change
     message = r"--save_steps 3 is not a multiple of --eval_steps 250, .*\(--eval_steps 3 or --save_steps 250, say\)"
     with pytest.raises(ValueError, match=message):
