@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from transformers import ProgressCallback, Trainer
-from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -24,16 +24,20 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool | N
     """The checkpoint `resume_from_checkpoint` names: itself, or for True the last one in `output_dir` (None when
     there is none, or nothing to resume).
 
-    Raises `ValueError` when a named folder is not a checkpoint (no `trainer_state.json`)."""
+    Raises `ValueError` when a named folder is not a checkpoint: no `trainer_state.json`, or no optimizer state (a
+    finished run's folder, from which Trainer would go on with a new optimizer)."""
     if resume_from_checkpoint is True:
         return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
     if not resume_from_checkpoint:
         return None
-    if not (Path(resume_from_checkpoint) / TRAINER_STATE_NAME).is_file():
-        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint (no "
-                         f"{TRAINER_STATE_NAME} in it); name a checkpoint-N folder, or give True for the last one in "
-                         "--output_dir.")
-    return str(resume_from_checkpoint)
+    folder = Path(resume_from_checkpoint)
+    if not (folder / TRAINER_STATE_NAME).is_file():
+        raise ValueError(f"--resume_from_checkpoint {folder}: not a checkpoint (no {TRAINER_STATE_NAME} in it); name "
+                         "a checkpoint-N folder, or give True for the last one in --output_dir.")
+    if not any((folder / name).is_file() for name in (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN)):
+        raise ValueError(f"--resume_from_checkpoint {folder}: a trained model, not a checkpoint (no {OPTIMIZER_NAME}); "
+                         "resume from one of its checkpoint-N folders, or fine-tune it with --model_name_or_path.")
+    return str(folder)
 
 
 class LSTMTrainer(Trainer):

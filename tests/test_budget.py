@@ -188,6 +188,8 @@ def test_a_finished_run_is_not_resumed_by_one_more_step(corpus, tmp_path):
         run_train(corpus, tmp_path / "b", [], max_steps=6, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
     with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*/a/runs: not a checkpoint \(no trainer_state.json "):
         run_train(corpus, tmp_path / "b", [], max_steps=6, resume_from_checkpoint=str(tmp_path / "a" / "runs"))
+    with pytest.raises(ValueError, match=r"/a: a trained model, not a checkpoint \(no optimizer.pt\); resume from "):
+        run_train(corpus, tmp_path / "b", [], max_steps=8, resume_from_checkpoint=str(tmp_path / "a"))
     assert not (tmp_path / "b" / "model.safetensors").exists()
     run_train(corpus, tmp_path / "a", [], max_steps=8, resume_from_checkpoint="True", **steps)  # its last checkpoint
     assert json.loads((tmp_path / "a" / "trainer_state.json").read_text())["global_step"] == 8
