@@ -308,10 +308,9 @@ class LSTMTrainingArguments(TrainingArguments):
     )
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Peak AdamW learning rate. Default: the recipe's, "
-                  f"{DEFAULT_PRESET.training['learning_rate']:g} up to {LEARNING_RATE_WIDTH} hidden units and falling "
-                  f"as 1 / hidden size above ({LEARNING_RATE_WIDTH} / hidden size times as much), set by LSTMTrainer "
-                  "for the model it trains."},
+        metadata={"help": "Peak AdamW learning rate. Default: the recipe's for the model's hidden size, "
+                  f"{DEFAULT_PRESET.training['learning_rate']:g} up to {LEARNING_RATE_WIDTH} units, "
+                  f"{DEFAULT_PRESET.training['learning_rate']:g} x {LEARNING_RATE_WIDTH} / hidden size above."},
     )
     learning_rate_left_open: bool = field(default=False, init=False, repr=False)
     """Whether `learning_rate` is the recipe's, for `LSTMTrainer` to fit to its model's width (`recipe_learning_rate`)."""
