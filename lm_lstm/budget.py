@@ -188,7 +188,7 @@ class TimeBudget(TrainerCallback, ExportableState):
         return LambdaLR(optimizer, factor)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = state.stateful_callbacks.get(type(self).__name__, {}).get("attributes", {})
+        saved = saved_budget_state(state)
         self.elapsed_before = saved.get("elapsed_before", 0.0)
         self.longest_pause = saved.get("longest_pause", 0.0)
         self.seconds = budget_seconds(args)
@@ -223,6 +223,11 @@ class TimeBudget(TrainerCallback, ExportableState):
         self.paused_at = None  # what follows training is not a pause between steps
 
 
+def saved_budget_state(state: TrainerState) -> dict:
+    """The `TimeBudget` attributes that `state` (of a checkpoint a run resumes from) holds, if any."""
+    return state.stateful_callbacks.get(TimeBudget.__name__, {}).get("attributes", {})
+
+
 def check_limits_left(checkpoint: str | Path, args: TrainingArguments) -> None:
     """Raises `ValueError` when the run of `checkpoint` already reached `args.max_steps` or spent `args.max_time`
     (the `TimeBudget` stopping rule on its saved state): `Trainer` would still train one more step from it, at the
@@ -232,19 +237,40 @@ def check_limits_left(checkpoint: str | Path, args: TrainingArguments) -> None:
         raise ValueError(f"--resume_from_checkpoint {checkpoint}: its run is at step {state.global_step}, and "
                          f"--max_steps is {args.max_steps}; give a larger --max_steps to train further.")
     seconds = budget_seconds(args)
-    saved = state.stateful_callbacks.get(TimeBudget.__name__, {}).get("attributes", {})
+    saved = saved_budget_state(state)
     if seconds is not None and saved.get("elapsed_before", 0.0) + 2 * saved.get("longest_pause", 0.0) >= seconds:
         raise ValueError(f"--resume_from_checkpoint {checkpoint}: its run already spent --max_time "
                          f"{format_duration(seconds)} ({saved['elapsed_before']:.0f} s trained, and the time its final "
                          "evaluation and save take); give a longer --max_time to train further.")
 
 
-class OpenEndedProgressCallback(ProgressCallback):
-    """Trainer's progress bar, counting steps without a total when only the time budget ends training."""
+class BudgetProgressCallback(ProgressCallback):
+    """Trainer's progress bar; when only the time budget ends training (no step total), a bar over the budget's
+    seconds (a resumed run's starting where its checkpoint left it), with the step count beside it.
+
+    Args:
+        clock: returns seconds from any fixed origin (default `time.monotonic`); tests inject their own.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.clock = clock
+        self.started: float | None = None  # clock reading at which the run's budget would have started
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.max_steps != NO_STEP_LIMIT:
             return super().on_train_begin(args, state, control, **kwargs)
+        elapsed_before = saved_budget_state(state).get("elapsed_before", 0.0)
+        self.started = self.clock() - elapsed_before
         if state.is_world_process_zero:
-            self.training_bar = tqdm(dynamic_ncols=True)
-        self.current_step = 0
+            self.training_bar = tqdm(total=round(budget_seconds(args)), initial=round(elapsed_before), unit="s",
+                                     dynamic_ncols=True)
+        self.current_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps != NO_STEP_LIMIT:
+            return super().on_step_end(args, state, control, **kwargs)
+        if state.is_world_process_zero:
+            self.training_bar.n = min(self.training_bar.total, round(self.clock() - self.started))
+            self.training_bar.set_postfix_str(f"step {state.global_step}")  # also redraws the bar
+        self.current_step = state.global_step

@@ -11,7 +11,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
 from .averaging import NonMonotonicAveraging
-from .budget import OpenEndedProgressCallback, TimeBudget, budget_seconds, check_limits_left
+from .budget import BudgetProgressCallback, TimeBudget, budget_seconds, check_limits_left
 from .evaluation import perplexity
 from .hub import push_folder
 from .presets import recipe_learning_rate
@@ -66,7 +66,7 @@ class LSTMTrainer(Trainer):
         if budget_seconds(self.args) is not None and self.time_budget is None:
             self.add_callback(TimeBudget())
         if self.pop_callback(ProgressCallback) is not None:
-            self.add_callback(OpenEndedProgressCallback)
+            self.add_callback(BudgetProgressCallback)
 
     @property
     def time_budget(self) -> TimeBudget | None:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments
-from lm_lstm.budget import NO_STEP_LIMIT, TimeBudget, format_duration, learning_rate_factor, parse_duration
+from lm_lstm.budget import NO_STEP_LIMIT, BudgetProgressCallback, TimeBudget, format_duration, learning_rate_factor, parse_duration
 from lm_lstm.data import collate_blocks
 from lm_lstm.trainer import LSTMTrainer
 from lm_lstm.training import train
@@ -260,3 +260,26 @@ def test_ddp_processes_agree_on_the_size_and_the_time_and_stop_at_the_same_step(
     assert ranks[0]["weights"]["model.layers.0.rnn.weight_hh_l0"].shape == (4 * 32, 32)
     card = (tmp_path / "README.md").read_text()
     assert "ended by the time budget (12 s)" in card and "| model size | Sized for a 12 s budget: hidden size 32 (" in card
+
+
+def test_the_progress_bar_runs_over_the_budget_seconds(tmp_path):
+    """With only the budget to end training, the bar's total is the budget in seconds, its position the time spent
+    (a resumed run's counting its checkpoint's), with the step beside it; a step limit keeps Trainer's step bar."""
+    clock = StepClock(now=500.0)
+    bar = BudgetProgressCallback(clock)
+    args, control = arguments(tmp_path, max_time="1m"), TrainerControl()
+    state = TrainerState(max_steps=NO_STEP_LIMIT, global_step=3, is_world_process_zero=True,
+                         stateful_callbacks={"TimeBudget": {"attributes": {"elapsed_before": 20.0}}})
+    bar.on_train_begin(args, state, control)
+    assert (bar.training_bar.total, bar.training_bar.n) == (60, 20)
+    clock.now, state.global_step = 512.4, 4
+    bar.on_step_end(args, state, control)
+    assert bar.training_bar.n == 32 and bar.training_bar.postfix == "step 4"
+    clock.now = 600.0
+    bar.on_step_end(args, state, control)
+    assert bar.training_bar.n == 60  # no further than the total
+    bar.on_train_end(args, state, control)
+
+    stepped = BudgetProgressCallback(clock)
+    stepped.on_train_begin(args, TrainerState(max_steps=8, is_world_process_zero=True), control)
+    assert stepped.training_bar.total == 8 and stepped.training_bar.unit == "it"
