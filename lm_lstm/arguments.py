@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 
 from .averaging import NonMonotonicAveraging
 from .budget import EVALUATION_SHARE, NO_STEP_LIMIT, check_budget_arguments, parse_duration
@@ -312,8 +313,8 @@ class LSTMTrainingArguments(TrainingArguments):
                   f"{DEFAULT_PRESET.training['learning_rate']:g} up to {LEARNING_RATE_WIDTH} units, "
                   f"{DEFAULT_PRESET.training['learning_rate']:g} x {LEARNING_RATE_WIDTH} / hidden size above."},
     )
-    learning_rate_left_open: bool = field(default=False, init=False, repr=False)
-    """Whether `learning_rate` is the recipe's, for `LSTMTrainer` to fit to its model's width (`recipe_learning_rate`)."""
+    recipe_learning_rate: float | None = field(default=None, init=False, repr=False)
+    """The rate the recipe set when `--learning_rate` was not given (`learning_rate_from_recipe`)."""
     lr_scheduler_type: str = _recipe("lr_scheduler_type", "Learning-rate schedule after warm-up.")
     warmup_steps: float = _recipe("warmup_steps", "Linear warm-up steps (or a fraction if < 1).")
     weight_decay: float = _recipe("weight_decay", "AdamW weight decay.")
@@ -363,8 +364,7 @@ class LSTMTrainingArguments(TrainingArguments):
         if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() == "true":
             self.resume_from_checkpoint = True  # from the command line: the last checkpoint of --output_dir
         if self.learning_rate is None:
-            self.learning_rate = DEFAULT_PRESET.training["learning_rate"]  # until LSTMTrainer sees the model's width
-            self.learning_rate_left_open = True
+            self.set_recipe_learning_rate(DEFAULT_PRESET.training["learning_rate"])  # LSTMTrainer fits it to the model
         if self.max_time is None:  # not given: an explicit step or epoch limit is not cut short by a default budget
             limited = self.max_steps > 0 or self.num_train_epochs is not None
             self.max_time = None if limited else DEFAULT_PRESET.training["max_time"]
@@ -399,17 +399,30 @@ class LSTMTrainingArguments(TrainingArguments):
             NonMonotonicAveraging(self.weight_averaging_patience)  # checks the value before any work
 
 
+    def learning_rate_from_recipe(self) -> bool:
+        """Whether `learning_rate` is still the one the recipe set (not given, nor changed since), for `LSTMTrainer` to
+        fit to its model's width (`presets.recipe_learning_rate`)."""
+        return self.recipe_learning_rate is not None and self.learning_rate == self.recipe_learning_rate
+
+    def set_recipe_learning_rate(self, rate: float) -> None:
+        """Sets `learning_rate` to the recipe's `rate`."""
+        self.learning_rate = self.recipe_learning_rate = rate
+
+
 def check_best_model_steps(args: LSTMTrainingArguments) -> None:
     """Raises `ValueError` naming both options when `--load_best_model_at_end` cannot hold: it needs a checkpoint at
     every evaluation, so `--save_steps` a multiple of `--eval_steps` (TrainingArguments' own message names neither
-    fix), and the same evaluation and save strategies."""
+    fix), and the same evaluation and save strategies (unknown ones are left to TrainingArguments, which names them)."""
     if not args.load_best_model_at_end:
         return
     eval_strategy, save_strategy = (str(getattr(s, "value", s)) for s in (args.eval_strategy, args.save_strategy))
+    strategies = {s.value for s in IntervalStrategy}
+    if eval_strategy not in strategies or save_strategy not in strategies | {"best"}:
+        return
     if save_strategy != "best" and eval_strategy != save_strategy:
         raise ValueError(f"--eval_strategy {eval_strategy} with --save_strategy {save_strategy}: "
-                         "--load_best_model_at_end (on by default) needs a checkpoint at every evaluation, so the "
-                         "same strategy for both; give one, or --load_best_model_at_end False.")
+                         "--load_best_model_at_end (on by default) picks a checkpoint by its evaluation, so both need "
+                         "the same strategy; give one, or --load_best_model_at_end False.")
     if not (eval_strategy == "steps" and save_strategy == "steps"):
         return
     eval_steps = args.eval_steps if args.eval_steps is not None else args.logging_steps  # as TrainingArguments does
@@ -422,9 +435,11 @@ def check_best_model_steps(args: LSTMTrainingArguments) -> None:
 
 def check_output_dir(args: LSTMTrainingArguments) -> None:
     """Raises `ValueError` rather than replace a model or checkpoints already in `output_dir`, unless the run resumes
-    from it or `--overwrite_output_dir` says to."""
+    from a checkpoint in it or `--overwrite_output_dir` says to."""
     folder = Path(args.output_dir)
-    if args.overwrite_output_dir or args.resume_from_checkpoint or not folder.is_dir():
+    resume = args.resume_from_checkpoint
+    resumes_here = resume is True or bool(resume) and Path(resume).resolve().is_relative_to(folder.resolve())
+    if args.overwrite_output_dir or resumes_here or not folder.is_dir():
         return
     found = sorted(p.name for p in folder.iterdir() if p.name in ("config.json", "model.safetensors")
                    or p.name.startswith("checkpoint-"))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 from pathlib import Path
 
-from transformers import ProgressCallback, Trainer
+from transformers import ProgressCallback, Trainer, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
+from .arguments import LSTMTrainingArguments
 from .averaging import NonMonotonicAveraging
 from .budget import BudgetProgressCallback, TimeBudget, budget_seconds, check_limits_left
 from .evaluation import perplexity
@@ -24,20 +27,36 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool | N
     """The checkpoint `resume_from_checkpoint` names: itself, or for True the last one in `output_dir` (None when
     there is none, or nothing to resume).
 
-    Raises `ValueError` when a named folder is not a checkpoint: no `trainer_state.json`, or no optimizer state (a
-    finished run's folder, from which Trainer would go on with a new optimizer)."""
+    Raises `ValueError` when the folder is missing or not a checkpoint: no `trainer_state.json`, or no optimizer
+    state (a finished run's folder, or a checkpoint saved with `--save_only_model`: Trainer would go on with a new
+    optimizer)."""
     if resume_from_checkpoint is True:
-        return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        resume_from_checkpoint = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
     if not resume_from_checkpoint:
         return None
     folder = Path(resume_from_checkpoint)
+    if not folder.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {folder}: no such folder.")
     if not (folder / TRAINER_STATE_NAME).is_file():
         raise ValueError(f"--resume_from_checkpoint {folder}: not a checkpoint (no {TRAINER_STATE_NAME} in it); name "
                          "a checkpoint-N folder, or give True for the last one in --output_dir.")
     if not any((folder / name).is_file() for name in (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN)):
-        raise ValueError(f"--resume_from_checkpoint {folder}: a trained model, not a checkpoint (no {OPTIMIZER_NAME}); "
-                         "resume from one of its checkpoint-N folders, or fine-tune it with --model_name_or_path.")
+        raise ValueError(f"--resume_from_checkpoint {folder}: no optimizer state ({OPTIMIZER_NAME}) to resume from: a "
+                         "finished run's folder (resume from one of its checkpoint-N folders) or a checkpoint saved "
+                         "with --save_only_model; to train it further from its weights, fine-tune it with "
+                         "--model_name_or_path.")
     return str(folder)
+
+
+def check_resume(args: TrainingArguments, resume_from_checkpoint: str | bool | None) -> str | None:
+    """The checkpoint `resume_from_checkpoint` names (`checkpoint_to_resume`); raises `ValueError` when there is none
+    in `args.output_dir` for True, or it has no step or time left under `args` (`check_limits_left`)."""
+    checkpoint = checkpoint_to_resume(args.output_dir, resume_from_checkpoint)
+    if checkpoint is None and resume_from_checkpoint:
+        raise ValueError(f"--resume_from_checkpoint: no checkpoint in {args.output_dir}.")
+    if checkpoint is not None:
+        check_limits_left(checkpoint, args)
+    return checkpoint
 
 
 class LSTMTrainer(Trainer):
@@ -55,8 +74,8 @@ class LSTMTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         hidden_size = getattr(getattr(self.model, "config", None), "hidden_size", None)
-        if getattr(self.args, "learning_rate_left_open", False) and hidden_size is not None:
-            self.args.learning_rate = recipe_learning_rate(hidden_size)
+        if self._learning_rate_from_recipe() and hidden_size is not None:
+            self.args.set_recipe_learning_rate(recipe_learning_rate(hidden_size))
         # Trainer's label smoother would score the logits against unshifted `labels` (it shifts only for the built-in
         # causal LMs) and never sees the streams' `shift_labels`; the model smooths its own targets instead.
         self.label_smoother = None
@@ -81,13 +100,29 @@ class LSTMTrainer(Trainer):
             return "time"
         return "steps" if self.state.global_step >= self.state.max_steps else "epochs"
 
+    def _learning_rate_from_recipe(self) -> bool:
+        return isinstance(self.args, LSTMTrainingArguments) and self.args.learning_rate_from_recipe()
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; raises `ValueError` when the checkpoint to resume from has no step or time left
-        (`check_limits_left`)."""
-        checkpoint = checkpoint_to_resume(self.args.output_dir, resume_from_checkpoint)
+        (`check_limits_left`), or was trained at another `learning_rate` than the one given (Trainer would go on at
+        the checkpoint's); a rate left to the recipe becomes the checkpoint's."""
+        checkpoint = check_resume(self.args, resume_from_checkpoint)
         if checkpoint is not None:
-            check_limits_left(checkpoint, self.args)
+            self._continue_learning_rate(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _continue_learning_rate(self, checkpoint: str) -> None:
+        saved_args = Path(checkpoint) / TRAINING_ARGS_JSON
+        if not saved_args.is_file():
+            return
+        saved = json.loads(saved_args.read_text(encoding="utf-8"))["learning_rate"]
+        if self._learning_rate_from_recipe():
+            self.args.set_recipe_learning_rate(saved)
+        elif not math.isclose(self.args.learning_rate, saved):
+            raise ValueError(f"--learning_rate {self.args.learning_rate:g}: the run of {checkpoint} trains at "
+                             f"{saved:g}, and a resumed run goes on with its schedule; leave --learning_rate out, or "
+                             "start a new run.")
 
     def _save_checkpoint(self, model, trial) -> None:
         # Trainer updates the state of each stateful callback by name and fails on one that the checkpoint a run

@@ -32,7 +32,7 @@ from .streams import build_stream_data
 from .tokenization import (
     document_start_id, encode_prompt, eos_ends_lines, load_tokenizer, text_decoding, train_tokenizer,
 )
-from .trainer import LSTMTrainer, checkpoint_to_resume
+from .trainer import LSTMTrainer, check_resume
 
 T = TypeVar("T")
 
@@ -80,11 +80,8 @@ def size_new_model(model_args: ModelArguments, training_args: LSTMTrainingArgume
     otherwise the recipe's. Prints the choice and returns it (None when nothing was chosen)."""
     if not model_args.size_left_open():
         return None
-    resume = training_args.resume_from_checkpoint
-    if resume:
-        checkpoint = checkpoint_to_resume(training_args.output_dir, resume)
-        if checkpoint is None:
-            raise ValueError(f"--resume_from_checkpoint: no checkpoint in {training_args.output_dir}.")
+    if training_args.resume_from_checkpoint:
+        checkpoint = check_resume(training_args, training_args.resume_from_checkpoint)
         setattr(model_args, SIZED_OPTION, getattr(LSTMConfig.from_pretrained(checkpoint), SIZED_OPTION))
         return None
     if training_args.max_time is None:
@@ -327,6 +324,7 @@ def train(
     With `do_train=False` only the evaluation runs; the card (which reports the evaluation) needs both.
     """
     start = time.time()
+    check_resume(training_args, training_args.resume_from_checkpoint)  # before any work, and any folder is made
     set_seed(training_args.seed)
     # The main process of each machine reads and tokenises first; the others then find its work in the `datasets`
     # cache rather than tokenise the whole corpus again beside it.

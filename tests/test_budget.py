@@ -186,13 +186,25 @@ def test_a_finished_run_is_not_resumed_by_one_more_step(corpus, tmp_path):
     run_train(corpus, tmp_path / "a", [], max_steps=6, **steps)
     with pytest.raises(ValueError, match=r"checkpoint-6: its run is at step 6, and --max_steps is 6; give a larger "):
         run_train(corpus, tmp_path / "b", [], max_steps=6, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*/a/nothing: no such folder.$"):
+        run_train(corpus, tmp_path / "b", [], max_steps=6, resume_from_checkpoint=str(tmp_path / "a" / "nothing"))
+    (tmp_path / "a" / "runs").mkdir(exist_ok=True)
     with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*/a/runs: not a checkpoint \(no trainer_state.json "):
         run_train(corpus, tmp_path / "b", [], max_steps=6, resume_from_checkpoint=str(tmp_path / "a" / "runs"))
-    with pytest.raises(ValueError, match=r"/a: a trained model, not a checkpoint \(no optimizer.pt\); resume from "):
+    with pytest.raises(ValueError, match=r"/a: no optimizer state \(optimizer.pt\) to resume from: a finished run's "):
         run_train(corpus, tmp_path / "b", [], max_steps=8, resume_from_checkpoint=str(tmp_path / "a"))
+    assert not (tmp_path / "b").exists()  # refused before any work
+    # another rate than the checkpoint's: Trainer would go on at the checkpoint's, whatever the arguments say
+    with pytest.raises(ValueError, match=r"^--learning_rate 0.001: the run of .*checkpoint-6 trains at 0.01, and a "):
+        run_train(corpus, tmp_path / "a", [], max_steps=8, resume_from_checkpoint=True, learning_rate=1e-3)
     assert not (tmp_path / "b" / "model.safetensors").exists()
-    run_train(corpus, tmp_path / "a", [], max_steps=8, resume_from_checkpoint="True", **steps)  # its last checkpoint
+    # its last checkpoint; a rate left to the recipe is the checkpoint's
+    run_train(corpus, tmp_path / "a", [], max_steps=8, resume_from_checkpoint="True", learning_rate=None, **steps)
     assert json.loads((tmp_path / "a" / "trainer_state.json").read_text())["global_step"] == 8
+    assert json.loads((tmp_path / "a" / "training_args.json").read_text())["learning_rate"] == PEAK
+    # resuming into another folder does not replace the model there
+    with pytest.raises(ValueError, match=r"--output_dir .*/a already holds a model"):
+        run_train(corpus, tmp_path / "a", [], max_steps=6, resume_from_checkpoint=str(tmp_path / "other" / "checkpoint-3"))
     # a step-limited run resumed under a time budget: its checkpoints had no `TimeBudget` state to update
     run_train(corpus, tmp_path / "a", budget_callbacks(StepClock()), max_steps=10, max_time=100,
               resume_from_checkpoint=True, **steps)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from transformers import TrainerState
 
 import lm_lstm.sizing as sizing
 from lm_lstm.arguments import DataArguments, ModelArguments
@@ -194,7 +195,10 @@ def test_an_explicit_size_always_wins(corpus, tmp_path, monkeypatch):
 
 def test_a_resumed_run_takes_its_checkpoints_size(tmp_path, monkeypatch):
     monkeypatch.setattr(sizing, "measure", lambda *args: pytest.fail("a resumed run measured sizes"))
-    LSTMConfig(vocab_size=40, embedding_size=16, hidden_size=24).save_pretrained(tmp_path / "checkpoint-3")
+    checkpoint = tmp_path / "checkpoint-3"
+    LSTMConfig(vocab_size=40, embedding_size=16, hidden_size=24).save_pretrained(checkpoint)
+    TrainerState(global_step=3).save_to_json(str(checkpoint / "trainer_state.json"))
+    (checkpoint / "optimizer.pt").touch()  # with the state, what makes a folder a checkpoint to resume from
     for resume in (True, str(tmp_path / "checkpoint-3")):
         model_args = ModelArguments(tokenizer_type="char", embedding_size=16)
         training_args = arguments(tmp_path, max_time=20, resume_from_checkpoint=resume)

@@ -347,6 +347,10 @@ def test_the_recipe_learning_rate_falls_with_the_hidden_size_unless_one_is_given
     assert trained_rate(1024) == pytest.approx([1.5e-3, 1.5e-3])  # groups with and without weight decay
     assert trained_rate(10) == pytest.approx([3e-3, 3e-3])
     assert trained_rate(1024, learning_rate=3e-3) == [3e-3, 3e-3]  # given: kept, even when it is the recipe's value
+    args = LSTMTrainingArguments(output_dir=str(tmp_path), report_to="none", eval_strategy="no",
+                                 load_best_model_at_end=False)
+    args.learning_rate = 1e-4  # set after the arguments were made: given, too
+    assert LSTMTrainer(model=tiny_model(hidden_size=1024, num_hidden_layers=1), args=args).args.learning_rate == 1e-4
     assert LSTMTrainingArguments(output_dir=str(tmp_path), report_to="none").to_dict()["learning_rate"] == 3e-3
 
 
@@ -370,6 +374,8 @@ def test_options_that_would_lose_work_or_be_ignored_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^--eval_strategy no with --save_strategy steps: --load_best_model_at_end "
                        r"\(on by default\) .* or --load_best_model_at_end False.$"):
         LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", eval_strategy="no", save_steps=3)
+    with pytest.raises(ValueError, match="^bogus is not a valid IntervalStrategy"):  # TrainingArguments names it
+        LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", eval_strategy="bogus")
     # the best model needs a checkpoint at each evaluation: the message names the option to change
     message = r"--save_steps 3 is not a multiple of --eval_steps 250, .*\(--eval_steps 3 or --save_steps 250, say\)"
     with pytest.raises(ValueError, match=message):
