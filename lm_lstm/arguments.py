@@ -412,12 +412,17 @@ class LSTMTrainingArguments(TrainingArguments):
 def check_best_model_steps(args: LSTMTrainingArguments) -> None:
     """Raises `ValueError` naming both options when `--load_best_model_at_end` cannot hold: it needs a checkpoint at
     every evaluation, so `--save_steps` a multiple of `--eval_steps` (TrainingArguments' own message names neither
-    fix), and the same evaluation and save strategies (unknown ones are left to TrainingArguments, which names them)."""
-    if not args.load_best_model_at_end:
-        return
+    fix), and the same evaluation and save strategies (unknown ones are left to TrainingArguments, which names them);
+    `--save_strategy best` needs evaluations, which choose what it saves."""
     eval_strategy, save_strategy = (str(getattr(s, "value", s)) for s in (args.eval_strategy, args.save_strategy))
     strategies = {s.value for s in IntervalStrategy}
     if eval_strategy not in strategies or save_strategy not in strategies | {"best"}:
+        return
+    if save_strategy == "best" and eval_strategy == "no":
+        raise ValueError("--save_strategy best saves a checkpoint when an evaluation finds a better model, and "
+                         "--eval_strategy no makes none: give --eval_strategy steps or epoch, or another "
+                         "--save_strategy.")
+    if not args.load_best_model_at_end:
         return
     if save_strategy != "best" and eval_strategy != save_strategy:
         raise ValueError(f"--eval_strategy {eval_strategy} with --save_strategy {save_strategy}: "

@@ -310,6 +310,20 @@ class TrainingTextCheck(TrainerCallback, ExportableState):
                        "new text, start a new run from it (--model_name_or_path).")
 
 
+REPORTED_METRICS = ("eval_loss", "eval_perplexity")
+"""What each evaluation of `train` reports that can choose the best model (besides its timings)."""
+
+
+def check_best_model_metric(training_args: LSTMTrainingArguments) -> None:
+    """Raises `ValueError` when `--metric_for_best_model` is needed (`--load_best_model_at_end` or `--save_strategy
+    best`) and is none that `train` reports: Trainer would fail at the first evaluation, after training."""
+    metric = training_args.metric_for_best_model
+    needed = training_args.load_best_model_at_end or training_args.save_strategy == "best"  # a str enum
+    if needed and metric is not None and ("" if metric.startswith("eval_") else "eval_") + metric not in REPORTED_METRICS:
+        raise ValueError(f"--metric_for_best_model {metric}: the evaluations report {' and '.join(REPORTED_METRICS)}; "
+                         "give one of them.")
+
+
 def train(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -325,6 +339,7 @@ def train(
     """
     start = time.time()
     check_resume(training_args, training_args.resume_from_checkpoint)  # before any work, and any folder is made
+    check_best_model_metric(training_args)
     set_seed(training_args.seed)
     # The main process of each machine reads and tokenises first; the others then find its work in the `datasets`
     # cache rather than tokenise the whole corpus again beside it.

@@ -354,6 +354,22 @@ def test_the_recipe_learning_rate_falls_with_the_hidden_size_unless_one_is_given
     assert LSTMTrainingArguments(output_dir=str(tmp_path), report_to="none").to_dict()["learning_rate"] == 3e-3
 
 
+def test_a_best_model_metric_that_evaluations_do_not_report_is_refused_before_training(tmp_path):
+    for options in (dict(), dict(save_strategy="best", load_best_model_at_end=False)):
+        args = LSTMTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", metric_for_best_model="none",
+                                     **options)
+        with pytest.raises(ValueError, match=r"^--metric_for_best_model none: the evaluations report eval_loss and "
+                           r"eval_perplexity; give one of them.$"):
+            train(ModelArguments(), DataArguments(train_file=[str(tmp_path / "unread.txt")]), args)
+    assert not (tmp_path / "out").exists()
+    args = LSTMTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", metric_for_best_model="perplexity")
+    lm_lstm.training.check_best_model_metric(args)  # as Trainer reads it: eval_perplexity
+    with pytest.raises(ValueError, match=r"^--save_strategy best saves a checkpoint when an evaluation finds a better "
+                       r"model, and --eval_strategy no makes none"):
+        LSTMTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", save_strategy="best",
+                              eval_strategy="no", load_best_model_at_end=False)
+
+
 def test_options_that_would_lose_work_or_be_ignored_are_refused(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
