@@ -318,8 +318,9 @@ def check_best_model_metric(training_args: LSTMTrainingArguments) -> None:
     """Raises `ValueError` when `--metric_for_best_model` is needed (`--load_best_model_at_end` or `--save_strategy
     best`) and is none that `train` reports: Trainer would fail at the first evaluation, after training."""
     metric = training_args.metric_for_best_model
-    needed = training_args.load_best_model_at_end or training_args.save_strategy == "best"  # a str enum
-    if needed and metric is not None and ("" if metric.startswith("eval_") else "eval_") + metric not in REPORTED_METRICS:
+    if metric is None or not (training_args.load_best_model_at_end or training_args.save_strategy == "best"):
+        return
+    if (metric if metric.startswith("eval_") else f"eval_{metric}") not in REPORTED_METRICS:  # as Trainer reads it
         raise ValueError(f"--metric_for_best_model {metric}: the evaluations report {' and '.join(REPORTED_METRICS)}; "
                          "give one of them.")
 
