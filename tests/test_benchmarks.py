@@ -28,6 +28,7 @@ def limits_suffix() -> str:
     ("bf16_quality", "bf16_quality", "loss vs fp32"),
     ("quality", "quality_0.05min", "vs gpt"),
     ("scaling", "scaling", "fitted nats/char"),
+    ("batch_worth", "batch_worth", "fitted worth"),
     ("onnx", "onnx", "vs generate()"),
     ("scale", "scale", "tokenize MB/s"),
 ])
