@@ -1,6 +1,7 @@
 """Model quality at equal wall-clock: lm-lstm's default recipe against GPTs of similar or smaller size, on Tiny
-Shakespeare. The LSTM's hidden size is chosen for the budget and the machine as `lm-lstm train` chooses it
-(`lm_lstm.sizing`, measuring included in the budget) unless `--set hidden_size=N` fixes it.
+Shakespeare. The LSTM's hidden size, streams and BPTT length are chosen for the budget and the machine as `lm-lstm
+train` chooses them (`lm_lstm.sizing`, measuring included in the budget) unless `--set hidden_size=N` fixes them
+(`--set per_device_train_batch_size=N` / `block_size=N` fix the layout alone).
 
 The LSTM and the `gpt` variant are trained by the same `Trainer` (`LSTMTrainer`) on the same character-level data
 (the last 10% of the text by position held out) for the same training time (`--minutes`, as `--max_time`, with
@@ -136,7 +137,7 @@ def run_lstm(setup: Setup, minutes: float, stateful: bool, quick: bool, output_d
     data_args = DataArguments(**overrides["data"])
     args = training_arguments(output_dir, quick, seed, minutes, **{"stateful": stateful, **overrides["training"]})
     data = build_training_data(setup.raw, setup.tokenizer, data_args, args)
-    choice = size_new_model(model_args, args, setup.tokenizer, data)  # the adaptive recipe, when no size is set
+    choice, data = size_new_model(model_args, data_args, args, setup.raw, setup.tokenizer, data)  # when no size is set
     model = build_model(model_args, setup.tokenizer)
     configure_generation(model, setup.tokenizer)  # samples as `lm-lstm generate` does (and as the GPT's below)
     steps, seconds, log = train_for(model, args, data.train, data.collator, setup.tokenizer)
@@ -146,6 +147,7 @@ def run_lstm(setup: Setup, minutes: float, stateful: bool, quick: bool, output_d
     row = result_row("lstm" if stateful else "lstm-blocks", model, setup, steps, tokens, seconds, nll / count)
     row[TRAINING_LOG] = log
     row["hidden size"] = model.config.hidden_size
+    row["streams x BPTT"] = f"{args.per_device_train_batch_size} x {data_args.block_size}"
     if choice is not None:
         row["measuring minutes"] = choice.probe_seconds / 60
         row["expected nats/char"] = choice.chosen.loss

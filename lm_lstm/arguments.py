@@ -213,9 +213,14 @@ class DataArguments:
         default=10.0, metadata={"help": "Percentage of the training text (the end, by position) used for validation "
                                 "when no validation file is given."}
     )
-    block_size: int = field(
-        default=DEFAULT_PRESET.data["block_size"], metadata={"help": "Tokens per training sequence (the BPTT length)."}
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per training sequence (the BPTT length). Default: chosen with the model's size for "
+                  "the time budget and this machine when that is chosen (lm_lstm.sizing), else "
+                  f"{DEFAULT_PRESET.data['block_size']}."},
     )
+    block_size_from_recipe: bool = field(default=False, init=False, repr=False)
+    """Whether --block_size was left open, for `lm_lstm.training.size_new_model` to choose it."""
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation blocks."})
@@ -228,6 +233,8 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.block_size is None:
+            self.block_size, self.block_size_from_recipe = DEFAULT_PRESET.data["block_size"], True
         check_block_size(self.block_size)
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -301,9 +308,14 @@ class LSTMTrainingArguments(TrainingArguments):
         metadata={"help": "Stop after this many passes over the training data. Default: no epoch limit with "
                   "--max_time, else 3 (Trainer's default)."},
     )
-    per_device_train_batch_size: int = _recipe(
-        "per_device_train_batch_size", "Training blocks per batch and device (with --stateful: streams per device)."
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Training blocks per batch and device (with --stateful: streams per device). Default: chosen "
+                  "with the model's size for the time budget and this machine when that is chosen (lm_lstm.sizing), "
+                  f"else {DEFAULT_PRESET.training['per_device_train_batch_size']}."},
     )
+    train_batch_size_from_recipe: bool = field(default=False, init=False, repr=False)
+    """Whether --per_device_train_batch_size was left open, for `lm_lstm.training.size_new_model` to choose it."""
     per_device_eval_batch_size: int = _recipe(
         "per_device_eval_batch_size", "Validation blocks per batch and device (with --stateful: streams per device)."
     )
@@ -363,6 +375,9 @@ class LSTMTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() == "true":
             self.resume_from_checkpoint = True  # from the command line: the last checkpoint of --output_dir
+        if self.per_device_train_batch_size is None:
+            self.per_device_train_batch_size = DEFAULT_PRESET.training["per_device_train_batch_size"]
+            self.train_batch_size_from_recipe = True
         if self.learning_rate is None:
             self.set_recipe_learning_rate(DEFAULT_PRESET.training["learning_rate"])  # LSTMTrainer fits it to the model
         if self.max_time is None:  # not given: an explicit step or epoch limit is not cut short by a default budget

@@ -1,12 +1,12 @@
 """Named recipes: values that override `LSTMConfig`'s and `TrainingArguments`' defaults, like nanoGPT's config files.
 
 `TINY_SHAKESPEARE` is what `lm-lstm train` does when given no options: a character-level 2-layer LSTM trained with
-stateful truncated BPTT over 16 streams of 128 characters with AdamW for a time budget of 10 minutes, the learning
-rate on a cosine over that time. Its hidden size is chosen for the budget and the machine (`lm_lstm.sizing`); the
-512 here is the size without a budget (`--max_steps 2500` is the recipe measured before sizing: about 10 minutes on
-2 CPU cores with fast bf16). Its learning rate falls with the hidden size above 512 (`recipe_learning_rate`). Chosen
-from measurements on the bundled corpus: benchmarks/README.md, benchmarks/results/recipe/ and
-benchmarks/results/scaling.md.
+stateful truncated BPTT over streams of characters with AdamW for a time budget of 10 minutes, the learning rate on a
+cosine over that time. Its hidden size, number of streams and BPTT length are chosen for the budget and the machine
+(`lm_lstm.sizing`); the 512, 16 and 128 here are those without a budget (`--max_steps 2500` is the recipe measured
+before sizing: about 10 minutes on 2 CPU cores with fast bf16). Its learning rate falls with the hidden size above
+512 (`recipe_learning_rate`). Chosen from measurements on the bundled corpus: benchmarks/README.md,
+benchmarks/results/recipe/ and benchmarks/results/scaling.md.
 """
 
 from __future__ import annotations

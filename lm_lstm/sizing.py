@@ -17,8 +17,12 @@ sizes and lengths behind it and wrote the fit to `benchmarks/results/scaling.jso
 holds. Tokens and parameters do not depend on the machine: the same fit serves every machine, and only the measured
 speed differs; U is the run's own training text.
 
-Only the hidden size changes (`CANDIDATE_HIDDEN_SIZES`, every layer); the number of layers, the embedding size, the
-streams and the BPTT length stay the recipe's (`presets.py`). Any size option given by the user disables sizing.
+The hidden size (`CANDIDATE_HIDDEN_SIZES`, every layer) is chosen with the layout of the training batches: the
+number of streams and the BPTT length (`candidate_layouts`), whichever of the two the user left open. A character
+seen in a batch of fewer tokens per update teaches more, and a batch of fewer tokens runs at fewer tokens per second
+on a CPU; `BatchWorth` (the critical batch of McCandlish et al., 2018) weighs the one against the other. The sizes
+are measured in the recipe's layout, then the chosen size in the other layouts. The number of layers and the
+embedding size stay the recipe's (`presets.py`). Any size option given by the user disables sizing.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .budget import format_duration
+from .presets import DEFAULT_PRESET
 from .configuration_lstm import LSTMConfig
 from .modeling_lstm import LSTMForCausalLM
 
@@ -84,6 +89,73 @@ SCALING_FIT = LossFit(  # benchmarks/results/scaling.json
 )
 
 
+@dataclass(frozen=True)
+class BatchWorth:
+    """What a character seen in a batch of `b` tokens per update is worth, in characters seen at the
+    `reference_tokens` per update of the runs behind `SCALING_FIT`: (1 + reference / B) / (1 + b / B), with B the
+    critical batch, in tokens (McCandlish et al., 2018, "An Empirical Model of Large-Batch Training": reaching a loss
+    takes E = E_min (1 + b / B) examples)."""
+
+    critical_tokens: float  # B
+    reference_tokens: float  # the tokens per update at which the worth is 1
+
+    def worth(self, tokens_per_update: float) -> float:
+        return (1 + self.reference_tokens / self.critical_tokens) / (1 + tokens_per_update / self.critical_tokens)
+
+
+BATCH_WORTH = BatchWorth(critical_tokens=1_880, reference_tokens=2_048)  # benchmarks/results/batch_worth.json
+"""Fitted by `benchmarks/batch_worth.py` to 11 runs of the recipe at 1,024 to 8,192 tokens per update, for 5 and 10
+minutes, read through `SCALING_FIT`, whose runs used 16 streams x 128 tokens."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How training batches are laid out: `streams` rows (blocks, or streams under stateful BPTT) of `block_size`
+    tokens (the BPTT length) per process, over `processes` processes and `accumulation` gradient-accumulation
+    steps."""
+
+    streams: int
+    block_size: int
+    processes: int = 1
+    accumulation: int = 1
+
+    @property
+    def tokens_per_update(self) -> int:
+        """Tokens in one optimizer update, over all processes."""
+        return self.streams * self.block_size * self.processes * self.accumulation
+
+    def describe(self) -> str:
+        return f"{self.streams} streams of {self.block_size} tokens"
+
+
+CANDIDATE_STREAMS: tuple[int, ...] = (8, 16, 32)
+"""Streams (rows of a batch) per process."""
+CANDIDATE_BLOCK_SIZES: tuple[int, ...] = (64, 128)
+"""The BPTT lengths measured with the recipe (benchmarks/results/recipe/); shorter ones cut the gradient through
+more of the text's structure than the batch worth knows of."""
+TOKENS_PER_UPDATE_RANGE = (1_024, 8_192)
+"""The tokens per update at which `BATCH_WORTH` was measured: layouts outside are not candidates."""
+RECIPE_LAYOUT = (DEFAULT_PRESET.training["per_device_train_batch_size"], DEFAULT_PRESET.data["block_size"])
+
+
+def candidate_layouts(streams: int | None, block_size: int | None, processes: int = 1,
+                      accumulation: int = 1) -> list[Layout]:
+    """The layouts to choose from, the recipe's (or the nearest to it) first: `CANDIDATE_STREAMS` x
+    `CANDIDATE_BLOCK_SIZES`, with a given `streams` or `block_size` in place of its candidates, within
+    `TOKENS_PER_UPDATE_RANGE`; if none is, the one with the tokens per update nearest the recipe's."""
+    layouts = [Layout(s, b, processes, accumulation)
+               for s in ([streams] if streams else CANDIDATE_STREAMS)
+               for b in ([block_size] if block_size else CANDIDATE_BLOCK_SIZES)]
+    recipe = Layout(*RECIPE_LAYOUT, processes, accumulation).tokens_per_update
+
+    def distance(layout: Layout) -> tuple:  # from the recipe: its tokens per update, then its streams
+        return abs(math.log(layout.tokens_per_update / recipe)), abs(math.log(layout.streams / RECIPE_LAYOUT[0]))
+
+    layouts.sort(key=distance)
+    low, high = TOKENS_PER_UPDATE_RANGE
+    return [layout for layout in layouts if low <= layout.tokens_per_update <= high] or layouts[:1]
+
+
 def layer_parameters(config: LSTMConfig) -> int:
     """Parameters of the LSTM layers of `config`: 4 gates' input and recurrent weights and their two biases."""
     return sum(4 * hidden * (inputs + hidden) + 8 * hidden for inputs, hidden in config.layer_sizes)
@@ -91,20 +163,22 @@ def layer_parameters(config: LSTMConfig) -> int:
 
 @dataclass(frozen=True)
 class Measurement:
-    """Training speed of one candidate size on this machine."""
+    """Training speed of one candidate size in one layout on this machine."""
 
     hidden_size: int
     parameters: int  # of the LSTM layers (`layer_parameters`)
     tokens_per_second: float  # training tokens per second, over all processes
+    layout: Layout  # measured in
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A measured size and what the budget gives it."""
+    """A measured size and layout, and what the budget gives it."""
 
     measurement: Measurement
     characters: float  # expected training characters seen in the budget
     loss: float  # expected validation nats per character: `SCALING_FIT`, at most the untrained model's loss
+    worth: float = 1.0  # of a character in this layout (`BatchWorth`)
 
 
 @dataclass
@@ -122,18 +196,27 @@ class SizeChoice:
     def hidden_size(self) -> int:
         return self.chosen.measurement.hidden_size
 
+    @property
+    def layout(self) -> Layout:
+        return self.chosen.measurement.layout
+
     def describe(self) -> str:
-        """One line: the budget, the measured speed, the expected text and the chosen size."""
-        chosen = self.chosen
-        others = ", ".join(
-            f"{c.measurement.hidden_size}: {c.loss:.3f}" for c in self.candidates if c is not chosen
-        )
+        """One line: the budget, the measured speed, the expected text, and the chosen size and layout."""
+        chosen, first = self.chosen, self.candidates[0].measurement.layout if self.candidates else self.layout
+        sizes = ", ".join(f"{c.measurement.hidden_size}: {c.loss:.3f}" for c in self.candidates
+                          if c is not chosen and c.measurement.layout == first)
+        layouts = ", ".join(f"{c.measurement.layout.streams} x {c.measurement.layout.block_size}: {c.loss:.3f}"
+                            for c in self.candidates if c is not chosen and c.measurement.layout != first)
+        worth = (f" (each worth {chosen.worth:.2f} of one in batches of {BATCH_WORTH.reference_tokens:,.0f} tokens)"
+                 if chosen.worth != 1 else "")
         return (
             f"Sized for a {format_duration(self.budget_seconds)} budget: hidden size {self.hidden_size} "
-            f"({chosen.measurement.parameters / 1e6:.2f}M LSTM parameters) trains at "
+            f"({chosen.measurement.parameters / 1e6:.2f}M LSTM parameters) in {self.layout.describe()} trains at "
             f"{chosen.measurement.tokens_per_second:,.0f} tokens/s here, so about {chosen.characters / 1e6:.1f}M "
-            f"characters in the budget, for an expected {chosen.loss:.3f} nats/char, the lowest of the sizes measured "
-            f"in {self.probe_seconds:.0f} s (others, hidden size: nats/char: {others or 'none'})"
+            f"characters in the budget{worth}, for an expected {chosen.loss:.3f} nats/char, the lowest of the sizes "
+            f"and layouts measured in {self.probe_seconds:.0f} s (others, hidden size in {first.describe()}: "
+            f"nats/char: {sizes or 'none'}"
+            + (f"; streams x tokens at hidden size {self.hidden_size}: {layouts}" if layouts else "") + ")"
             + (f"; below the {FIT_MIN_CHARACTERS / 1e6:.1f}M characters of the fit's shortest run, these expected "
                "losses are rough extrapolations" if chosen.characters < FIT_MIN_CHARACTERS else "")
             + (f", capped at {self.untrained_loss:.3f}, an untrained model's loss (ln of the vocabulary size)"
@@ -183,27 +266,31 @@ def other_work_share(before: CpuReading | None, after: CpuReading | None) -> flo
 
 def expected_candidate(measurement: Measurement, budget_seconds: float, unique_characters: float,
                        characters_per_token: float = 1.0, fit: LossFit = SCALING_FIT,
-                       untrained_loss: float = math.inf) -> Candidate:
-    """What `budget_seconds` give the measured size: the characters it trains on, and the fit's expected loss at
-    them, at most `untrained_loss` (the fit's power law grows without bound below its range, a model's loss does
-    not)."""
+                       untrained_loss: float = math.inf, batch_worth: BatchWorth = BATCH_WORTH) -> Candidate:
+    """What `budget_seconds` give the measured size and layout: the characters it trains on, and the fit's expected
+    loss at them, each worth what `batch_worth` says of its layout's tokens per update; at most `untrained_loss`
+    (the fit's power law grows without bound below its range, a model's loss does not)."""
     characters = measurement.tokens_per_second * budget_seconds * TRAINING_SHARE * characters_per_token
-    loss = min(untrained_loss, fit.loss(measurement.parameters, characters, unique_characters))
-    return Candidate(measurement, characters, loss)
+    worth = batch_worth.worth(measurement.layout.tokens_per_update)
+    loss = min(untrained_loss, fit.loss(measurement.parameters, characters * worth, unique_characters))
+    return Candidate(measurement, characters, loss, worth)
 
 
 def choose_size(measurements: Sequence[Measurement], budget_seconds: float, unique_characters: float,
                 characters_per_token: float = 1.0, fit: LossFit = SCALING_FIT,
-                probe_seconds: float = 0.0, untrained_loss: float = math.inf) -> SizeChoice:
-    """The measured size with the lowest expected loss (`expected_candidate`) for `budget_seconds` of training on
-    `unique_characters` of text (ties, such as several sizes at the `untrained_loss` cap: the smaller).
+                probe_seconds: float = 0.0, untrained_loss: float = math.inf,
+                batch_worth: BatchWorth = BATCH_WORTH) -> SizeChoice:
+    """The measured size and layout with the lowest expected loss (`expected_candidate`) for `budget_seconds` of
+    training on `unique_characters` of text (ties, such as several sizes at the `untrained_loss` cap: the smaller
+    size, then the fewer tokens per update, then the fewer streams).
 
     Deterministic given the measurements. Raises `ValueError` if there are none."""
     if not measurements:
         raise ValueError("No candidate size was measured.")
-    candidates = [expected_candidate(m, budget_seconds, unique_characters, characters_per_token, fit, untrained_loss)
-                  for m in measurements]
-    chosen = min(candidates, key=lambda c: (c.loss, c.measurement.hidden_size))
+    candidates = [expected_candidate(m, budget_seconds, unique_characters, characters_per_token, fit, untrained_loss,
+                                     batch_worth) for m in measurements]
+    chosen = min(candidates, key=lambda c: (c.loss, c.measurement.hidden_size, c.measurement.layout.tokens_per_update,
+                                            c.measurement.layout.streams))
     return SizeChoice(budget_seconds, chosen, candidates, probe_seconds, untrained_loss)
 
 
@@ -228,39 +315,51 @@ def training_step_seconds(model: LSTMForCausalLM, batch_size: int, block_size: i
     return times[len(times) // 2]
 
 
-def measure(config: LSTMConfig, hidden_size: int, batch_size: int, block_size: int, bf16: bool,
-            world_size: int = 1) -> Measurement:
-    """Training tokens per second of `config` with `hidden_size` here (`training_step_seconds`), times the
-    processes."""
+def measure(config: LSTMConfig, hidden_size: int, layout: Layout, bf16: bool) -> Measurement:
+    """Training tokens per second, over all processes, of `config` with `hidden_size` here in `layout`
+    (`training_step_seconds` of one process's batch)."""
     sized = LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size})
-    seconds = training_step_seconds(LSTMForCausalLM(sized), batch_size, block_size, bf16)
-    return Measurement(hidden_size, layer_parameters(sized), world_size * batch_size * block_size / seconds)
+    seconds = training_step_seconds(LSTMForCausalLM(sized), layout.streams, layout.block_size, bf16)
+    tokens_per_second = layout.processes * layout.streams * layout.block_size / seconds
+    return Measurement(hidden_size, layer_parameters(sized), tokens_per_second, layout)
 
 
-def size_model(config: LSTMConfig, budget_seconds: float, batch_size: int, block_size: int, bf16: bool,
-               unique_characters: float, characters_per_token: float = 1.0, world_size: int = 1,
-               sizes: Sequence[int] | None = None,
+def size_model(config: LSTMConfig, budget_seconds: float, layouts: Sequence[Layout], bf16: bool,
+               unique_characters: float, characters_per_token: float = 1.0, sizes: Sequence[int] | None = None,
                fit: LossFit = SCALING_FIT, clock: Callable[[], float] = time.perf_counter) -> SizeChoice:
-    """Measures (`measure`) the candidate `sizes` (default `CANDIDATE_HIDDEN_SIZES`) of `config` from the smallest up and chooses one (`choose_size`);
-    `budget_seconds` includes the time spent measuring.
+    """Measures (`measure`) the candidate `sizes` (default `CANDIDATE_HIDDEN_SIZES`) of `config` from the smallest up
+    in the first of `layouts` (`candidate_layouts`), then the best of them in the other layouts, and chooses one size
+    and layout (`choose_size`); `budget_seconds` includes the time spent measuring.
 
-    Measuring stops at the first size whose expected loss is no lower than the previous one's (for a given budget the
-    expected loss falls, then rises, with the size), or once `PROBE_SHARE` of the budget is spent. Expected losses
-    are at most the untrained model's, ln(`config.vocab_size`) nats per token. The choice records how busy other work
-    kept the CPUs meanwhile (`other_work_share`).
+    Measuring sizes stops at the first whose expected loss is no lower than the previous one's (for a given budget
+    the expected loss falls, then rises, with the size); all measuring stops once `PROBE_SHARE` of the budget is
+    spent. Expected losses are at most the untrained model's, ln(`config.vocab_size`) nats per token. The choice
+    records how busy other work kept the CPUs meanwhile (`other_work_share`). Raises `ValueError` without layouts.
     """
+    if not layouts:
+        raise ValueError("No candidate layout to measure.")
     untrained_loss = math.log(config.vocab_size) / characters_per_token
     start, cpus_before = clock(), read_cpus()
+
+    def expected(measurement: Measurement) -> Candidate:
+        return expected_candidate(measurement, budget_seconds, unique_characters, characters_per_token, fit,
+                                  untrained_loss)
+
+    def out_of_time() -> bool:
+        return clock() - start > PROBE_SHARE * budget_seconds
+
     measurements: list[Measurement] = []
-    previous = math.inf
     for hidden_size in sorted(sizes or CANDIDATE_HIDDEN_SIZES):
-        measurement = measure(config, hidden_size, batch_size, block_size, bf16, world_size)
-        measurements.append(measurement)
-        loss = expected_candidate(measurement, budget_seconds, unique_characters, characters_per_token, fit,
-                                  untrained_loss).loss
-        if loss >= previous or clock() - start > PROBE_SHARE * budget_seconds:
+        measurements.append(measure(config, hidden_size, layouts[0], bf16))
+        if len(measurements) > 1 and expected(measurements[-1]).loss >= expected(measurements[-2]).loss:
             break
-        previous = loss
+        if out_of_time():
+            break
+    best = min(measurements, key=lambda m: (expected(m).loss, m.hidden_size)).hidden_size
+    for layout in layouts[1:]:
+        if out_of_time():
+            break
+        measurements.append(measure(config, best, layout, bf16))
     probe_seconds = clock() - start
     choice = choose_size(measurements, budget_seconds - probe_seconds, unique_characters, characters_per_token, fit,
                          probe_seconds, untrained_loss)

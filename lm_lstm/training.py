@@ -7,6 +7,7 @@ benchmarks.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 
 from .arguments import SIZED_OPTION, CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
@@ -27,12 +29,12 @@ from .data import TrainingData, build_block_data, load_text_datasets, tokenizer_
 from .configuration_lstm import LSTMConfig
 from .evaluation import perplexity_unit
 from .modeling_lstm import LSTMForCausalLM
-from .sizing import SizeChoice, size_model
+from .sizing import SizeChoice, candidate_layouts, size_model
 from .streams import build_stream_data
 from .tokenization import (
     document_start_id, encode_prompt, eos_ends_lines, load_tokenizer, text_decoding, train_tokenizer,
 )
-from .trainer import LSTMTrainer, check_resume
+from .trainer import TRAINING_ARGS_JSON, LSTMTrainer, check_resume
 
 T = TypeVar("T")
 
@@ -72,36 +74,63 @@ def on_main_process(compute: Callable[[], T], training_args: LSTMTrainingArgumen
     return values[0]
 
 
-def size_new_model(model_args: ModelArguments, training_args: LSTMTrainingArguments, tokenizer: PreTrainedTokenizerBase,
-                   data: TrainingData) -> SizeChoice | None:
-    """Sets the hidden size of a new model when none is given (`ModelArguments.size_left_open`): a resumed run's is
-    its checkpoint's; a run with a time budget gets the one `lm_lstm.sizing` chooses for the budget and this machine
-    (measured by the main process, the same for all), and the time spent measuring is taken out of `max_time`;
-    otherwise the recipe's. Prints the choice and returns it (None when nothing was chosen)."""
-    if not model_args.size_left_open():
-        return None
+def checkpoint_layout(checkpoint: str) -> tuple[int | None, int | None]:
+    """The streams (per device) and BPTT length a checkpoint's run trained with, as its `training_args.json` and
+    `TrainingTextCheck` state record them (None for what a checkpoint from before the layout was chosen lacks)."""
+    folder = Path(checkpoint)
+    saved_args = folder / TRAINING_ARGS_JSON
+    streams = json.loads(saved_args.read_text(encoding="utf-8")).get("per_device_train_batch_size") \
+        if saved_args.is_file() else None
+    state = json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    return streams, TrainingTextCheck.saved(state.get("stateful_callbacks") or {}).get("block_size")
+
+
+def size_new_model(model_args: ModelArguments, data_args: DataArguments, training_args: LSTMTrainingArguments,
+                   raw, tokenizer: PreTrainedTokenizerBase, data: TrainingData) -> tuple[SizeChoice | None, TrainingData]:
+    """Sets what the user left open of a new model's hidden size (`ModelArguments.size_left_open`) and its batches'
+    layout (`--per_device_train_batch_size`, `--block_size`), and returns the choice (None when nothing was chosen)
+    and `data`, laid out again from `raw` if the layout changed:
+
+    - a resumed run takes its checkpoint's;
+    - a run with a time budget and the size open gets the size, streams and BPTT length that `lm_lstm.sizing`
+      chooses for the budget and this machine (measured by the main process, the same for all), and the time spent
+      measuring is taken out of `max_time`; the choice is printed;
+    - otherwise the recipe's.
+    """
+    streams_open, block_size_open = training_args.train_batch_size_from_recipe, data_args.block_size_from_recipe
+    layout = (training_args.per_device_train_batch_size, data_args.block_size)
+    choice = None
     if training_args.resume_from_checkpoint:
         checkpoint = check_resume(training_args, training_args.resume_from_checkpoint)
-        setattr(model_args, SIZED_OPTION, getattr(LSTMConfig.from_pretrained(checkpoint), SIZED_OPTION))
-        return None
-    if training_args.max_time is None:
-        return None
+        if model_args.size_left_open():
+            setattr(model_args, SIZED_OPTION, getattr(LSTMConfig.from_pretrained(checkpoint), SIZED_OPTION))
+        streams, block_size = checkpoint_layout(checkpoint)
+        if streams_open and streams:
+            training_args.per_device_train_batch_size = streams
+        if block_size_open and block_size:
+            data_args.block_size = block_size
+    elif model_args.size_left_open() and training_args.max_time is not None:
 
-    def choose() -> SizeChoice:
-        summary = data.summary(tokenizer)
-        bytes_per_token = summary["validation_bytes"] / summary["scored_tokens"]  # characters, for ASCII text
-        choice = size_model(
-            model_args.new_config(tokenizer), training_args.max_time, training_args.per_device_train_batch_size,
-            data.block_size, bool(training_args.bf16), summary["train_tokens"] * bytes_per_token, bytes_per_token,
-            training_args.world_size,
-        )
-        print(choice.describe(), flush=True)
-        return choice
+        def choose() -> SizeChoice:
+            summary = data.summary(tokenizer)
+            bytes_per_token = summary["validation_bytes"] / summary["scored_tokens"]  # characters, for ASCII text
+            layouts = candidate_layouts(
+                None if streams_open else training_args.per_device_train_batch_size,
+                None if block_size_open else data_args.block_size,
+                training_args.world_size, training_args.gradient_accumulation_steps,
+            )
+            choice = size_model(model_args.new_config(tokenizer), training_args.max_time, layouts,
+                                bool(training_args.bf16), summary["train_tokens"] * bytes_per_token, bytes_per_token)
+            print(choice.describe(), flush=True)
+            return choice
 
-    choice = on_main_process(choose, training_args)
-    setattr(model_args, SIZED_OPTION, choice.hidden_size)
-    training_args.max_time = max(1.0, training_args.max_time - choice.probe_seconds)
-    return choice
+        choice = on_main_process(choose, training_args)
+        setattr(model_args, SIZED_OPTION, choice.hidden_size)
+        training_args.per_device_train_batch_size, data_args.block_size = choice.layout.streams, choice.layout.block_size
+        training_args.max_time = max(1.0, training_args.max_time - choice.probe_seconds)
+    if layout != (training_args.per_device_train_batch_size, data_args.block_size):
+        data = build_training_data(raw, tokenizer, data_args, training_args)
+    return choice, data
 
 
 def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> LSTMForCausalLM:
@@ -287,10 +316,10 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingTextCheck(TrainerCallback, ExportableState):
-    """Keeps the size and digest of the training data (`TrainingData.train_tokens`, its blocks and
-    `TrainingData.train_digest`) in every checkpoint (`trainer_state.json`), and warns when a run resumes on other
-    data: the steps done, and under stateful BPTT the streams' positions, refer to the text the checkpoint was
-    trained on."""
+    """Keeps the size, digest and BPTT length of the training data (`TrainingData.train_tokens`, its blocks,
+    `TrainingData.train_digest` and `block_size`) in every checkpoint (`trainer_state.json`), and warns when a run
+    resumes on other data: the steps done, and under stateful BPTT the streams' positions, refer to the text the
+    checkpoint was trained on. A resumed run left to choose its BPTT length takes the one kept (`checkpoint_layout`)."""
 
     def __init__(self, training_data: dict[str, int | str]):
         self.training_data = training_data
@@ -298,8 +327,13 @@ class TrainingTextCheck(TrainerCallback, ExportableState):
     def state(self) -> dict:
         return {"args": {"training_data": self.training_data}, "attributes": {}}
 
+    @classmethod
+    def saved(cls, stateful_callbacks: dict) -> dict:
+        """What a checkpoint's `TrainerState.stateful_callbacks` keep of the training data (empty if nothing)."""
+        return stateful_callbacks.get(cls.__name__, {}).get("args", {}).get("training_data") or {}
+
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = state.stateful_callbacks.get(type(self).__name__, {}).get("args", {}).get("training_data") or {}
+        saved = self.saved(state.stateful_callbacks)
         now = self.training_data
         if not state.is_world_process_zero or all(saved[key] == now[key] for key in saved.keys() & now.keys()):
             return  # a checkpoint from before the digest was kept compares the sizes only
@@ -348,14 +382,14 @@ def train(
         raw = load_text_datasets(data_args.source())
         tokenizer = build_tokenizer(model_args, data_args, raw["train"])
         data = build_training_data(raw, tokenizer, data_args, training_args)
-    size_choice = size_new_model(model_args, training_args, tokenizer, data)
+    size_choice, data = size_new_model(model_args, data_args, training_args, raw, tokenizer, data)
     model = build_model(model_args, tokenizer)
     data = plan_evaluation(model, data, data_args, training_args)
     configure_generation(model, tokenizer)
 
     callbacks = [*(callbacks or []),
                  TrainingTextCheck({"train_tokens": data.train_tokens(), "train_blocks": len(data.train),
-                                    "train_digest": data.train_digest()})]
+                                    "train_digest": data.train_digest(), "block_size": data.block_size})]
     if training_args.weight_averaging_patience is not None:
         callbacks.append(NonMonotonicAveraging(training_args.weight_averaging_patience))
     trainer = LSTMTrainer(

@@ -1,6 +1,7 @@
 """The adaptive recipe (`lm_lstm.sizing`): the choice of size from measured speeds, when measuring stops, and
 `lm-lstm train` sizing a model only when no size is given."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,14 +12,16 @@ from transformers import TrainerState
 import lm_lstm.sizing as sizing
 from lm_lstm.arguments import DataArguments, ModelArguments
 from lm_lstm.configuration_lstm import LSTMConfig
-from lm_lstm.sizing import SCALING_FIT, LossFit, Measurement, choose_size, layer_parameters, size_model
-from lm_lstm.training import size_new_model, train
+from lm_lstm.sizing import SCALING_FIT, Layout, LossFit, Measurement, choose_size, layer_parameters, size_model
+import lm_lstm.training as training
+from lm_lstm.training import TrainingTextCheck, size_new_model, train
 
 from test_budget import StepClock, arguments, budget_callbacks
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "scaling.json"
 FIT = LossFit(irreducible=1.0, a=100.0, alpha=0.5, b=100.0, beta=0.5, repetitions=4.0, repetitions_exponent=0.0)
 TEXT = 1e6  # unique training characters
+RECIPE = Layout(16, 128)
 
 
 def speeds(tokens_per_second_at_128: float) -> list[Measurement]:
@@ -29,7 +32,7 @@ def speeds(tokens_per_second_at_128: float) -> list[Measurement]:
     for hidden_size in sizing.CANDIDATE_HIDDEN_SIZES:
         parameters = layer_parameters(LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size}))
         speed = tokens_per_second_at_128 * layer_parameters(config) / parameters
-        measurements.append(Measurement(hidden_size, parameters, speed))
+        measurements.append(Measurement(hidden_size, parameters, speed, RECIPE))
     return measurements
 
 
@@ -70,13 +73,13 @@ def test_measuring_stops_once_a_larger_size_is_expected_to_do_worse(monkeypatch)
     table = {m.hidden_size: m for m in speeds(20_000)}
     measured = []
 
-    def fake_measure(config, hidden_size, batch_size, block_size, bf16, world_size):
+    def fake_measure(config, hidden_size, layout, bf16):
         measured.append(hidden_size)
         return table[hidden_size]
 
     monkeypatch.setattr(sizing, "measure", fake_measure)
     config = LSTMConfig(vocab_size=65, embedding_size=128, hidden_size=128, num_hidden_layers=2)
-    choice = size_model(config, 600, 16, 128, bf16=False, unique_characters=TEXT, fit=FIT)
+    choice = size_model(config, 600, [RECIPE], bf16=False, unique_characters=TEXT, fit=FIT)
     best = choose_size(list(table.values()), 600, unique_characters=TEXT, fit=FIT).hidden_size
     assert choice.hidden_size == best
     sizes = sorted(table)
@@ -87,27 +90,83 @@ def test_measuring_stops_once_a_larger_size_is_expected_to_do_worse(monkeypatch)
 def test_measuring_stops_when_its_share_of_the_budget_is_spent(monkeypatch):
     now = [0.0]
 
-    def slow_measure(config, hidden_size, *args):
+    def slow_measure(config, hidden_size, layout, bf16):
         now[0] += 4.0  # each measurement takes 4 s of a 100 s budget, whose 5% is 5 s
-        return Measurement(hidden_size, hidden_size, 1e9)
+        return Measurement(hidden_size, hidden_size, 1e9, layout)
 
     monkeypatch.setattr(sizing, "measure", slow_measure)
-    choice = size_model(LSTMConfig(vocab_size=65), 100, 16, 128, bf16=False, unique_characters=1e12, fit=FIT,
-                        clock=lambda: now[0])
-    assert [c.measurement.hidden_size for c in choice.candidates] == [128, 192]
+    choice = size_model(LSTMConfig(vocab_size=65), 100, sizing.candidate_layouts(None, None), bf16=False,
+                        unique_characters=1e12, fit=FIT, clock=lambda: now[0])
+    assert [c.measurement.hidden_size for c in choice.candidates] == [128, 192]  # and no other layout
     assert choice.probe_seconds == 8.0 and choice.budget_seconds == 100
     assert choice.chosen.characters == pytest.approx(1e9 * 92 * sizing.TRAINING_SHARE)  # the budget left to train
 
 
+def layouts(candidates: list[Layout]) -> list[tuple[int, int]]:
+    return [(layout.streams, layout.block_size) for layout in candidates]
+
+
+def test_the_layouts_to_choose_from_start_with_the_recipes_and_keep_what_is_given():
+    """Streams x BPTT lengths within the measured tokens per update (1,024 to 8,192, over all processes), the nearest
+    to the recipe's 16 x 128 first; a given value replaces its candidates; out of range, the nearest is kept."""
+    assert layouts(sizing.candidate_layouts(None, None)) == [(16, 128), (32, 64), (16, 64), (8, 128), (32, 128)]
+    assert layouts(sizing.candidate_layouts(None, None, processes=2)) == [
+        (16, 128), (32, 64), (16, 64), (8, 128), (32, 128), (8, 64)]
+    assert layouts(sizing.candidate_layouts(None, 64)) == [(32, 64), (16, 64)]
+    assert layouts(sizing.candidate_layouts(4, None)) == [(4, 128)]  # 512 tokens: below the range
+    assert layouts(sizing.candidate_layouts(4, 32)) == [(4, 32)]
+    assert sizing.candidate_layouts(8, None, processes=2, accumulation=2)[0].tokens_per_update == 4096
+
+
+def test_a_character_in_a_batch_of_fewer_tokens_is_worth_more():
+    worth = sizing.BATCH_WORTH
+    assert worth.worth(2048) == 1 and worth.worth(4096) < 1
+    assert worth.worth(1024) == pytest.approx((1 + 2048 / 1880) / (1 + 1024 / 1880))  # 1.35
+    reference = speeds(10_000)[3]
+    smaller = dataclasses.replace(reference, layout=Layout(8, 128))
+    small, large = (sizing.expected_candidate(m, 600, TEXT, fit=FIT) for m in (smaller, reference))
+    assert small.characters == large.characters and small.loss < large.loss
+    assert small.loss == pytest.approx(FIT.loss(reference.parameters, small.characters * worth.worth(1024), TEXT))
+
+
+def test_sizes_are_measured_in_the_first_layout_then_the_best_size_in_the_others(monkeypatch):
+    """Batches of half the tokens run at 0.81 of the speed here (2**-0.3) and their characters are worth 1.35: the
+    best size is measured in every layout, and 8 x 128 (1,024 tokens, fewer streams than 16 x 64) is chosen."""
+    table = {m.hidden_size: m for m in speeds(20_000)}
+    measurements = []
+
+    def fake_measure(config, hidden_size, layout, bf16):
+        speed = table[hidden_size].tokens_per_second * (layout.tokens_per_update / 2048) ** 0.3
+        measurements.append(Measurement(hidden_size, table[hidden_size].parameters, speed, layout))
+        return measurements[-1]
+
+    monkeypatch.setattr(sizing, "measure", fake_measure)
+    candidates = sizing.candidate_layouts(None, None)
+    choice = size_model(LSTMConfig(vocab_size=65), 600, candidates, bf16=False, unique_characters=TEXT, fit=FIT,
+                        clock=lambda: 0.0)
+    best = choose_size(list(table.values()), 600, unique_characters=TEXT, fit=FIT).hidden_size
+    sizes = sorted(table)
+    assert [(m.hidden_size, m.layout) for m in measurements] == [
+        *((size, candidates[0]) for size in sizes[: sizes.index(best) + 2]), *((best, layout) for layout in candidates[1:])]
+    assert choice.chosen == choose_size(measurements, 600, TEXT, fit=FIT).chosen
+    assert (choice.hidden_size, choice.layout) == (best, Layout(8, 128))
+    line = choice.describe()
+    assert f"hidden size {best} (" in line and "in 8 streams of 128 tokens trains at" in line
+    assert "(each worth 1.35 of one in batches of 2,048 tokens)" in line
+    assert f"streams x tokens at hidden size {best}: 32 x 64: " in line and f"{best}: " in line.split("in 16 streams")[1]
+
+
 def test_measurement_counts_tokens_per_second_of_real_training_steps():
     config = LSTMConfig(vocab_size=40, embedding_size=8, hidden_size=16, num_hidden_layers=2)
-    measurement = sizing.measure(config, 24, batch_size=2, block_size=8, bf16=False, world_size=3)
+    measurement = sizing.measure(config, 24, Layout(streams=2, block_size=8, processes=3), bf16=False)
     assert measurement.hidden_size == 24
     assert measurement.parameters == layer_parameters(LSTMConfig(**{**config.to_dict(), "hidden_size": 24}))
     assert 0 < measurement.tokens_per_second < 1e9
 
 
-def test_the_shipped_fit_is_the_one_benchmarks_scaling_wrote():
+def test_the_shipped_fits_are_the_ones_the_benchmarks_wrote():
+    worth = json.loads((RESULTS.parent / "batch_worth.json").read_text())
+    assert sizing.BATCH_WORTH.__dict__ == {name: worth[name] for name in sizing.BATCH_WORTH.__dict__}
     fit = json.loads(RESULTS.read_text())["fit"]
     shipped = SCALING_FIT.__dict__
     assert shipped == pytest.approx({name: fit[name] for name in shipped}, rel=1e-3)
@@ -128,7 +187,7 @@ def test_expected_losses_are_capped_at_the_untrained_models(monkeypatch):
     assert SCALING_FIT.loss(speeds(100)[0].parameters, 100 * 60 * sizing.TRAINING_SHARE, TEXT) > untrained
     table = {m.hidden_size: m for m in speeds(100)}
     monkeypatch.setattr(sizing, "measure", lambda config, hidden_size, *args: table[hidden_size])
-    choice = size_model(LSTMConfig(vocab_size=65), 60, 16, 128, bf16=False, unique_characters=TEXT)
+    choice = size_model(LSTMConfig(vocab_size=65), 60, [RECIPE], bf16=False, unique_characters=TEXT)
     assert [c.loss for c in choice.candidates] == [untrained, untrained]
     assert choice.hidden_size == min(sizing.CANDIDATE_HIDDEN_SIZES)
     assert f"capped at {untrained:.3f}, an untrained model's loss" in choice.describe()
@@ -144,7 +203,7 @@ def test_other_work_on_the_cpus_while_measuring_is_reported(monkeypatch):
                      sizing.CpuReading(wall=14.0, own=8.0, busy=112.0, cpus=2)])  # others: 12 - 7 = 5 of 8 s
     monkeypatch.setattr(sizing, "read_cpus", lambda: next(readings))
     monkeypatch.setattr(sizing, "measure", lambda config, hidden_size, *args: speeds(10_000)[0])
-    choice = size_model(LSTMConfig(vocab_size=65), 600, 16, 128, bf16=False, unique_characters=TEXT,
+    choice = size_model(LSTMConfig(vocab_size=65), 600, [RECIPE], bf16=False, unique_characters=TEXT,
                         sizes=[128])
     assert choice.other_work_share == pytest.approx(5 / 8)
     assert choice.describe().endswith("Other work kept 62% of this process's CPUs busy while measuring: the speeds, "
@@ -158,10 +217,10 @@ def test_other_work_on_the_cpus_while_measuring_is_reported(monkeypatch):
 def run_train(corpus, output, fake_speed: float | None, monkeypatch, **model_options):
     measured = []
 
-    def fake_measure(config, hidden_size, batch_size, block_size, bf16, world_size):
-        measured.append((hidden_size, batch_size, block_size))
+    def fake_measure(config, hidden_size, layout, bf16):
+        measured.append((hidden_size, layout.streams, layout.block_size))
         parameters = layer_parameters(LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size}))
-        return Measurement(hidden_size, parameters, fake_speed * 1e6 / parameters)
+        return Measurement(hidden_size, parameters, fake_speed * 1e6 / parameters, layout)
 
     monkeypatch.setattr(sizing, "measure", fake_measure)
     monkeypatch.setattr(sizing, "CANDIDATE_HIDDEN_SIZES", (8, 16, 32, 64))
@@ -184,6 +243,32 @@ def test_train_sizes_a_new_model_when_no_size_is_given_and_the_card_says_why(cor
     assert "| time budget | 20 s of training" in card
 
 
+def test_train_lays_its_batches_out_as_chosen_when_the_layout_is_left_open(corpus, tmp_path, monkeypatch, capsys):
+    """Without --per_device_train_batch_size and --block_size, the run trains in the layout chosen with the size (at
+    equal speeds, the one of the fewest tokens per update), on its data laid out again, and its card says so."""
+    for name, value in [("CANDIDATE_HIDDEN_SIZES", (8, 16)), ("CANDIDATE_STREAMS", (2, 4)),
+                        ("CANDIDATE_BLOCK_SIZES", (16, 32)), ("TOKENS_PER_UPDATE_RANGE", (32, 128)),
+                        ("RECIPE_LAYOUT", (4, 32))]:
+        monkeypatch.setattr(sizing, name, value)
+    measured = []
+
+    def fake_measure(config, hidden_size, layout, bf16):
+        measured.append((hidden_size, layout.streams, layout.block_size))
+        return Measurement(hidden_size, hidden_size, 1_000.0, layout)
+
+    monkeypatch.setattr(sizing, "measure", fake_measure)
+    training_args = arguments(tmp_path / "laid-out", per_device_train_batch_size=None, max_time=20)
+    result = train(ModelArguments(tokenizer_type="char", embedding_size=16), DataArguments(train_file=[str(corpus)]),
+                   training_args, callbacks=budget_callbacks(StepClock()))
+    assert measured == [(8, 4, 32), (16, 4, 32), (8, 4, 16), (8, 2, 32), (8, 2, 16)]
+    state = json.loads((result.output_dir / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 2
+    assert state["stateful_callbacks"]["TrainingTextCheck"]["args"]["training_data"]["block_size"] == 16  # the data's
+    printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Sized for"))
+    assert "hidden size 8 (" in printed and "in 2 streams of 16 tokens" in printed
+    assert printed in (result.output_dir / "README.md").read_text()
+
+
 def test_an_explicit_size_always_wins(corpus, tmp_path, monkeypatch):
     result, measured = run_train(corpus, tmp_path / "given", 1.0, monkeypatch, hidden_size=24)
     assert measured == []
@@ -193,20 +278,34 @@ def test_an_explicit_size_always_wins(corpus, tmp_path, monkeypatch):
     assert not overridden.size_left_open() and ModelArguments().size_left_open()
 
 
-def test_a_resumed_run_takes_its_checkpoints_size(tmp_path, monkeypatch):
+def test_a_resumed_run_takes_its_checkpoints_size_and_layout(tmp_path, monkeypatch):
+    """What was left open comes from the checkpoint (its config, `training_args.json` and the `TrainingTextCheck`
+    state), and the data is laid out again in it; given options stay, and a checkpoint without a layout keeps the
+    recipe's."""
     monkeypatch.setattr(sizing, "measure", lambda *args: pytest.fail("a resumed run measured sizes"))
+    monkeypatch.setattr(training, "build_training_data",
+                        lambda raw, tokenizer, data_args, args: (args.per_device_train_batch_size, data_args.block_size))
     checkpoint = tmp_path / "checkpoint-3"
     LSTMConfig(vocab_size=40, embedding_size=16, hidden_size=24).save_pretrained(checkpoint)
-    TrainerState(global_step=3).save_to_json(str(checkpoint / "trainer_state.json"))
+    TrainerState(global_step=3, stateful_callbacks=[TrainingTextCheck({"block_size": 64})]).save_to_json(
+        str(checkpoint / "trainer_state.json"))
+    (checkpoint / "training_args.json").write_text(json.dumps({"per_device_train_batch_size": 8}))
     (checkpoint / "optimizer.pt").touch()  # with the state, what makes a folder a checkpoint to resume from
-    for resume in (True, str(tmp_path / "checkpoint-3")):
+    for resume in (True, str(checkpoint)):
         model_args = ModelArguments(tokenizer_type="char", embedding_size=16)
-        training_args = arguments(tmp_path, max_time=20, resume_from_checkpoint=resume)
-        assert size_new_model(model_args, training_args, tokenizer=None, data=None) is None
+        training_args = arguments(tmp_path, max_time=20, resume_from_checkpoint=resume, per_device_train_batch_size=None)
+        assert size_new_model(model_args, DataArguments(), training_args, None, None, "data") == (None, (8, 64))
         assert model_args.hidden_size == 24
+    given = arguments(tmp_path, max_time=20, resume_from_checkpoint=True, per_device_train_batch_size=8)
+    assert size_new_model(ModelArguments(), DataArguments(block_size=64), given, None, None, "data") == (None, "data")
+    (checkpoint / "training_args.json").unlink()
+    TrainerState(global_step=3).save_to_json(str(checkpoint / "trainer_state.json"))
+    recipe = arguments(tmp_path, max_time=20, resume_from_checkpoint=True, per_device_train_batch_size=None)
+    assert size_new_model(ModelArguments(), DataArguments(), recipe, None, None, "data") == (None, "data")
+    assert (recipe.per_device_train_batch_size, DataArguments().block_size) == (16, 128)
     with pytest.raises(ValueError, match="no checkpoint in"):
-        size_new_model(ModelArguments(), arguments(tmp_path / "empty", max_time=20, resume_from_checkpoint=True),
-                       tokenizer=None, data=None)
+        size_new_model(ModelArguments(), DataArguments(),
+                       arguments(tmp_path / "empty", max_time=20, resume_from_checkpoint=True), None, None, None)
 
 
 def test_repetitions_of_a_small_text_are_worth_less_than_new_text():
