@@ -99,11 +99,11 @@ def training_arguments(output_dir: str, quick: bool, seed: int, minutes: float, 
 
 def train_for(model, args, train_dataset, collator, tokenizer) -> tuple[int, float, list[list[float]]]:
     """Trains until the time budget (`args.max_time`) is spent, with the schedule over it; returns the steps taken,
-    the training seconds and the logged [step, training loss, gradient norm] (to tell a bad run from a bad recipe)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    the training seconds and the logged [step, training loss, gradient norm] (to tell a bad run from a bad recipe).
+    The optimizer is Trainer's, as for `lm-lstm train`: made at `train()`, after `LSTMTrainer` has fitted a recipe
+    learning rate to the model's size."""
     trainer = LSTMTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=collator, processing_class=tokenizer,
-        optimizers=(optimizer, None),
     )
     output = trainer.train()
     log = [[entry["step"], entry["loss"], entry["grad_norm"]] for entry in trainer.state.log_history
