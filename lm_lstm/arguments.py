@@ -219,8 +219,8 @@ class DataArguments:
                   "the time budget and this machine when that is chosen (lm_lstm.sizing), else "
                   f"{DEFAULT_PRESET.data['block_size']}."},
     )
-    block_size_from_recipe: bool = field(default=False, init=False, repr=False)
-    """Whether --block_size was left open, for `lm_lstm.training.size_new_model` to choose it."""
+    recipe_block_size: int | None = field(default=None, init=False, repr=False)
+    """The BPTT length the recipe set when --block_size was not given (`block_size_from_recipe`)."""
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation blocks."})
@@ -234,7 +234,7 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         if self.block_size is None:
-            self.block_size, self.block_size_from_recipe = DEFAULT_PRESET.data["block_size"], True
+            self.block_size = self.recipe_block_size = DEFAULT_PRESET.data["block_size"]
         check_block_size(self.block_size)
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -244,6 +244,11 @@ class DataArguments:
         if self.max_eval_tokens is not None and self.max_eval_tokens < 0:
             raise ValueError(f"--max_eval_tokens must be at least 0 (0: no limit), got {self.max_eval_tokens}.")
         self.source()  # checks the split percentage before any work
+
+    def block_size_from_recipe(self) -> bool:
+        """Whether `block_size` is still the one the recipe set (not given, nor changed since), for
+        `lm_lstm.training.size_new_model` to choose."""
+        return self.recipe_block_size is not None and self.block_size == self.recipe_block_size
 
     def source(self) -> DataSource:
         return DataSource(
@@ -314,8 +319,8 @@ class LSTMTrainingArguments(TrainingArguments):
                   "with the model's size for the time budget and this machine when that is chosen (lm_lstm.sizing), "
                   f"else {DEFAULT_PRESET.training['per_device_train_batch_size']}."},
     )
-    train_batch_size_from_recipe: bool = field(default=False, init=False, repr=False)
-    """Whether --per_device_train_batch_size was left open, for `lm_lstm.training.size_new_model` to choose it."""
+    recipe_train_batch_size: int | None = field(default=None, init=False, repr=False)
+    """The streams the recipe set when --per_device_train_batch_size was not given (`train_batch_size_from_recipe`)."""
     per_device_eval_batch_size: int = _recipe(
         "per_device_eval_batch_size", "Validation blocks per batch and device (with --stateful: streams per device)."
     )
@@ -376,8 +381,10 @@ class LSTMTrainingArguments(TrainingArguments):
         if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() == "true":
             self.resume_from_checkpoint = True  # from the command line: the last checkpoint of --output_dir
         if self.per_device_train_batch_size is None:
-            self.per_device_train_batch_size = DEFAULT_PRESET.training["per_device_train_batch_size"]
-            self.train_batch_size_from_recipe = True
+            self.per_device_train_batch_size = self.recipe_train_batch_size = \
+                DEFAULT_PRESET.training["per_device_train_batch_size"]
+        if self.per_device_train_batch_size < 1:
+            raise ValueError(f"--per_device_train_batch_size must be at least 1, got {self.per_device_train_batch_size}.")
         if self.learning_rate is None:
             self.set_recipe_learning_rate(DEFAULT_PRESET.training["learning_rate"])  # LSTMTrainer fits it to the model
         if self.max_time is None:  # not given: an explicit step or epoch limit is not cut short by a default budget
@@ -413,6 +420,11 @@ class LSTMTrainingArguments(TrainingArguments):
         if self.weight_averaging_patience is not None:
             NonMonotonicAveraging(self.weight_averaging_patience)  # checks the value before any work
 
+
+    def train_batch_size_from_recipe(self) -> bool:
+        """Whether `per_device_train_batch_size` is still the one the recipe set (not given, nor changed since), for
+        `lm_lstm.training.size_new_model` to choose."""
+        return self.recipe_train_batch_size is not None and self.per_device_train_batch_size == self.recipe_train_batch_size
 
     def learning_rate_from_recipe(self) -> bool:
         """Whether `learning_rate` is still the one the recipe set (not given, nor changed since), for `LSTMTrainer` to

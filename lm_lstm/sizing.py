@@ -125,7 +125,8 @@ class Layout:
         return self.streams * self.block_size * self.processes * self.accumulation
 
     def describe(self) -> str:
-        return f"{self.streams} streams of {self.block_size} tokens"
+        return (f"batches of {self.streams} x {self.block_size} tokens" + (" per process" if self.processes > 1 else "")
+                + (f", {self.accumulation} accumulated per update" if self.accumulation > 1 else ""))
 
 
 CANDIDATE_STREAMS: tuple[int, ...] = (8, 16, 32)
@@ -144,8 +145,8 @@ def candidate_layouts(streams: int | None, block_size: int | None, processes: in
     `CANDIDATE_BLOCK_SIZES`, with a given `streams` or `block_size` in place of its candidates, within
     `TOKENS_PER_UPDATE_RANGE`; if none is, the one with the tokens per update nearest the recipe's."""
     layouts = [Layout(s, b, processes, accumulation)
-               for s in ([streams] if streams else CANDIDATE_STREAMS)
-               for b in ([block_size] if block_size else CANDIDATE_BLOCK_SIZES)]
+               for s in (CANDIDATE_STREAMS if streams is None else [streams])
+               for b in (CANDIDATE_BLOCK_SIZES if block_size is None else [block_size])]
     recipe = Layout(*RECIPE_LAYOUT, processes, accumulation).tokens_per_update
 
     def distance(layout: Layout) -> tuple:  # from the recipe: its tokens per update, then its streams
@@ -205,8 +206,9 @@ class SizeChoice:
         chosen, first = self.chosen, self.candidates[0].measurement.layout if self.candidates else self.layout
         sizes = ", ".join(f"{c.measurement.hidden_size}: {c.loss:.3f}" for c in self.candidates
                           if c is not chosen and c.measurement.layout == first)
+        others = [c for c in self.candidates if c.measurement.layout != first]  # all of one size, the best measured
         layouts = ", ".join(f"{c.measurement.layout.streams} x {c.measurement.layout.block_size}: {c.loss:.3f}"
-                            for c in self.candidates if c is not chosen and c.measurement.layout != first)
+                            for c in others if c is not chosen)
         worth = (f" (each worth {chosen.worth:.2f} of one in batches of {BATCH_WORTH.reference_tokens:,.0f} tokens)"
                  if chosen.worth != 1 else "")
         return (
@@ -216,7 +218,8 @@ class SizeChoice:
             f"characters in the budget{worth}, for an expected {chosen.loss:.3f} nats/char, the lowest of the sizes "
             f"and layouts measured in {self.probe_seconds:.0f} s (others, hidden size in {first.describe()}: "
             f"nats/char: {sizes or 'none'}"
-            + (f"; streams x tokens at hidden size {self.hidden_size}: {layouts}" if layouts else "") + ")"
+            + (f"; at hidden size {others[0].measurement.hidden_size}, streams x tokens: {layouts}" if layouts else "")
+            + ")"
             + (f"; below the {FIT_MIN_CHARACTERS / 1e6:.1f}M characters of the fit's shortest run, these expected "
                "losses are rough extrapolations" if chosen.characters < FIT_MIN_CHARACTERS else "")
             + (f", capped at {self.untrained_loss:.3f}, an untrained model's loss (ln of the vocabulary size)"
@@ -268,10 +271,12 @@ def expected_candidate(measurement: Measurement, budget_seconds: float, unique_c
                        characters_per_token: float = 1.0, fit: LossFit = SCALING_FIT,
                        untrained_loss: float = math.inf, batch_worth: BatchWorth = BATCH_WORTH) -> Candidate:
     """What `budget_seconds` give the measured size and layout: the characters it trains on, and the fit's expected
-    loss at them, each worth what `batch_worth` says of its layout's tokens per update; at most `untrained_loss`
-    (the fit's power law grows without bound below its range, a model's loss does not)."""
+    loss at them, each worth what `batch_worth` says of its layout's tokens per update (taken within
+    `TOKENS_PER_UPDATE_RANGE`, where it was measured); at most `untrained_loss` (the fit's power law grows without
+    bound below its range, a model's loss does not)."""
     characters = measurement.tokens_per_second * budget_seconds * TRAINING_SHARE * characters_per_token
-    worth = batch_worth.worth(measurement.layout.tokens_per_update)
+    low, high = TOKENS_PER_UPDATE_RANGE
+    worth = batch_worth.worth(min(max(measurement.layout.tokens_per_update, low), high))
     loss = min(untrained_loss, fit.loss(measurement.parameters, characters * worth, unique_characters))
     return Candidate(measurement, characters, loss, worth)
 
@@ -282,15 +287,14 @@ def choose_size(measurements: Sequence[Measurement], budget_seconds: float, uniq
                 batch_worth: BatchWorth = BATCH_WORTH) -> SizeChoice:
     """The measured size and layout with the lowest expected loss (`expected_candidate`) for `budget_seconds` of
     training on `unique_characters` of text (ties, such as several sizes at the `untrained_loss` cap: the smaller
-    size, then the fewer tokens per update, then the fewer streams).
+    size, then the layout measured first, the recipe's or the nearest to it).
 
     Deterministic given the measurements. Raises `ValueError` if there are none."""
     if not measurements:
         raise ValueError("No candidate size was measured.")
     candidates = [expected_candidate(m, budget_seconds, unique_characters, characters_per_token, fit, untrained_loss,
                                      batch_worth) for m in measurements]
-    chosen = min(candidates, key=lambda c: (c.loss, c.measurement.hidden_size, c.measurement.layout.tokens_per_update,
-                                            c.measurement.layout.streams))
+    _, chosen = min(enumerate(candidates), key=lambda pair: (pair[1].loss, pair[1].measurement.hidden_size, pair[0]))
     return SizeChoice(budget_seconds, chosen, candidates, probe_seconds, untrained_loss)
 
 

@@ -97,7 +97,7 @@ def size_new_model(model_args: ModelArguments, data_args: DataArguments, trainin
       measuring is taken out of `max_time`; the choice is printed;
     - otherwise the recipe's.
     """
-    streams_open, block_size_open = training_args.train_batch_size_from_recipe, data_args.block_size_from_recipe
+    streams_open, block_size_open = training_args.train_batch_size_from_recipe(), data_args.block_size_from_recipe()
     layout = (training_args.per_device_train_batch_size, data_args.block_size)
     choice = None
     if training_args.resume_from_checkpoint:

@@ -118,6 +118,25 @@ def test_the_layouts_to_choose_from_start_with_the_recipes_and_keep_what_is_give
     assert sizing.candidate_layouts(8, None, processes=2, accumulation=2)[0].tokens_per_update == 4096
 
 
+def test_ties_keep_the_layout_measured_first_and_worth_is_not_extrapolated():
+    """Sizes all at the untrained loss's cap keep the smallest size in the recipe's layout; a given layout outside
+    the measured tokens per update is worth what the nearest end of the range is."""
+    capped = [Measurement(128, 1, 1.0, layout) for layout in sizing.candidate_layouts(None, None)]
+    choice = choose_size(capped, 60, TEXT, untrained_loss=math.log(65))
+    assert choice.layout == RECIPE and len({c.loss for c in choice.candidates}) == 1
+    small = sizing.expected_candidate(Measurement(512, 3e6, 1e4, Layout(4, 128)), 600, TEXT)
+    assert small.worth == sizing.BATCH_WORTH.worth(1024)
+    with pytest.raises(ValueError, match="per_device_train_batch_size must be at least 1, got 0"):
+        arguments(Path("unused"), per_device_train_batch_size=0)
+
+
+def test_a_layout_set_after_the_arguments_were_made_is_kept():
+    training_args, data_args = arguments(Path("unused"), per_device_train_batch_size=None), DataArguments()
+    assert training_args.train_batch_size_from_recipe() and data_args.block_size_from_recipe()
+    training_args.per_device_train_batch_size, data_args.block_size = 4, 32
+    assert not training_args.train_batch_size_from_recipe() and not data_args.block_size_from_recipe()
+
+
 def test_a_character_in_a_batch_of_fewer_tokens_is_worth_more():
     worth = sizing.BATCH_WORTH
     assert worth.worth(2048) == 1 and worth.worth(4096) < 1
@@ -131,7 +150,7 @@ def test_a_character_in_a_batch_of_fewer_tokens_is_worth_more():
 
 def test_sizes_are_measured_in_the_first_layout_then_the_best_size_in_the_others(monkeypatch):
     """Batches of half the tokens run at 0.81 of the speed here (2**-0.3) and their characters are worth 1.35: the
-    best size is measured in every layout, and 8 x 128 (1,024 tokens, fewer streams than 16 x 64) is chosen."""
+    best size is measured in every layout, and 16 x 64 (1,024 tokens, measured before 8 x 128) is chosen."""
     table = {m.hidden_size: m for m in speeds(20_000)}
     measurements = []
 
@@ -149,11 +168,12 @@ def test_sizes_are_measured_in_the_first_layout_then_the_best_size_in_the_others
     assert [(m.hidden_size, m.layout) for m in measurements] == [
         *((size, candidates[0]) for size in sizes[: sizes.index(best) + 2]), *((best, layout) for layout in candidates[1:])]
     assert choice.chosen == choose_size(measurements, 600, TEXT, fit=FIT).chosen
-    assert (choice.hidden_size, choice.layout) == (best, Layout(8, 128))
+    assert (choice.hidden_size, choice.layout) == (best, Layout(16, 64))
     line = choice.describe()
-    assert f"hidden size {best} (" in line and "in 8 streams of 128 tokens trains at" in line
+    assert f"hidden size {best} (" in line and "in batches of 16 x 64 tokens trains at" in line
     assert "(each worth 1.35 of one in batches of 2,048 tokens)" in line
-    assert f"streams x tokens at hidden size {best}: 32 x 64: " in line and f"{best}: " in line.split("in 16 streams")[1]
+    assert f"at hidden size {best}, streams x tokens: 32 x 64: " in line
+    assert f"{best}: " in line.split("hidden size in batches of 16 x 128 tokens")[1]
 
 
 def test_measurement_counts_tokens_per_second_of_real_training_steps():
@@ -244,8 +264,8 @@ def test_train_sizes_a_new_model_when_no_size_is_given_and_the_card_says_why(cor
 
 
 def test_train_lays_its_batches_out_as_chosen_when_the_layout_is_left_open(corpus, tmp_path, monkeypatch, capsys):
-    """Without --per_device_train_batch_size and --block_size, the run trains in the layout chosen with the size (at
-    equal speeds, the one of the fewest tokens per update), on its data laid out again, and its card says so."""
+    """Without --per_device_train_batch_size and --block_size, the run trains in the layout chosen with the size (here
+    the one of the fewest tokens per update), on its data laid out again, and its card says so."""
     for name, value in [("CANDIDATE_HIDDEN_SIZES", (8, 16)), ("CANDIDATE_STREAMS", (2, 4)),
                         ("CANDIDATE_BLOCK_SIZES", (16, 32)), ("TOKENS_PER_UPDATE_RANGE", (32, 128)),
                         ("RECIPE_LAYOUT", (4, 32))]:
@@ -257,6 +277,9 @@ def test_train_lays_its_batches_out_as_chosen_when_the_layout_is_left_open(corpu
         return Measurement(hidden_size, hidden_size, 1_000.0, layout)
 
     monkeypatch.setattr(sizing, "measure", fake_measure)
+    # On this tiny text every size is expected at the untrained model's loss; here the fewer tokens, the better.
+    monkeypatch.setattr(sizing, "expected_candidate", lambda measurement, *args: sizing.Candidate(
+        measurement, 1e6, measurement.layout.tokens_per_update / 1e3))
     training_args = arguments(tmp_path / "laid-out", per_device_train_batch_size=None, max_time=20)
     result = train(ModelArguments(tokenizer_type="char", embedding_size=16), DataArguments(train_file=[str(corpus)]),
                    training_args, callbacks=budget_callbacks(StepClock()))
@@ -265,7 +288,7 @@ def test_train_lays_its_batches_out_as_chosen_when_the_layout_is_left_open(corpu
     assert state["train_batch_size"] == 2
     assert state["stateful_callbacks"]["TrainingTextCheck"]["args"]["training_data"]["block_size"] == 16  # the data's
     printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Sized for"))
-    assert "hidden size 8 (" in printed and "in 2 streams of 16 tokens" in printed
+    assert "hidden size 8 (" in printed and "in batches of 2 x 16 tokens" in printed
     assert printed in (result.output_dir / "README.md").read_text()
 
 
