@@ -319,6 +319,9 @@ class LSTMTrainingArguments(TrainingArguments):
                   "with the model's size for the time budget and this machine when that is chosen (lm_lstm.sizing), "
                   f"else {DEFAULT_PRESET.training['per_device_train_batch_size']}."},
     )
+    sizing_seconds: float = field(default=0.0, init=False, repr=False)
+    """Seconds of `max_time` that choosing the model's size took (`lm_lstm.training.size_new_model`), out of the
+    budget; kept in checkpoints, for a resumed run to take them out again."""
     recipe_train_batch_size: int | None = field(default=None, init=False, repr=False)
     """The streams the recipe set when --per_device_train_batch_size was not given (`train_batch_size_from_recipe`)."""
     per_device_eval_batch_size: int = _recipe(

@@ -74,15 +74,17 @@ def on_main_process(compute: Callable[[], T], training_args: LSTMTrainingArgumen
     return values[0]
 
 
-def checkpoint_layout(checkpoint: str) -> tuple[int | None, int | None]:
-    """The streams (per device) and BPTT length a checkpoint's run trained with, as its `training_args.json` and
-    `TrainingTextCheck` state record them (None for what a checkpoint from before the layout was chosen lacks)."""
+def checkpoint_sizing(checkpoint: str) -> tuple[int | None, int | None, float]:
+    """The streams (per device) and BPTT length a checkpoint's run trained with, and the seconds its sizing took out
+    of its budget, as its `training_args.json` and `TrainingTextCheck` state record them (None, or 0 seconds, for
+    what a checkpoint from before they were kept lacks)."""
     folder = Path(checkpoint)
     saved_args = folder / TRAINING_ARGS_JSON
     streams = json.loads(saved_args.read_text(encoding="utf-8")).get("per_device_train_batch_size") \
         if saved_args.is_file() else None
     state = json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-    return streams, TrainingTextCheck.saved(state.get("stateful_callbacks") or {}).get("block_size")
+    saved = TrainingTextCheck.saved(state.get("stateful_callbacks") or {})
+    return streams, saved.get("block_size"), saved.get("sizing_seconds", 0.0)
 
 
 def size_new_model(model_args: ModelArguments, data_args: DataArguments, training_args: LSTMTrainingArguments,
@@ -91,7 +93,8 @@ def size_new_model(model_args: ModelArguments, data_args: DataArguments, trainin
     layout (`--per_device_train_batch_size`, `--block_size`), and returns the choice (None when nothing was chosen)
     and `data`, laid out again from `raw` if the layout changed:
 
-    - a resumed run takes its checkpoint's;
+    - a resumed run takes its checkpoint's, and the time its sizing took is taken out of `max_time` again (the
+      checkpoint's budget state counts training time only);
     - a run with a time budget and the size open gets the size, streams and BPTT length that `lm_lstm.sizing`
       chooses for the budget and this machine (measured by the main process, the same for all), and the time spent
       measuring is taken out of `max_time`; the choice is printed;
@@ -104,7 +107,7 @@ def size_new_model(model_args: ModelArguments, data_args: DataArguments, trainin
         checkpoint = check_resume(training_args, training_args.resume_from_checkpoint)
         if model_args.size_left_open():
             setattr(model_args, SIZED_OPTION, getattr(LSTMConfig.from_pretrained(checkpoint), SIZED_OPTION))
-        streams, block_size = checkpoint_layout(checkpoint)
+        streams, block_size, training_args.sizing_seconds = checkpoint_sizing(checkpoint)
         if streams_open and streams:
             training_args.per_device_train_batch_size = streams
         if block_size_open and block_size:
@@ -127,7 +130,9 @@ def size_new_model(model_args: ModelArguments, data_args: DataArguments, trainin
         choice = on_main_process(choose, training_args)
         setattr(model_args, SIZED_OPTION, choice.hidden_size)
         training_args.per_device_train_batch_size, data_args.block_size = choice.layout.streams, choice.layout.block_size
-        training_args.max_time = max(1.0, training_args.max_time - choice.probe_seconds)
+        training_args.sizing_seconds = choice.probe_seconds
+    if training_args.max_time is not None and training_args.sizing_seconds:
+        training_args.max_time = max(1.0, training_args.max_time - training_args.sizing_seconds)
     if layout != (training_args.per_device_train_batch_size, data_args.block_size):
         data = build_training_data(raw, tokenizer, data_args, training_args)
     return choice, data
@@ -319,7 +324,8 @@ class TrainingTextCheck(TrainerCallback, ExportableState):
     """Keeps the size, digest and BPTT length of the training data (`TrainingData.train_tokens`, its blocks,
     `TrainingData.train_digest` and `block_size`) in every checkpoint (`trainer_state.json`), and warns when a run
     resumes on other data: the steps done, and under stateful BPTT the streams' positions, refer to the text the
-    checkpoint was trained on. A resumed run left to choose its BPTT length takes the one kept (`checkpoint_layout`)."""
+    checkpoint was trained on. A resumed run left to choose its BPTT length takes the one kept, and takes the seconds its sizing spent out of its
+    budget again (`checkpoint_sizing`)."""
 
     def __init__(self, training_data: dict[str, int | str]):
         self.training_data = training_data
@@ -389,7 +395,8 @@ def train(
 
     callbacks = [*(callbacks or []),
                  TrainingTextCheck({"train_tokens": data.train_tokens(), "train_blocks": len(data.train),
-                                    "train_digest": data.train_digest(), "block_size": data.block_size})]
+                                    "train_digest": data.train_digest(), "block_size": data.block_size,
+                                    "sizing_seconds": training_args.sizing_seconds})]
     if training_args.weight_averaging_patience is not None:
         callbacks.append(NonMonotonicAveraging(training_args.weight_averaging_patience))
     trainer = LSTMTrainer(

@@ -286,7 +286,9 @@ def test_train_lays_its_batches_out_as_chosen_when_the_layout_is_left_open(corpu
     assert measured == [(8, 4, 32), (16, 4, 32), (8, 4, 16), (8, 2, 32), (8, 2, 16)]
     state = json.loads((result.output_dir / "trainer_state.json").read_text())
     assert state["train_batch_size"] == 2
-    assert state["stateful_callbacks"]["TrainingTextCheck"]["args"]["training_data"]["block_size"] == 16  # the data's
+    kept = state["stateful_callbacks"]["TrainingTextCheck"]["args"]["training_data"]
+    assert kept["block_size"] == 16  # the data's
+    assert kept["sizing_seconds"] > 0 and training_args.max_time == pytest.approx(20 - kept["sizing_seconds"])
     printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Sized for"))
     assert "hidden size 8 (" in printed and "in batches of 2 x 16 tokens" in printed
     assert printed in (result.output_dir / "README.md").read_text()
@@ -310,7 +312,8 @@ def test_a_resumed_run_takes_its_checkpoints_size_and_layout(tmp_path, monkeypat
                         lambda raw, tokenizer, data_args, args: (args.per_device_train_batch_size, data_args.block_size))
     checkpoint = tmp_path / "checkpoint-3"
     LSTMConfig(vocab_size=40, embedding_size=16, hidden_size=24).save_pretrained(checkpoint)
-    TrainerState(global_step=3, stateful_callbacks=[TrainingTextCheck({"block_size": 64})]).save_to_json(
+    saved = TrainingTextCheck({"block_size": 64, "sizing_seconds": 5.0})  # measuring took 5 s of its 20 s budget
+    TrainerState(global_step=3, stateful_callbacks=[saved]).save_to_json(
         str(checkpoint / "trainer_state.json"))
     (checkpoint / "training_args.json").write_text(json.dumps({"per_device_train_batch_size": 8}))
     (checkpoint / "optimizer.pt").touch()  # with the state, what makes a folder a checkpoint to resume from
@@ -319,6 +322,7 @@ def test_a_resumed_run_takes_its_checkpoints_size_and_layout(tmp_path, monkeypat
         training_args = arguments(tmp_path, max_time=20, resume_from_checkpoint=resume, per_device_train_batch_size=None)
         assert size_new_model(model_args, DataArguments(), training_args, None, None, "data") == (None, (8, 64))
         assert model_args.hidden_size == 24
+        assert (training_args.max_time, training_args.sizing_seconds) == (15.0, 5.0)  # as the uninterrupted run
     given = arguments(tmp_path, max_time=20, resume_from_checkpoint=True, per_device_train_batch_size=8)
     assert size_new_model(ModelArguments(), DataArguments(block_size=64), given, None, None, "data") == (None, "data")
     (checkpoint / "training_args.json").unlink()
@@ -326,6 +330,7 @@ def test_a_resumed_run_takes_its_checkpoints_size_and_layout(tmp_path, monkeypat
     recipe = arguments(tmp_path, max_time=20, resume_from_checkpoint=True, per_device_train_batch_size=None)
     assert size_new_model(ModelArguments(), DataArguments(), recipe, None, None, "data") == (None, "data")
     assert (recipe.per_device_train_batch_size, DataArguments().block_size) == (16, 128)
+    assert recipe.max_time == 20.0
     with pytest.raises(ValueError, match="no checkpoint in"):
         size_new_model(ModelArguments(), DataArguments(),
                        arguments(tmp_path / "empty", max_time=20, resume_from_checkpoint=True), None, None, None)
