@@ -48,6 +48,12 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool | N
     return str(folder)
 
 
+def saved_training_args(checkpoint: str | Path) -> dict:
+    """The training arguments a checkpoint's run saved (`training_args.json`; empty if it has none)."""
+    saved = Path(checkpoint) / TRAINING_ARGS_JSON
+    return json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
+
+
 def check_resume(args: TrainingArguments, resume_from_checkpoint: str | bool | None) -> str | None:
     """The checkpoint `resume_from_checkpoint` names (`checkpoint_to_resume`); raises `ValueError` when there is none
     in `args.output_dir` for True, or it has no step or time left under `args` (`check_limits_left`)."""
@@ -113,10 +119,9 @@ class LSTMTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _continue_learning_rate(self, checkpoint: str) -> None:
-        saved_args = Path(checkpoint) / TRAINING_ARGS_JSON
-        if not saved_args.is_file():
+        saved = saved_training_args(checkpoint).get("learning_rate")
+        if saved is None:
             return
-        saved = json.loads(saved_args.read_text(encoding="utf-8"))["learning_rate"]
         if self._learning_rate_from_recipe():
             self.args.set_recipe_learning_rate(saved)
         elif not math.isclose(self.args.learning_rate, saved):

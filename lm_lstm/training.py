@@ -7,7 +7,6 @@ benchmarks.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback, TrainerState, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 
@@ -34,7 +33,7 @@ from .streams import build_stream_data
 from .tokenization import (
     document_start_id, encode_prompt, eos_ends_lines, load_tokenizer, text_decoding, train_tokenizer,
 )
-from .trainer import TRAINING_ARGS_JSON, LSTMTrainer, check_resume
+from .trainer import LSTMTrainer, check_resume, saved_training_args
 
 T = TypeVar("T")
 
@@ -78,12 +77,9 @@ def checkpoint_sizing(checkpoint: str) -> tuple[int | None, int | None, float]:
     """The streams (per device) and BPTT length a checkpoint's run trained with, and the seconds its sizing took out
     of its budget, as its `training_args.json` and `TrainingTextCheck` state record them (None, or 0 seconds, for
     what a checkpoint from before they were kept lacks)."""
-    folder = Path(checkpoint)
-    saved_args = folder / TRAINING_ARGS_JSON
-    streams = json.loads(saved_args.read_text(encoding="utf-8")).get("per_device_train_batch_size") \
-        if saved_args.is_file() else None
-    state = json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-    saved = TrainingTextCheck.saved(state.get("stateful_callbacks") or {})
+    streams = saved_training_args(checkpoint).get("per_device_train_batch_size")
+    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+    saved = TrainingTextCheck.saved(state.stateful_callbacks)
     return streams, saved.get("block_size"), saved.get("sizing_seconds", 0.0)
 
 
@@ -324,8 +320,8 @@ class TrainingTextCheck(TrainerCallback, ExportableState):
     """Keeps the size, digest and BPTT length of the training data (`TrainingData.train_tokens`, its blocks,
     `TrainingData.train_digest` and `block_size`) in every checkpoint (`trainer_state.json`), and warns when a run
     resumes on other data: the steps done, and under stateful BPTT the streams' positions, refer to the text the
-    checkpoint was trained on. A resumed run left to choose its BPTT length takes the one kept, and takes the seconds its sizing spent out of its
-    budget again (`checkpoint_sizing`)."""
+    checkpoint was trained on. A resumed run left to choose its BPTT length takes the one kept, and takes the
+    seconds its sizing spent out of its budget again (`checkpoint_sizing`)."""
 
     def __init__(self, training_data: dict[str, int | str]):
         self.training_data = training_data
