@@ -13,6 +13,7 @@ does.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -228,11 +229,24 @@ def saved_budget_state(state: TrainerState) -> dict:
     return state.stateful_callbacks.get(TimeBudget.__name__, {}).get("attributes", {})
 
 
+def read_checkpoint_file(path: Path) -> dict:
+    """One of a checkpoint's JSON files; raises `ValueError` naming it when it is not JSON (a damaged checkpoint)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: damaged, not JSON ({error}); resume from another checkpoint.") from None
+
+
+def checkpoint_state(checkpoint: str | Path) -> TrainerState:
+    """The `TrainerState` a checkpoint saved (`trainer_state.json`); raises `ValueError` when it is damaged."""
+    return TrainerState(**read_checkpoint_file(Path(checkpoint) / TRAINER_STATE_NAME))
+
+
 def check_limits_left(checkpoint: str | Path, args: TrainingArguments) -> None:
     """Raises `ValueError` when the run of `checkpoint` already reached `args.max_steps` or spent `args.max_time`
     (the `TimeBudget` stopping rule on its saved state): `Trainer` would still train one more step from it, at the
     schedule's end."""
-    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+    state = checkpoint_state(checkpoint)
     if 0 < args.max_steps != NO_STEP_LIMIT and state.global_step >= args.max_steps:
         raise ValueError(f"--resume_from_checkpoint {checkpoint}: its run is at step {state.global_step}, and "
                          f"--max_steps is {args.max_steps}; give a larger --max_steps to train further.")
@@ -271,6 +285,8 @@ class BudgetProgressCallback(ProgressCallback):
         if state.max_steps != NO_STEP_LIMIT:
             return super().on_step_end(args, state, control, **kwargs)
         if state.is_world_process_zero:
-            self.training_bar.n = min(self.training_bar.total, round(self.clock() - self.started))
-            self.training_bar.set_postfix_str(f"step {state.global_step}")  # also redraws the bar
+            seconds = min(self.training_bar.total, round(self.clock() - self.started))
+            self.training_bar.set_postfix_str(f"step {state.global_step}", refresh=False)
+            if seconds != self.training_bar.n:  # redrawn once a second, not at every step: a log file keeps each one
+                self.training_bar.update(seconds - self.training_bar.n)
         self.current_step = state.global_step

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import LSTMTrainingArguments
 from .averaging import NonMonotonicAveraging
-from .budget import BudgetProgressCallback, TimeBudget, budget_seconds, check_limits_left
+from .budget import BudgetProgressCallback, TimeBudget, budget_seconds, check_limits_left, read_checkpoint_file
 from .evaluation import perplexity
 from .hub import push_folder
 from .presets import recipe_learning_rate
@@ -49,9 +48,10 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool | N
 
 
 def saved_training_args(checkpoint: str | Path) -> dict:
-    """The training arguments a checkpoint's run saved (`training_args.json`; empty if it has none)."""
+    """The training arguments a checkpoint's run saved (`training_args.json`; empty if it has none); raises
+    `ValueError` when it is damaged."""
     saved = Path(checkpoint) / TRAINING_ARGS_JSON
-    return json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
+    return read_checkpoint_file(saved) if saved.is_file() else {}
 
 
 def check_resume(args: TrainingArguments, resume_from_checkpoint: str | bool | None) -> str | None:

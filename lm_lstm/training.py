@@ -16,14 +16,13 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback, TrainerState, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from transformers.trainer_callback import ExportableState
 
 from .arguments import SIZED_OPTION, CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
 from .averaging import NonMonotonicAveraging
 from .card import RunSummary, write_model_card
-from .budget import EVALUATION_SHARE, evaluation_speed
+from .budget import EVALUATION_SHARE, checkpoint_state, evaluation_speed
 from .data import TrainingData, build_block_data, load_text_datasets, tokenizer_training_texts
 from .configuration_lstm import LSTMConfig
 from .evaluation import perplexity_unit
@@ -78,8 +77,7 @@ def checkpoint_sizing(checkpoint: str) -> tuple[int | None, int | None, float]:
     of its budget, as its `training_args.json` and `TrainingTextCheck` state record them (None, or 0 seconds, for
     what a checkpoint from before they were kept lacks)."""
     streams = saved_training_args(checkpoint).get("per_device_train_batch_size")
-    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
-    saved = TrainingTextCheck.saved(state.stateful_callbacks)
+    saved = TrainingTextCheck.saved(checkpoint_state(checkpoint).stateful_callbacks)
     return streams, saved.get("block_size"), saved.get("sizing_seconds", 0.0)
 
 

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments
-from lm_lstm.budget import NO_STEP_LIMIT, BudgetProgressCallback, TimeBudget, format_duration, learning_rate_factor, parse_duration
+from lm_lstm.budget import (NO_STEP_LIMIT, BudgetProgressCallback, TimeBudget, checkpoint_state, format_duration,
+                            learning_rate_factor, parse_duration)
 from lm_lstm.data import collate_blocks
-from lm_lstm.trainer import LSTMTrainer
+from lm_lstm.trainer import LSTMTrainer, saved_training_args
 from lm_lstm.training import train
 
 from conftest import tiny_model
@@ -179,6 +180,16 @@ def test_resumed_run_trains_for_the_budget_it_had_left(corpus, tmp_path):
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=0, rtol=0)
 
 
+def test_a_damaged_checkpoint_file_is_named(tmp_path):
+    """A truncated or binary checkpoint file is a one-line error naming it, not a bare JSON decoding error."""
+    (tmp_path / "trainer_state.json").write_text('{"global_step": 4, "log_hi', encoding="utf-8")
+    (tmp_path / "training_args.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=r"/trainer_state.json: damaged, not JSON \(.*\); resume from another "):
+        checkpoint_state(tmp_path)
+    with pytest.raises(ValueError, match=r"/training_args.json: damaged, not JSON \(.*\); resume from another "):
+        saved_training_args(tmp_path)
+
+
 def test_a_finished_run_is_not_resumed_by_one_more_step(corpus, tmp_path):
     """Trainer would train one more step from the last checkpoint of a finished run, at the schedule's end: the
     resumed run asks for a larger limit instead, and trains on to it when given one."""
@@ -285,9 +296,12 @@ def test_the_progress_bar_runs_over_the_budget_seconds(tmp_path):
                          stateful_callbacks={"TimeBudget": {"attributes": {"elapsed_before": 20.0}}})
     bar.on_train_begin(args, state, control)
     assert (bar.training_bar.total, bar.training_bar.n) == (60, 20)
-    clock.now, state.global_step = 512.4, 4
-    bar.on_step_end(args, state, control)
-    assert bar.training_bar.n == 32 and bar.training_bar.postfix == "step 4"
+    redraws, bar.training_bar.mininterval = [], 0  # tqdm's own limit off: the callback's is the one tested
+    bar.training_bar.refresh = lambda *a, **k: redraws.append(bar.training_bar.n)
+    for clock.now, state.global_step in [(512.1, 4), (512.4, 5)]:
+        bar.on_step_end(args, state, control)
+    assert bar.training_bar.n == 32 and bar.training_bar.postfix == "step 5"
+    assert redraws == [32]  # once per second of the budget, not at every step
     clock.now = 600.0
     bar.on_step_end(args, state, control)
     assert bar.training_bar.n == 60  # no further than the total
