@@ -110,6 +110,16 @@ def _format(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
+def describe_warmup(warmup_steps: float) -> str:
+    """`--warmup_steps` in words: a number of steps, or below 1 a fraction of training (of its time, under a
+    budget)."""
+    if warmup_steps <= 0:
+        return "no warm-up"
+    if warmup_steps < 1:
+        return f"warm-up over the first {warmup_steps:.0%} of training"
+    return f"{warmup_steps:g} warm-up steps"
+
+
 def describe_limit(run: RunSummary) -> str:
     """What ended training, in words."""
     h = run.hyperparameters
@@ -120,10 +130,21 @@ def describe_limit(run: RunSummary) -> str:
     return f"the epoch limit ({_format(h['epochs'], 2)} epochs)"
 
 
+def describe_generation(config) -> str:
+    """What `generate()` does by default, from the model's `GenerationConfig` (saved as `generation_config.json`)."""
+    if not config.do_sample:
+        return "decodes greedily by default"
+    settings = [f"temperature {config.temperature:g}"] + ([f"top-k {config.top_k}"] if config.top_k else []) + (
+        [f"top-p {config.top_p:g}"] if config.top_p is not None and config.top_p < 1 else [])
+    return (f"samples by default ({', '.join(settings)}; `generation_config.json`): pass `do_sample=False` to decode "
+            "greedily")
+
+
 def architecture_fields(model, tokenizer) -> dict[str, object]:
-    """The template fields that describe the model and its tokenizer (the cards' "Model" table)."""
+    """The template fields that describe the model and its tokenizer (the cards' "Model" table) and how it generates."""
     config = model.config
     return dict(
+        generation=describe_generation(model.generation_config),
         num_layers=config.num_hidden_layers,
         lstm_layers=f"{config.num_hidden_layers} LSTM layer{'s' if config.num_hidden_layers > 1 else ''}",
         vocab_size=config.vocab_size,
@@ -189,7 +210,7 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
         learning_rate=h["learning_rate"],
         weight_decay=h["weight_decay"],
         scheduler=h["scheduler"],
-        warmup_steps=h["warmup_steps"],
+        warmup=describe_warmup(h["warmup_steps"]),
         max_grad_norm=h["max_grad_norm"],
         precision=h["precision"],
         seed=h["seed"],

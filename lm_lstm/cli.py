@@ -29,6 +29,14 @@ def command(name: str, summary: str):
     return register
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`HfArgumentParser`'s "(default: ...)" after each option's help, except where the help says its default in
+    words ("Default: chosen ..."): the `None` that stands for "chosen" would contradict it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if "Default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Makes the parser report bad arguments as one line (no usage block) by raising `UsageError`."""
 
@@ -52,6 +60,7 @@ def train_command(argv: list[str]) -> int:
             (ModelArguments, DataArguments, LSTMTrainingArguments, CardArguments),
             prog="lm-lstm train",
             description="Train an LSTM language model; option names follow TrainingArguments and run_clm.py.",
+            formatter_class=DefaultsHelpFormatter,
         )
     )
     model_args, data_args, training_args, card_args = parser.parse_args_into_dataclasses(args=argv)
@@ -150,16 +159,20 @@ def evaluate_command(argv: list[str]) -> int:
     score = evaluate_file(model, tokenizer, args.file, args.block_size, args.context, args.batch_size,
                           args.text_column, progress=True)
     unit = perplexity_unit(tokenizer)  # "word" for word-level tokenizers
-    print(f"file            {args.file}")
-    print(f"context         {args.context} (block_size {args.block_size})")
-    print(f"unit            {unit}" + (" (each line end, <eos>, counts as a word)" if unit == "word" else ""))
-    print(f"{unit + 's scored':<15} {score.tokens}")
+    rows = [
+        ("file", args.file),
+        ("context", f"{args.context} (block_size {args.block_size})"),
+        ("unit", unit + (" (each line end, <eos>, counts as a word)" if unit == "word" else "")),
+        (f"{unit}s scored", score.tokens),
+    ]
     if score.left_out:
-        print(f"{unit + 's left out':<15} {score.left_out} (tokens that do not fill a block of {args.block_size}, "
-              "left out as in training)")
-    print(f"{'loss (nats/' + unit + ')':<15} {score.loss:.6f}")
-    print(f"perplexity      {score.perplexity:.4f}")
-    print(f"bits per byte   {score.bits_per_byte:.4f}")
+        rows.append((f"{unit}s left out", f"{score.left_out} (tokens that do not fill a block of {args.block_size}, "
+                                          "left out as in training)"))
+    rows += [(f"loss (nats/{unit})", f"{score.loss:.6f}"), ("perplexity", f"{score.perplexity:.4f}"),
+             ("bits per byte", f"{score.bits_per_byte:.4f}")]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
     return 0
 
 

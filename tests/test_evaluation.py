@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import evaluate
 import pytest
@@ -158,8 +159,9 @@ def test_word_level_evaluation_scores_every_line_end_as_a_word_over_the_bytes_of
     captured = capsys.readouterr()
     assert "Scoring: 100%" in captured.err  # the progress bar
     report = captured.out.splitlines()
-    assert "unit            word (each line end, <eos>, counts as a word)" in report
-    assert f"words scored    {len(ids)}" in report
+    assert "unit              word (each line end, <eos>, counts as a word)" in report
+    assert f"words scored      {len(ids)}" in report
+    assert {re.match(r"\S+(?: \S+)* {2,}", line).end() for line in report} == {len("loss (nats/word)  ")}  # aligned
 
 
 def test_a_word_outside_a_vocabulary_without_unk_is_a_one_line_error(tmp_path, capsys):

@@ -12,10 +12,11 @@ import torch
 from conftest import command_stderr_lines
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import lm_lstm
 from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments
+from lm_lstm.card import describe_generation, describe_warmup
 from lm_lstm.evaluation import evaluate_file, load_model_and_tokenizer
 from lm_lstm.training import train
 
@@ -101,6 +102,16 @@ def test_model_card_parses_and_reports_the_run(trained):
     # --max_steps 40 without --max_time: the default recipe's budget does not apply
     assert "| time budget | none |" in card.text
     assert "| steps | 40 (" in card.text and "ended by the step limit (40 steps) |" in card.text
+    assert "| schedule | cosine, 5 warm-up steps |" in card.text
+    assert "Generation\nsamples by default (temperature 0.8, top-k 50; `generation_config.json`): pass `do_sample=False`" \
+        in card.text
+    assert describe_generation(GenerationConfig(do_sample=False)) == "decodes greedily by default"
+
+
+@pytest.mark.parametrize("warmup_steps, words", [
+    (0, "no warm-up"), (0.02, "warm-up over the first 2% of training"), (50.0, "50 warm-up steps")])
+def test_the_card_says_warmup_as_steps_or_a_fraction_of_training(warmup_steps, words):
+    assert describe_warmup(warmup_steps) == words
 
 
 def validation_blocks(output, corpus):
@@ -133,7 +144,7 @@ def test_evaluate_command_agrees_with_trainer(trained, corpus):
     assert float(reported["perplexity"]) == pytest.approx(math.exp(eval_loss), rel=1e-4)
     model, tokenizer = load_model_and_tokenizer(str(output))
     score = evaluate_file(model, tokenizer, corpus / "validation.txt", block_size=BLOCK, context="blocks")
-    assert score.left_out > 0 and f"tokens left out {score.left_out} (" in result.stdout
+    assert score.left_out > 0 and f"tokens left out    {score.left_out} (" in result.stdout
 
 
 def test_generate_command_streams_text(trained):
@@ -435,3 +446,16 @@ def test_every_command_prints_its_help(capsys):
             main([name, "--help"])
         assert exit_info.value.code == 0, name
         assert "usage:" in capsys.readouterr().out, name
+
+
+def test_train_help_states_each_default_once(capsys):
+    """An option whose help says its default in words ("Default: chosen ...") does not also say "(default: None)";
+    the others keep Trainer's "(default: ...)"."""
+    from lm_lstm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+    assert "(default: None)" not in text.split("--block_size BLOCK_SIZE")[1].split("--preprocessing_num_workers")[0]
+    assert "else 128." in text and "Default: chosen with the model's size" in text
+    assert "--max_grad_norm MAX_GRAD_NORM" in text and "(default: 0.5)" in text
