@@ -13,6 +13,7 @@ does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -25,10 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
+import transformers
 from transformers import ProgressCallback, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
+
+from .messages import first_line
 
 NO_STEP_LIMIT = sys.maxsize
 """`max_steps` of a run that only its time budget ends: `--max_time` without `--max_steps` or `--num_train_epochs`."""
@@ -229,17 +233,40 @@ def saved_budget_state(state: TrainerState) -> dict:
     return state.stateful_callbacks.get(TimeBudget.__name__, {}).get("attributes", {})
 
 
-def read_checkpoint_file(path: Path) -> dict:
-    """One of a checkpoint's JSON files; raises `ValueError` naming it when it is not JSON (a damaged checkpoint)."""
+def read_checkpoint_file(path: Path, fields: dict[str, type | tuple[type, ...]],
+                         required: tuple[str, ...] = ()) -> dict:
+    """One of a checkpoint's JSON files: an object whose `fields` have the given types where present, and which holds
+    the `required` ones. Raises `ValueError` naming the file otherwise (a damaged checkpoint)."""
+
+    def damaged(reason: str) -> ValueError:
+        return ValueError(f"{path}: damaged, {reason}; resume from another checkpoint.")
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: damaged, not JSON ({error}); resume from another checkpoint.") from None
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise damaged(f"not JSON ({first_line(error)})") from None
+    if not isinstance(saved, dict):
+        raise damaged("not a JSON object")
+    problems = [f"no {name}" for name in required if name not in saved] + [
+        f"its {name} is {saved[name]!r}" for name, kind in fields.items()
+        if name in saved and not isinstance(saved[name], kind)
+    ]
+    if problems:
+        raise damaged(", ".join(problems))
+    return saved
 
 
 def checkpoint_state(checkpoint: str | Path) -> TrainerState:
-    """The `TrainerState` a checkpoint saved (`trainer_state.json`); raises `ValueError` when it is damaged."""
-    return TrainerState(**read_checkpoint_file(Path(checkpoint) / TRAINER_STATE_NAME))
+    """The `TrainerState` a checkpoint saved (`trainer_state.json`); raises `ValueError` when it is damaged or holds
+    fields this version of transformers does not know (a newer one wrote it: `Trainer` could not resume from it)."""
+    path = Path(checkpoint) / TRAINER_STATE_NAME
+    saved = read_checkpoint_file(path, {"global_step": int, "train_batch_size": int, "stateful_callbacks": dict},
+                                 required=("global_step", "train_batch_size"))
+    unknown = sorted(set(saved) - {field.name for field in dataclasses.fields(TrainerState)})
+    if unknown:
+        raise ValueError(f"{path}: holds {', '.join(unknown)}, which transformers {transformers.__version__} does not "
+                         "know: the checkpoint was written by another version; resume with that one.")
+    return TrainerState(**saved)
 
 
 def check_limits_left(checkpoint: str | Path, args: TrainingArguments) -> None:

@@ -51,7 +51,8 @@ def saved_training_args(checkpoint: str | Path) -> dict:
     """The training arguments a checkpoint's run saved (`training_args.json`; empty if it has none); raises
     `ValueError` when it is damaged."""
     saved = Path(checkpoint) / TRAINING_ARGS_JSON
-    return read_checkpoint_file(saved) if saved.is_file() else {}
+    fields = {"learning_rate": (int, float), "per_device_train_batch_size": int}  # the ones lm-lstm reads
+    return read_checkpoint_file(saved, fields) if saved.is_file() else {}
 
 
 def check_resume(args: TrainingArguments, resume_from_checkpoint: str | bool | None) -> str | None:

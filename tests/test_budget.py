@@ -4,6 +4,7 @@ injected clock), resuming with the budget left, the card, and DDP processes stop
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,13 +181,34 @@ def test_resumed_run_trains_for_the_budget_it_had_left(corpus, tmp_path):
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=0, rtol=0)
 
 
-def test_a_damaged_checkpoint_file_is_named(tmp_path):
-    """A truncated or binary checkpoint file is a one-line error naming it, not a bare JSON decoding error."""
-    (tmp_path / "trainer_state.json").write_text('{"global_step": 4, "log_hi', encoding="utf-8")
-    (tmp_path / "training_args.json").write_bytes(b"\xff\xfe")
-    with pytest.raises(ValueError, match=r"/trainer_state.json: damaged, not JSON \(.*\); resume from another "):
+@pytest.mark.parametrize("content, reason", [
+    ('{"global_step": 4, "log_hi', r"not JSON \(Unterminated string"),
+    (b"\xff\xfe", r"not JSON \('utf-8' codec"),
+    ("[]", "not a JSON object"),
+    ('{"train_batch_size": 8}', "no global_step"),
+    ('{"global_step": NaN, "train_batch_size": 8}', "its global_step is nan"),
+    ('{"global_step": 4, "train_batch_size": 8, "stateful_callbacks": []}', r"its stateful_callbacks is \[\]"),
+])
+def test_a_damaged_trainer_state_is_a_one_line_error_naming_it(tmp_path, content, reason):
+    """A truncated, binary or misshapen checkpoint file is refused in one line naming it, before any work, not by a
+    decoding error or a traceback from deep inside Trainer once training has run."""
+    path = tmp_path / "trainer_state.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: damaged, {reason}.*; resume from another checkpoint"):
         checkpoint_state(tmp_path)
-    with pytest.raises(ValueError, match=r"/training_args.json: damaged, not JSON \(.*\); resume from another "):
+
+
+def test_checkpoint_files_from_another_transformers_or_with_wrong_values_are_refused(tmp_path):
+    (tmp_path / "trainer_state.json").write_text('{"global_step": 4, "train_batch_size": 8, "bogus": 1}')
+    with pytest.raises(ValueError, match=r"trainer_state.json: holds bogus, which transformers .* does not know"):
+        checkpoint_state(tmp_path)
+    (tmp_path / "trainer_state.json").write_text('{"global_step": 4, "train_batch_size": 8}')
+    assert checkpoint_state(tmp_path).global_step == 4
+    (tmp_path / "training_args.json").write_text('{"learning_rate": "fast"}')
+    with pytest.raises(ValueError, match=r"training_args.json: damaged, its learning_rate is 'fast'; resume from "):
+        saved_training_args(tmp_path)
+    (tmp_path / "training_args.json").write_text("3")
+    with pytest.raises(ValueError, match=r"training_args.json: damaged, not a JSON object; "):
         saved_training_args(tmp_path)
 
 
