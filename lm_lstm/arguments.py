@@ -276,7 +276,9 @@ class CardArguments:
 
     license: str = field(default="apache-2.0", metadata={"help": "License of the trained model (Hub identifier)."})
     language: str | None = field(
-        default=None, metadata={"help": "Language code of the training text (default: en for the bundled corpus)."}
+        default=None,
+        metadata={"help": "Language code of the training text, for the card. Default: en for the bundled corpus, else "
+                  "none."},
     )
 
 
@@ -371,7 +373,7 @@ class LSTMTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "NT-ASGD-style weight averaging: once the validation loss is worse than the best of the "
                   "evaluations more than N evaluations ago, average the weights of every later step, and evaluate "
-                  "and save the average. Off by default."},
+                  "and save the average. Default: off."},
     )
     stateful: bool = field(
         default=True,

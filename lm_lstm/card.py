@@ -116,8 +116,16 @@ def describe_warmup(warmup_steps: float) -> str:
     if warmup_steps <= 0:
         return "no warm-up"
     if warmup_steps < 1:
-        return f"warm-up over the first {warmup_steps:.0%} of training"
-    return f"{warmup_steps:g} warm-up steps"
+        return f"warm-up over the first {warmup_steps * 100:.3g}% of training"
+    return f"{warmup_steps:g} warm-up step{'s' if warmup_steps != 1 else ''}"
+
+
+def describe_saved_step(hyperparameters: dict) -> str:
+    """Which step's weights the folder holds, where it is not the last (`--load_best_model_at_end`)."""
+    saved, last = hyperparameters.get("saved_step", hyperparameters["steps"]), hyperparameters["steps"]
+    if saved == last:
+        return ""
+    return f"; the saved weights are step {saved:,}'s, the best validation loss (`--load_best_model_at_end`)"
 
 
 def describe_limit(run: RunSummary) -> str:
@@ -132,12 +140,20 @@ def describe_limit(run: RunSummary) -> str:
 
 def describe_generation(config) -> str:
     """What `generate()` does by default, from the model's `GenerationConfig` (saved as `generation_config.json`)."""
+    beams = f" with {config.num_beams} beams" if (config.num_beams or 1) > 1 else ""  # unset options are None
     if not config.do_sample:
-        return "decodes greedily by default"
-    settings = [f"temperature {config.temperature:g}"] + ([f"top-k {config.top_k}"] if config.top_k else []) + (
-        [f"top-p {config.top_p:g}"] if config.top_p is not None and config.top_p < 1 else [])
-    return (f"samples by default ({', '.join(settings)}; `generation_config.json`): pass `do_sample=False` to decode "
-            "greedily")
+        return f"uses beam search{beams} by default" if beams else "decodes greedily by default"
+    settings = [f"temperature {config.temperature if config.temperature is not None else 1.0:g}"]
+    settings += [f"top-k {config.top_k}"] if config.top_k else []
+    settings += [f"top-p {config.top_p:g}"] if config.top_p is not None and config.top_p < 1 else []
+    return (f"samples{beams} by default ({', '.join(settings)}; `generation_config.json`): pass `do_sample=False` "
+            f"to `generate()` or the pipeline, or `--no-do_sample` to `lm-lstm generate`, "
+            f"{'for beam search without sampling' if beams else 'to decode greedily'}")
+
+
+def describe_lstm_layers(count: int) -> str:
+    """"1 LSTM layer", "2 LSTM layers"."""
+    return f"{count} LSTM layer{'s' if count != 1 else ''}"
 
 
 def architecture_fields(model, tokenizer) -> dict[str, object]:
@@ -146,7 +162,7 @@ def architecture_fields(model, tokenizer) -> dict[str, object]:
     return dict(
         generation=describe_generation(model.generation_config),
         num_layers=config.num_hidden_layers,
-        lstm_layers=f"{config.num_hidden_layers} LSTM layer{'s' if config.num_hidden_layers > 1 else ''}",
+        lstm_layers=describe_lstm_layers(config.num_hidden_layers),
         vocab_size=config.vocab_size,
         tokenizer_kind=tokenizer_kind(tokenizer),
         parameters=f"{model.num_parameters():,}",
@@ -219,7 +235,7 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
             f"{format_duration(run.time_budget_seconds)} of training, evaluations included"
             if run.time_budget_seconds else "none"
         ),
-        training_limit=describe_limit(run),
+        training_limit=describe_limit(run) + describe_saved_step(h),
         model_size=run.model_size,
         wall_time=f"{run.wall_time_seconds / 60:.1f} minutes",
         evaluation_time=run.describe_evaluation_time(),

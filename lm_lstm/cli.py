@@ -52,7 +52,7 @@ def train_command(argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
     from .arguments import CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
-    from .card import describe_limit
+    from .card import describe_limit, describe_saved_step
     from .training import train
 
     parser = one_line_errors(
@@ -74,7 +74,8 @@ def train_command(argv: list[str]) -> int:
     if result.run is not None:
         run = result.run
         print(f"\nTraining ended by {describe_limit(run)}: {run.hyperparameters['steps']:,} steps, "
-              f"{run.wall_time_seconds / 60:.1f} minutes; evaluation: {run.describe_evaluation_time()}.")
+              f"{run.wall_time_seconds / 60:.1f} minutes; evaluation: {run.describe_evaluation_time()}"
+              f"{describe_saved_step(run.hyperparameters)}.")
     unit = result.unit + (" (each line end, <eos>, counts as a word)" if result.unit == "word" else "")
     print(f"\nValidation perplexity: {result.metrics['eval_perplexity']:.3f} per {unit}; "
           f"loss {result.metrics['eval_loss']:.4f} nats per {result.unit}")
@@ -166,7 +167,7 @@ def evaluate_command(argv: list[str]) -> int:
         (f"{unit}s scored", score.tokens),
     ]
     if score.left_out:
-        rows.append((f"{unit}s left out", f"{score.left_out} (tokens that do not fill a block of {args.block_size}, "
+        rows.append((f"{unit}s left out", f"{score.left_out} ({unit}s that do not fill a block of {args.block_size}, "
                                           "left out as in training)"))
     rows += [(f"loss (nats/{unit})", f"{score.loss:.6f}"), ("perplexity", f"{score.perplexity:.4f}"),
              ("bits per byte", f"{score.bits_per_byte:.4f}")]
@@ -253,6 +254,7 @@ def convert_command(argv: list[str]) -> int:
     parser.add_argument("--source", choices=SOURCES, help="The checkpoint's format (default: read from its keys).")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Write into a non-empty --output_dir.")
     args = one_line_errors(parser).parse_args(argv)
+    from .card import describe_lstm_layers
     from .convert import SOURCE_NAMES, convert_checkpoint
 
     result = convert_checkpoint(args.checkpoint, args.output_dir, vocab_file=args.vocab, train_files=args.train_file,
@@ -260,7 +262,7 @@ def convert_command(argv: list[str]) -> int:
     checkpoint, config = result.checkpoint, result.config
     sizes = ", ".join(str(size) for _, size in config.layer_sizes)
     print(f"Read {checkpoint.path} ({SOURCE_NAMES[checkpoint.source]}, {checkpoint.kind}) without running code from it.")
-    print(f"Model: {config.num_hidden_layers} LSTM layers ({sizes}), embedding {config.embedding_size}, "
+    print(f"Model: {describe_lstm_layers(config.num_hidden_layers)} ({sizes}), embedding {config.embedding_size}, "
           f"{'tied' if config.tie_word_embeddings else 'untied'}, vocabulary {config.vocab_size:,} words from "
           f"{result.vocabulary_source}.")
     print(f"Largest logit difference from the source on {result.checked_tokens} random tokens: "

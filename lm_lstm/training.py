@@ -271,6 +271,7 @@ def summarize_run(
         log_history=state.log_history,
         hyperparameters={
             "steps": state.global_step,
+            "saved_step": saved_weights_step(trainer),
             "epochs": state.epoch or 0.0,
             "batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
             "optimizer": str(getattr(args.optim, "value", args.optim)),
@@ -297,6 +298,15 @@ def summarize_run(
         example_prompt="ROMEO:" if data_args.uses_default_corpus else "The",
         unit=perplexity_unit(trainer.processing_class),
     )
+
+
+def saved_weights_step(trainer: LSTMTrainer) -> int:
+    """The step whose weights the run saves: its best checkpoint's with `--load_best_model_at_end` (which `Trainer`
+    loads back at the end), else its last."""
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best:
+        return int(Path(best).name.rsplit("-", 1)[-1])  # Trainer names them checkpoint-<step>
+    return trainer.state.global_step
 
 
 def final_evaluation(trainer: LSTMTrainer, trained: bool) -> dict[str, float]:

@@ -955,6 +955,7 @@ def test_cli_convert(tmp_path, corpus_dir, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "PyTorch word_language_model example, whole pickled model" in out and "without running code" in out
+    assert "\nModel: 2 LSTM layers (" in out
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert main(argv) == 2  # the folder is not empty now
     assert "exists and is not empty" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import lm_lstm
 from lm_lstm.arguments import DataArguments, LSTMTrainingArguments, ModelArguments
-from lm_lstm.card import describe_generation, describe_warmup
+from lm_lstm.card import describe_generation, describe_lstm_layers, describe_saved_step, describe_warmup
 from lm_lstm.evaluation import evaluate_file, load_model_and_tokenizer
 from lm_lstm.training import train
 
@@ -106,10 +106,21 @@ def test_model_card_parses_and_reports_the_run(trained):
     assert "Generation\nsamples by default (temperature 0.8, top-k 50; `generation_config.json`): pass `do_sample=False`" \
         in card.text
     assert describe_generation(GenerationConfig(do_sample=False)) == "decodes greedily by default"
+    assert (describe_lstm_layers(1), describe_lstm_layers(3)) == ("1 LSTM layer", "3 LSTM layers")
+    best = json.loads((output / "trainer_state.json").read_text())["best_model_checkpoint"]
+    saved = "" if best.endswith("-40") else f"; the saved weights are step {best.rsplit('-', 1)[1]}'s, the best"
+    assert f"ended by the step limit (40 steps){saved}" in card.text
+    assert describe_saved_step({"steps": 4165, "saved_step": 4000}) == (
+        "; the saved weights are step 4,000's, the best validation loss (`--load_best_model_at_end`)")
+    assert describe_saved_step({"steps": 40, "saved_step": 40}) == ""
+    assert describe_generation(GenerationConfig(num_beams=4)) == "uses beam search with 4 beams by default"
+    assert describe_generation(GenerationConfig(do_sample=True)).startswith("samples by default (temperature 1; ")
 
 
 @pytest.mark.parametrize("warmup_steps, words", [
-    (0, "no warm-up"), (0.02, "warm-up over the first 2% of training"), (50.0, "50 warm-up steps")])
+    (0, "no warm-up"), (0.02, "warm-up over the first 2% of training"), (50.0, "50 warm-up steps"),
+    (0.999, "warm-up over the first 99.9% of training"), (0.001, "warm-up over the first 0.1% of training"),
+    (1, "1 warm-up step")])
 def test_the_card_says_warmup_as_steps_or_a_fraction_of_training(warmup_steps, words):
     assert describe_warmup(warmup_steps) == words
 
