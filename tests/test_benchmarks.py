@@ -20,17 +20,22 @@ def limits_suffix() -> str:
     return common.limits_suffix()
 
 
+# The three slowest quick runs (about 20 s each on a 2-core AMD EPYC) are `slow`, to keep the default suite within its 10 minutes on the slowest
+# CI machine; `python -m pytest -m slow` runs them.
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("name, stem, ratio", [
     ("train_speed", "train_speed", "Trainer / plain"),
-    ("generation", "generation", "lm-lstm / this"),
+    pytest.param("generation", "generation", "lm-lstm / this", marks=SLOW),
     ("step_kernels", "step_kernels", "speed-up"),  # and step_kernels_generate, below
     ("inference", "inference", "speed vs fp32"),
     ("bf16_quality", "bf16_quality", "loss vs fp32"),
     ("quality", "quality_0.05min", "vs gpt"),
     ("scaling", "scaling", "fitted nats/char"),
     ("batch_worth", "batch_worth", "fitted worth"),
-    ("onnx", "onnx", "vs generate()"),
-    ("scale", "scale", "tokenize MB/s"),
+    pytest.param("onnx", "onnx", "vs generate()", marks=SLOW),
+    pytest.param("scale", "scale", "tokenize MB/s", marks=SLOW),
 ])
 def test_benchmark_runs_in_quick_mode(name, stem, ratio, tmp_path):
     result = subprocess.run([sys.executable, BENCHMARKS / f"{name}.py", "--quick", "--results_dir", tmp_path],

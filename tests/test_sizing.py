@@ -313,7 +313,7 @@ def test_a_resumed_run_takes_its_checkpoints_size_and_layout(tmp_path, monkeypat
     checkpoint = tmp_path / "checkpoint-3"
     LSTMConfig(vocab_size=40, embedding_size=16, hidden_size=24).save_pretrained(checkpoint)
     saved = TrainingTextCheck({"block_size": 64, "sizing_seconds": 5.0})  # measuring took 5 s of its 20 s budget
-    TrainerState(global_step=3, stateful_callbacks=[saved]).save_to_json(
+    TrainerState(global_step=3, train_batch_size=8, stateful_callbacks=[saved]).save_to_json(
         str(checkpoint / "trainer_state.json"))
     (checkpoint / "training_args.json").write_text(json.dumps({"per_device_train_batch_size": 8}))
     (checkpoint / "optimizer.pt").touch()  # with the state, what makes a folder a checkpoint to resume from
@@ -326,7 +326,7 @@ def test_a_resumed_run_takes_its_checkpoints_size_and_layout(tmp_path, monkeypat
     given = arguments(tmp_path, max_time=20, resume_from_checkpoint=True, per_device_train_batch_size=8)
     assert size_new_model(ModelArguments(), DataArguments(block_size=64), given, None, None, "data") == (None, "data")
     (checkpoint / "training_args.json").unlink()
-    TrainerState(global_step=3).save_to_json(str(checkpoint / "trainer_state.json"))
+    TrainerState(global_step=3, train_batch_size=8).save_to_json(str(checkpoint / "trainer_state.json"))
     recipe = arguments(tmp_path, max_time=20, resume_from_checkpoint=True, per_device_train_batch_size=None)
     assert size_new_model(ModelArguments(), DataArguments(), recipe, None, None, "data") == (None, "data")
     assert (recipe.per_device_train_batch_size, DataArguments().block_size) == (16, 128)
