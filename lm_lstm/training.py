@@ -315,7 +315,7 @@ def final_evaluation(trainer: LSTMTrainer, trained: bool) -> dict[str, float]:
     the validation text, which can cost more than a short time budget's training."""
     state = trainer.state
     last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
-    same_weights = not trainer.args.load_best_model_at_end or state.best_global_step in (None, state.global_step)
+    same_weights = saved_weights_step(trainer) == state.global_step
     if trained and last is not None and last.get("step") == state.global_step and same_weights:
         return {key: value for key, value in last.items() if key.startswith("eval_") or key == "epoch"}
     return trainer.evaluate()
