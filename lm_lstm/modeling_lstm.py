@@ -450,6 +450,20 @@ def store_state(cache: Cache, layer_idx: int, hidden: torch.Tensor, cell: torch.
         layer_cache.seen_tokens += num_positions
 
 
+def holds_state(cache: Cache) -> bool:
+    """Whether any layer of `cache` holds a recurrent state (an empty cache starts from zeros)."""
+    return any(
+        getattr(layer, "is_recurrent_states_initialized", {}).get(HIDDEN_STATE, False) for layer in cache.layers
+    )
+
+
+def first_real_tokens(input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
+    """`(batch,)`: each row's first token that `attention_mask` marks real (padding is on the left), or its first."""
+    if attention_mask is None:
+        return input_ids[:, 0]
+    return input_ids.gather(1, attention_mask.int().argmax(dim=1, keepdim=True))[:, 0]
+
+
 def real_position_mask(
     attention_mask: torch.Tensor | None, shift_labels: torch.Tensor | None, hidden_states: torch.Tensor
 ) -> torch.Tensor:
@@ -771,6 +785,17 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         model_inputs.pop("position_ids", None)
+        if cache is None:
+            # Without a cache every step feeds the whole sequence again, from zeros: the start token goes in front.
+            if model_inputs.get("input_ids") is not None:
+                model_inputs["input_ids"], model_inputs["attention_mask"] = self._with_document_start(
+                    model_inputs["input_ids"], model_inputs.get("attention_mask")
+                )
+            return model_inputs
+        if is_first_iteration and not holds_state(cache):
+            prompt = model_inputs["input_ids"] if model_inputs.get("input_ids") is not None else None
+            batch_size = (prompt if prompt is not None else model_inputs["inputs_embeds"]).shape[0]
+            self._start_from_document_start(cache, batch_size, prompt, model_inputs.get("attention_mask"))
         if use_cache and not is_first_iteration:
             # The state already skipped the prompt's padding; every new token is real.
             model_inputs["attention_mask"] = None
@@ -779,6 +804,47 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             inputs = model_inputs["input_ids"] if model_inputs["input_ids"] is not None else model_inputs["inputs_embeds"]
             model_inputs["attention_mask"] = attention_mask[:, -inputs.shape[1] :]
         return model_inputs
+
+    def _rows_to_start(self, batch_size: int, input_ids: torch.LongTensor | None,
+                       attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """`(batch,)` bool: the prompts that do not begin with the document-start token (`config.bos_token_id`); all
+        of them when only embeddings are given. None when the config names no such token."""
+        start = self.config.bos_token_id
+        if start is None:
+            return None
+        if input_ids is None:
+            return torch.ones(batch_size, dtype=torch.bool, device=self.device)
+        return first_real_tokens(input_ids, attention_mask) != start
+
+    def _start_from_document_start(self, cache: Cache, batch_size: int, input_ids: torch.LongTensor | None,
+                                   attention_mask: torch.Tensor | None) -> None:
+        """Puts in the empty `cache` the state after the document-start token, for the rows whose prompt does not
+        begin with it (the others stay at zeros). It counts no position: the cache's length stays the prompt's.
+
+        Training starts every document after this token (EOS, `tokenization.document_start_id`) and text from zeros
+        only where a stream begins: a prompt read from zeros gets poor first predictions, byte-token junk on
+        small character models. Generation without a prompt starts from the token itself.
+        """
+        rows = self._rows_to_start(batch_size, input_ids, attention_mask)
+        if rows is None or not bool(rows.any()):
+            return
+        start = torch.full((batch_size, 1), self.config.bos_token_id, dtype=torch.long, device=rows.device)
+        self.model(input_ids=start, attention_mask=rows[:, None].long(), cache=cache, use_cache=True)
+        for layer in cache.layers:
+            layer.seen_tokens = 0
+
+    def _with_document_start(self, input_ids: torch.LongTensor,
+                             attention_mask: torch.Tensor | None) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        """`(batch, length + 1)` inputs and mask: the document-start token before each prompt that does not begin
+        with it, a padding position before the others; what `_start_from_document_start` puts in a cache."""
+        rows = self._rows_to_start(input_ids.shape[0], input_ids, attention_mask)
+        if rows is None or not bool(rows.any()):
+            return input_ids, attention_mask
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        before_first = mask.int().argmax(dim=1, keepdim=True)  # in the shifted row, the position before the first
+        input_ids = F.pad(input_ids, (1, 0)).scatter(1, before_first, self.config.bos_token_id)
+        mask = F.pad(mask, (1, 0)).scatter(1, before_first, rows[:, None].to(mask.dtype))
+        return input_ids, mask
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

@@ -49,6 +49,19 @@ class OnnxLM:
         """Zero states for `batch_size` rows, `(batch, size)` float32 each, in the graphs' order."""
         return [np.zeros((batch_size, size), np.float32) for size in self.config["state_sizes"]]
 
+    def start_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+        """The states a prompt is read from, as `model.generate()` starts: after the document-start token
+        (`bos_token_id`) for the rows whose first real token is not that token, zeros for the others."""
+        states = self.initial_states(len(input_ids))
+        start = self.config.get("bos_token_id")
+        if start is None:
+            return states
+        rows = input_ids[np.arange(len(input_ids)), attention_mask.argmax(axis=1)] != start
+        if not rows.any():
+            return states
+        _, started = self.run("decode", states, input_ids=np.full((len(input_ids), 1), start))
+        return [np.where(rows[:, None], after, zero) for after, zero in zip(started, states)]
+
     def run(self, graph: str, states: list[np.ndarray], **inputs: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Runs "prefill" or "decode" on int64 `input_ids` (and `attention_mask`: all ones if not given) from
         `states`; returns the `(batch, vocab)` logits of the last real position and the new states. The values are
@@ -88,7 +101,7 @@ class OnnxLM:
         eos = self.config.get("eos_token_id")
         eos = list(eos if isinstance(eos, list) else [] if eos is None else [eos])
         pad = self.config.get("pad_token_id")
-        logits, states = self.run("prefill", self.initial_states(len(input_ids)), input_ids=input_ids,
+        logits, states = self.run("prefill", self.start_states(input_ids, attention_mask), input_ids=input_ids,
                                   attention_mask=attention_mask)
         unfinished = np.ones(len(input_ids), bool)
         new_tokens = np.zeros((len(input_ids), min(max_new_tokens, 1024)), np.int64)  # doubled as needed

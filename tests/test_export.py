@@ -179,10 +179,21 @@ def test_onnxruntime_greedy_generation_equals_generate(onnx_folder, saved_model)
     onnx_lm = OnnxLM(onnx_folder)
     input_ids, attention_mask = padded_batch(3, 10, model.config.vocab_size)
     attention_mask[-1] = 1  # generation pads on the left only
+    # The left-padded row begins with the document-start token, so it is read from zeros; the others after it.
+    input_ids[0, int(attention_mask[0].argmax())] = model.config.bos_token_id
     for rows in (slice(0, 1), slice(1, 2), slice(0, 3)):
         want = model.generate(input_ids[rows], attention_mask=attention_mask[rows], max_new_tokens=40, do_sample=False)
         got = onnx_lm.generate(input_ids[rows].numpy(), attention_mask[rows].numpy(), max_new_tokens=40)
         np.testing.assert_array_equal(got, want.numpy())
+    # Its greedy tokens barely depend on the state, so the logits of the first step are compared too.
+    first = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=1, do_sample=False,
+                           output_logits=True, return_dict_in_generate=True).logits[0]
+    ids, mask = input_ids.numpy(), attention_mask.numpy()
+    got, _ = onnx_lm.run("prefill", onnx_lm.start_states(ids, mask), input_ids=ids, attention_mask=mask)
+    np.testing.assert_allclose(got, first.numpy(), atol=1e-5)
+    from_zeros, _ = onnx_lm.run("prefill", onnx_lm.initial_states(3), input_ids=ids, attention_mask=mask)
+    np.testing.assert_allclose(from_zeros[0], got[0], atol=1e-5)  # the row that begins with the start token
+    assert np.abs(from_zeros[1:] - got[1:]).max(axis=1).min() > 1e-4  # every other row differs
 
 
 @torch.no_grad()

@@ -62,6 +62,51 @@ def test_greedy_with_and_without_cache_and_with_static_cache_agree():
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
 
+def first_step_logits(model, ids, **kwargs) -> torch.Tensor:
+    out = model.generate(ids, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         **kwargs)
+    return out.logits[0]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_prompt_is_read_after_the_document_start_token_as_training_reads_text(use_cache):
+    model = tiny_model(eos_token_id=None)
+    start = model.config.bos_token_id
+    with torch.no_grad():
+        after_start = model(torch.cat([torch.full((2, 1), start), PROMPT], dim=1)).logits[:, -1]
+        from_zeros = model(PROMPT).logits[:, -1]
+    torch.testing.assert_close(first_step_logits(model, PROMPT, use_cache=use_cache), after_start)
+    assert not torch.allclose(after_start, from_zeros, atol=1e-3)
+    # A prompt that begins with the start token is read from zeros, as the start token is in training.
+    started = torch.cat([torch.full((2, 1), start), PROMPT], dim=1)
+    torch.testing.assert_close(first_step_logits(model, started, use_cache=use_cache), after_start)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_rows_with_and_without_the_start_token_read_as_alone(use_cache):
+    model = tiny_model(eos_token_id=None)
+    start = model.config.bos_token_id
+    rows = [torch.tensor([[start, 5, 6]]), torch.tensor([[7, 8, 9, 10]]), torch.tensor([[11]])]
+    ids = torch.tensor([[0, start, 5, 6], [7, 8, 9, 10], [0, 0, 0, 11]])
+    mask = (ids != 0).long()
+    batched = first_step_logits(model, ids, attention_mask=mask, use_cache=use_cache)
+    alone = torch.cat([first_step_logits(model, row, use_cache=use_cache) for row in rows])
+    torch.testing.assert_close(batched, alone)
+
+
+def test_no_start_is_added_without_a_start_token_or_when_continuing_a_cache():
+    model = tiny_model(eos_token_id=None, bos_token_id=None)
+    with torch.no_grad():
+        from_zeros = model(PROMPT).logits[:, -1]
+    torch.testing.assert_close(first_step_logits(model, PROMPT), from_zeros)
+    model = tiny_model(eos_token_id=None)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(PROMPT[:, :2], cache=cache, use_cache=True)
+        whole = model(PROMPT).logits[:, -1]
+    torch.testing.assert_close(first_step_logits(model, PROMPT, cache=cache), whole)  # the cache's state, as it is
+
+
 def test_greedy_stops_after_the_eos_it_would_emit():
     model = tiny_model(eos_token_id=None)
     free = model.generate(PROMPT[:1], max_new_tokens=8, do_sample=False)[0, 3:]
@@ -253,6 +298,15 @@ def test_the_metric_scores_the_first_character_from_the_document_start(z_run):
     with torch.no_grad():  # the start token matters: from padding, a token never trained on, "Z" is less likely
         from_padding = model(torch.tensor([[tokenizer.pad_token_id]])).logits[0, -1].softmax(-1)
     assert from_padding[tokenizer.convert_tokens_to_ids("Z")] < 0.9
+
+
+def test_a_prompt_continues_as_at_the_start_of_a_document(z_run, capsys):
+    # Every document begins "Z: ": read from zeros, as it never is in training, "Z" is followed by junk.
+    generator = pipeline("text-generation", model=str(z_run.folder), device="cpu")
+    assert generator("Z", max_new_tokens=2, do_sample=False)[0]["generated_text"] == "Z: "
+    command = ["generate", "--model", str(z_run.folder), "--prompt", "Z:", "--no-do_sample", "--max_new_tokens", "1"]
+    assert main(command) == 0
+    assert capsys.readouterr().out == "Z: \n"
 
 
 def test_generate_command_with_an_empty_prompt_starts_a_document(z_run, capsys):
