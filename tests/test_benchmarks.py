@@ -20,8 +20,8 @@ def limits_suffix() -> str:
     return common.limits_suffix()
 
 
-# The three slowest quick runs (about 20 s each on a 2-core AMD EPYC) are `slow`, to keep the default suite within its 10 minutes on the slowest
-# CI machine; `python -m pytest -m slow` runs them.
+# The slowest quick runs (about 20 s each on a 2-core AMD EPYC) are `slow`, to keep the default suite within its 10
+# minutes on the slowest CI machine; `python -m pytest -m slow` runs them.
 SLOW = pytest.mark.slow
 
 
@@ -36,6 +36,7 @@ SLOW = pytest.mark.slow
     ("batch_worth", "batch_worth", "fitted worth"),
     pytest.param("onnx", "onnx", "vs generate()", marks=SLOW),
     pytest.param("scale", "scale", "tokenize MB/s", marks=SLOW),
+    pytest.param("warmup", "warmup", "loss at 50", marks=SLOW),
 ])
 def test_benchmark_runs_in_quick_mode(name, stem, ratio, tmp_path):
     result = subprocess.run([sys.executable, BENCHMARKS / f"{name}.py", "--quick", "--results_dir", tmp_path],
