@@ -10,6 +10,7 @@ end.
 
     python benchmarks/warmup.py                          # warm-ups 0.02 and 0.1, seeds 42 and 1-6
     python benchmarks/warmup.py --warmup_steps 0.05 --seeds 1 2 3
+    python benchmarks/warmup.py --quick                  # a tiny model, 50 steps, the first seed: that it runs
 """
 
 from __future__ import annotations

@@ -414,10 +414,11 @@ class LSTMTrainingArguments(TrainingArguments):
             if value is not None and not (0 < value < 1 or float(value).is_integer() and value > 0):
                 raise ValueError(f"--{name} must be a positive whole number of steps, or below 1 a fraction of the "
                                  f"training steps, got {value:g}.")
-        if self.warmup_steps < 0 or self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
+        warmup = self.warmup_steps
+        if not (0 <= warmup < 1 or warmup >= 1 and float(warmup).is_integer()):  # NaN and infinity included
             # Trainer would take int(1.5) = 1 step, a time budget 1.5.
             raise ValueError(f"--warmup_steps must be a whole number of steps, or below 1 a fraction of training, got "
-                             f"{self.warmup_steps:g}.")
+                             f"{warmup}.")
         check_best_model_steps(self)
         super().__post_init__()
         check_output_dir(self)

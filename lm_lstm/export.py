@@ -156,6 +156,7 @@ def export_onnx(
             "state_sizes": [hidden for _, hidden in config.layer_sizes for _ in range(2)],
             "vocab_size": config.vocab_size,
             "bos_token_id": config.bos_token_id,
+            "document_start_id": config.eos_token_id,  # what prompts are read after (`LSTMForCausalLM._prefill`)
             "eos_token_id": model.generation_config.eos_token_id,
             "pad_token_id": model.generation_config.pad_token_id,
         }

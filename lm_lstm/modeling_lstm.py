@@ -450,11 +450,9 @@ def store_state(cache: Cache, layer_idx: int, hidden: torch.Tensor, cell: torch.
         layer_cache.seen_tokens += num_positions
 
 
-def holds_state(cache: Cache) -> bool:
-    """Whether any layer of `cache` holds a recurrent state (an empty cache starts from zeros)."""
-    return any(
-        getattr(layer, "is_recurrent_states_initialized", {}).get(HIDDEN_STATE, False) for layer in cache.layers
-    )
+def has_read_nothing(cache: Cache) -> bool:
+    """Whether `cache` (made ready by `prepare_cache`) has consumed no position: new, or `reset()`."""
+    return all(isinstance(layer, LSTMCacheLayer) and layer.seen_tokens == 0 for layer in cache.layers)
 
 
 def first_real_tokens(input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
@@ -792,10 +790,6 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
                     model_inputs["input_ids"], model_inputs.get("attention_mask")
                 )
             return model_inputs
-        if is_first_iteration and not holds_state(cache):
-            prompt = model_inputs["input_ids"] if model_inputs.get("input_ids") is not None else None
-            batch_size = (prompt if prompt is not None else model_inputs["inputs_embeds"]).shape[0]
-            self._start_from_document_start(cache, batch_size, prompt, model_inputs.get("attention_mask"))
         if use_cache and not is_first_iteration:
             # The state already skipped the prompt's padding; every new token is real.
             model_inputs["attention_mask"] = None
@@ -805,11 +799,20 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             model_inputs["attention_mask"] = attention_mask[:, -inputs.shape[1] :]
         return model_inputs
 
+    def _prefill(self, input_ids: torch.LongTensor, generation_config: GenerationConfig, model_kwargs: dict,
+                 *args, **kwargs):
+        # Before the prompt is read (whole, or in chunks with `prefill_chunk_size`), from a cache that has read nothing.
+        cache = model_kwargs.get("cache")
+        if cache is not None and has_read_nothing(cache):
+            prompt = input_ids if input_ids.shape[1] > 0 else None  # `inputs_embeds` alone come with no ids
+            self._start_from_document_start(cache, input_ids.shape[0], prompt, model_kwargs.get("attention_mask"))
+        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+
     def _rows_to_start(self, batch_size: int, input_ids: torch.LongTensor | None,
                        attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """`(batch,)` bool: the prompts that do not begin with the document-start token (`config.bos_token_id`); all
+        """`(batch,)` bool: the prompts that do not begin with the document-start token (`config.eos_token_id`); all
         of them when only embeddings are given. None when the config names no such token."""
-        start = self.config.bos_token_id
+        start = self.config.eos_token_id
         if start is None:
             return None
         if input_ids is None:
@@ -818,17 +821,18 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
 
     def _start_from_document_start(self, cache: Cache, batch_size: int, input_ids: torch.LongTensor | None,
                                    attention_mask: torch.Tensor | None) -> None:
-        """Puts in the empty `cache` the state after the document-start token, for the rows whose prompt does not
-        begin with it (the others stay at zeros). It counts no position: the cache's length stays the prompt's.
+        """Puts in `cache`, which has read nothing, the state after the document-start token, for the rows whose
+        prompt does not begin with it (the others stay at zeros). It counts no position: the cache's length stays
+        the prompt's.
 
-        Training starts every document after this token (EOS, `tokenization.document_start_id`) and text from zeros
-        only where a stream begins: a prompt read from zeros gets poor first predictions, byte-token junk on
-        small character models. Generation without a prompt starts from the token itself.
+        The token is EOS (`tokenization.document_start_id`): lm-lstm's training text has it before every document,
+        and starts from zeros only where a stream begins. A prompt read from zeros gets poor first predictions,
+        byte-token junk on small character models. Generation without a prompt starts from the token itself.
         """
         rows = self._rows_to_start(batch_size, input_ids, attention_mask)
         if rows is None or not bool(rows.any()):
             return
-        start = torch.full((batch_size, 1), self.config.bos_token_id, dtype=torch.long, device=rows.device)
+        start = torch.full((batch_size, 1), self.config.eos_token_id, dtype=torch.long, device=rows.device)
         self.model(input_ids=start, attention_mask=rows[:, None].long(), cache=cache, use_cache=True)
         for layer in cache.layers:
             layer.seen_tokens = 0
@@ -842,7 +846,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             return input_ids, attention_mask
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         before_first = mask.int().argmax(dim=1, keepdim=True)  # in the shifted row, the position before the first
-        input_ids = F.pad(input_ids, (1, 0)).scatter(1, before_first, self.config.bos_token_id)
+        input_ids = F.pad(input_ids, (1, 0)).scatter(1, before_first, self.config.eos_token_id)
         mask = F.pad(mask, (1, 0)).scatter(1, before_first, rows[:, None].to(mask.dtype))
         return input_ids, mask
 

@@ -51,9 +51,9 @@ class OnnxLM:
 
     def start_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
         """The states a prompt is read from, as `model.generate()` starts: after the document-start token
-        (`bos_token_id`) for the rows whose first real token is not that token, zeros for the others."""
+        (`document_start_id`) for the rows whose first real token is not that token, zeros for the others."""
         states = self.initial_states(len(input_ids))
-        start = self.config.get("bos_token_id")
+        start = self.config.get("document_start_id")
         if start is None:
             return states
         rows = input_ids[np.arange(len(input_ids)), attention_mask.argmax(axis=1)] != start

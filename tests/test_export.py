@@ -180,7 +180,7 @@ def test_onnxruntime_greedy_generation_equals_generate(onnx_folder, saved_model)
     input_ids, attention_mask = padded_batch(3, 10, model.config.vocab_size)
     attention_mask[-1] = 1  # generation pads on the left only
     # The left-padded row begins with the document-start token, so it is read from zeros; the others after it.
-    input_ids[0, int(attention_mask[0].argmax())] = model.config.bos_token_id
+    input_ids[0, int(attention_mask[0].argmax())] = model.config.eos_token_id
     for rows in (slice(0, 1), slice(1, 2), slice(0, 3)):
         want = model.generate(input_ids[rows], attention_mask=attention_mask[rows], max_new_tokens=40, do_sample=False)
         got = onnx_lm.generate(input_ids[rows].numpy(), attention_mask[rows].numpy(), max_new_tokens=40)

@@ -68,43 +68,51 @@ def first_step_logits(model, ids, **kwargs) -> torch.Tensor:
     return out.logits[0]
 
 
+def never_stopping(model):
+    """`model` whose generation never ends at EOS; its config keeps EOS, the token documents start after."""
+    model.generation_config.eos_token_id = None
+    return model
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_a_prompt_is_read_after_the_document_start_token_as_training_reads_text(use_cache):
-    model = tiny_model(eos_token_id=None)
-    start = model.config.bos_token_id
+    model = never_stopping(tiny_model())
+    start = torch.full((2, 1), model.config.eos_token_id)
     with torch.no_grad():
-        after_start = model(torch.cat([torch.full((2, 1), start), PROMPT], dim=1)).logits[:, -1]
+        after_start = model(torch.cat([start, PROMPT], dim=1)).logits[:, -1]
         from_zeros = model(PROMPT).logits[:, -1]
     torch.testing.assert_close(first_step_logits(model, PROMPT, use_cache=use_cache), after_start)
     assert not torch.allclose(after_start, from_zeros, atol=1e-3)
     # A prompt that begins with the start token is read from zeros, as the start token is in training.
-    started = torch.cat([torch.full((2, 1), start), PROMPT], dim=1)
+    started = torch.cat([start, PROMPT], dim=1)
     torch.testing.assert_close(first_step_logits(model, started, use_cache=use_cache), after_start)
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_left_padded_rows_with_and_without_the_start_token_read_as_alone(use_cache):
-    model = tiny_model(eos_token_id=None)
-    start = model.config.bos_token_id
+@pytest.mark.parametrize("options", [dict(use_cache=True), dict(use_cache=False), dict(prefill_chunk_size=1)])
+def test_left_padded_rows_with_and_without_the_start_token_read_as_alone(options):
+    model = never_stopping(tiny_model())
+    start = model.config.eos_token_id
     rows = [torch.tensor([[start, 5, 6]]), torch.tensor([[7, 8, 9, 10]]), torch.tensor([[11]])]
     ids = torch.tensor([[0, start, 5, 6], [7, 8, 9, 10], [0, 0, 0, 11]])
     mask = (ids != 0).long()
-    batched = first_step_logits(model, ids, attention_mask=mask, use_cache=use_cache)
-    alone = torch.cat([first_step_logits(model, row, use_cache=use_cache) for row in rows])
+    batched = first_step_logits(model, ids, attention_mask=mask, **options)
+    alone = torch.cat([first_step_logits(model, row) for row in rows])
     torch.testing.assert_close(batched, alone)
 
 
-def test_no_start_is_added_without_a_start_token_or_when_continuing_a_cache():
-    model = tiny_model(eos_token_id=None, bos_token_id=None)
+def test_no_start_is_added_without_an_eos_token_or_when_continuing_a_cache():
+    model = tiny_model(eos_token_id=None)
     with torch.no_grad():
         from_zeros = model(PROMPT).logits[:, -1]
     torch.testing.assert_close(first_step_logits(model, PROMPT), from_zeros)
-    model = tiny_model(eos_token_id=None)
+    model = never_stopping(tiny_model())
     cache = DynamicCache()
     with torch.no_grad():
         model(PROMPT[:, :2], cache=cache, use_cache=True)
         whole = model(PROMPT).logits[:, -1]
     torch.testing.assert_close(first_step_logits(model, PROMPT, cache=cache), whole)  # the cache's state, as it is
+    cache.reset()  # a cache that has read nothing again starts as a new one
+    torch.testing.assert_close(first_step_logits(model, PROMPT, cache=cache), first_step_logits(model, PROMPT))
 
 
 def test_greedy_stops_after_the_eos_it_would_emit():

@@ -63,7 +63,7 @@ def test_quantised_model_generates_like_its_full_forward_pass_and_near_fp32(name
     model = load(folder).eval()
     assert output_layer_is_quantised(model)
     ids = torch.randint(3, 40, (2, 5))
-    ids[:, 0] = model.config.bos_token_id  # a prompt that starts a document is read from zeros, as `model(...)` reads
+    ids[:, 0] = model.config.eos_token_id  # a prompt that starts a document is read from zeros, as `model(...)` reads
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
         step_logits = torch.stack(out.logits, dim=1)

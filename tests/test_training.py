@@ -409,9 +409,9 @@ def test_options_that_would_lose_work_or_be_ignored_are_refused(tmp_path):
             with pytest.raises(ValueError, match=f"--{name} must be a positive whole number of steps, or below 1 a "
                                f"fraction of the training steps, got {value:g}."):
                 LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", **{name: value})
-    for value in (1.5, -1):  # Trainer would warm up over int(1.5) steps, a time budget over 1.5
+    for value in (1.5, -1, 2.0000001, float("nan"), float("inf")):  # Trainer would warm up over int(1.5) steps
         with pytest.raises(ValueError, match=f"^--warmup_steps must be a whole number of steps, or below 1 a fraction "
-                           f"of training, got {value:g}.$"):
+                           f"of training, got {value}.$"):
             LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", warmup_steps=value)
     for value in (0, 0.5, 3):
         assert LSTMTrainingArguments(output_dir=str(tmp_path / "new"), report_to="none", warmup_steps=value)
