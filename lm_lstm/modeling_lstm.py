@@ -764,6 +764,11 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         is_first_iteration: bool | None = False,
         **kwargs,
     ) -> dict:
+        if inputs_embeds is None and input_ids.shape[1] == 0 and (cache is None or cache.get_seq_length() == 0):
+            raise ValueError(
+                "The prompt is empty (`input_ids` of shape (batch, 0)): call `generate()` without `input_ids` to start "
+                "a document (from `bos_token_id`), or give at least one token."
+            )
         if next_sequence_length is not None and next_sequence_length <= 0:
             # `generate` continuing from a cache feeds what follows the positions it consumed: here, nothing.
             given = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]

@@ -115,6 +115,15 @@ def test_no_start_is_added_without_an_eos_token_or_when_continuing_a_cache():
     torch.testing.assert_close(first_step_logits(model, PROMPT, cache=cache), first_step_logits(model, PROMPT))
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_an_empty_prompt_is_refused_in_one_line(use_cache):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"^The prompt is empty \(`input_ids` of shape \(batch, 0\)\): call `generate"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), attention_mask=torch.zeros(1, 0, dtype=torch.long),
+                       max_new_tokens=2, use_cache=use_cache)
+    assert model.generate(max_new_tokens=2, do_sample=False)[0, 0] == model.config.bos_token_id  # without inputs
+
+
 def test_greedy_stops_after_the_eos_it_would_emit():
     model = tiny_model(eos_token_id=None)
     free = model.generate(PROMPT[:1], max_new_tokens=8, do_sample=False)[0, 3:]

@@ -437,17 +437,19 @@ def test_options_that_would_lose_work_or_be_ignored_are_refused(tmp_path):
      "--tokenizer_vocab_size must be at least 3 for a word tokenizer, got 2."),
     (["--tokenizer_type", "bpe", "--tokenizer_vocab_size", "100"], "--tokenizer_vocab_size must be at least 259"),
 ])
-def test_bad_tokenizer_options_are_refused_in_one_line(capsys, options, message):
+def test_bad_tokenizer_options_are_refused_in_one_line(capsys, options, message, tmp_path, monkeypatch):
     from lm_lstm.cli import main
 
+    monkeypatch.chdir(tmp_path)  # the default --output_dir, lm-lstm-model/, may hold the README's first run here
     assert main(["train", *options]) == 2
     (error,) = capsys.readouterr().err.strip().splitlines()
     assert error.startswith("lm-lstm train: error: ") and message in error
 
 
-def test_cli_refuses_bad_generation_counts_and_do_predict_in_one_line(capsys):
+def test_cli_refuses_bad_generation_counts_and_do_predict_in_one_line(capsys, tmp_path, monkeypatch):
     from lm_lstm.cli import main
 
+    monkeypatch.chdir(tmp_path)  # the default --output_dir, lm-lstm-model/, may hold the README's first run here
     assert main(["generate", "--model", "x", "--num_beams", "0"]) == 2
     assert main(["train", "--do_predict"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
