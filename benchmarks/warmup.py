@@ -83,15 +83,16 @@ def main() -> None:
             log = first_steps(setup, warmup, seed, steps, schedule_steps, **sizes)
             print(f"warm-up {warmup:g}, seed {seed}: {log}", flush=True)
             exit_step = next((step for step, loss in log if loss < PLATEAU_EXIT), None)
-            rows.append({"warm-up": warmup, "seed": seed, f"first step below {PLATEAU_EXIT}": exit_step,
-                         **{f"loss at {step}": loss for step, loss in log if step % 100 == 0 or step == steps}, "log": log})
+            losses = {f"loss at {step}": loss for step, loss in log if step % 100 == 0 or step == steps}
+            rows.append({"warm-up": warmup, "seed": seed, f"first step below {PLATEAU_EXIT}": exit_step, **losses,
+                         "log": log})
     last = f"loss at {steps}"
-    summary = "".join(
-        f"- warm-up {warmup:g}: loss at step {steps} {statistics.mean(ends):.3f} on average, from {min(ends):.2f} to "
-        f"{max(ends):.2f}\n"
-        for warmup in args.warmup_steps
-        for ends in [[row[last] for row in rows if row["warm-up"] == warmup and last in row]] if ends
-    )
+    summary = ""
+    for warmup in args.warmup_steps:
+        ends = [row[last] for row in rows if row["warm-up"] == warmup and last in row]
+        if ends:
+            summary += (f"- warm-up {warmup:g}: loss at step {steps} {statistics.mean(ends):.3f} on average, from "
+                        f"{min(ends):.2f} to {max(ends):.2f}\n")
     columns = [c for c in rows[0] if c != "log"]
     write_results(args, "warmup", rows, columns, extra={"bf16": args.bf16, "hidden size": sizes["hidden_size"],
                                                         "streams x BPTT": f"{sizes['streams']} x {sizes['block_size']}",

@@ -455,11 +455,12 @@ def has_read_nothing(cache: Cache) -> bool:
     return all(isinstance(layer, LSTMCacheLayer) and layer.seen_tokens == 0 for layer in cache.layers)
 
 
-def first_real_tokens(input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
-    """`(batch,)`: each row's first token that `attention_mask` marks real (padding is on the left), or its first."""
+def first_real_positions(input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.LongTensor:
+    """`(batch, 1)`: where each row's first token that `attention_mask` marks real is (padding is on the left); 0 for
+    rows without padding, or without a real token."""
     if attention_mask is None:
-        return input_ids[:, 0]
-    return input_ids.gather(1, attention_mask.int().argmax(dim=1, keepdim=True))[:, 0]
+        return input_ids.new_zeros(input_ids.shape[0], 1)
+    return attention_mask.int().argmax(dim=1, keepdim=True)
 
 
 def real_position_mask(
@@ -822,7 +823,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             return None
         if input_ids is None:
             return torch.ones(batch_size, dtype=torch.bool, device=self.device)
-        return first_real_tokens(input_ids, attention_mask) != start
+        return input_ids.gather(1, first_real_positions(input_ids, attention_mask))[:, 0] != start
 
     def _start_from_document_start(self, cache: Cache, batch_size: int, input_ids: torch.LongTensor | None,
                                    attention_mask: torch.Tensor | None) -> None:
@@ -850,7 +851,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         if rows is None or not bool(rows.any()):
             return input_ids, attention_mask
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        before_first = mask.int().argmax(dim=1, keepdim=True)  # in the shifted row, the position before the first
+        before_first = first_real_positions(input_ids, attention_mask)  # in the shifted row: before the first
         input_ids = F.pad(input_ids, (1, 0)).scatter(1, before_first, self.config.eos_token_id)
         mask = F.pad(mask, (1, 0)).scatter(1, before_first, rows[:, None].to(mask.dtype))
         return input_ids, mask
