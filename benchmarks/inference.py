@@ -120,9 +120,9 @@ def main() -> None:
         "model": args.model or "small model trained here",
         **({"note": args.note} if args.note else {}),
         "load average (1 min) before and after timing": (load_before, load_after),
-        # fp32 steps take `step_matmul` where this process measured it faster (`modeling_lstm.STEP_MATMUL`)
-        "step_matmul chosen, by rows x weight shape": {
-            " x ".join(map(str, shape)): chosen for shape, chosen in modeling_lstm._step_matmul_is_faster.items()
+        # fp32 steps take the kernel this process measured the fastest (`modeling_lstm.step_kernel`)
+        "one-token step kernel chosen, by rows x weight shape": {
+            " x ".join(map(str, shape)): ranking[0] for shape, ranking in modeling_lstm._step_kernel_ranking.items()
         },
     })
 

@@ -1,11 +1,11 @@
-"""One-token decoding kernels: `step_matmul` (`weight @ rows.T`) against `F.linear`, alone and in the decode step.
+"""One-token decoding kernels: `F.linear`, `step_matmul` (`weight @ rows.T`) and `transposed_matmul` (`rows @ W_T`,
+a row-major copy of the weight's transpose), alone and in the decode step; lm-lstm's `step_kernel` chooses among them.
 
-1. The output layer of config B (33,278 x 650, fp32) on 1 to 1024 rows: `F.linear(rows, weight)` against
-   `step_matmul(rows, weight)`, which lm-lstm uses for one-token steps where `has_step_matmul` says so.
-2. The whole decode step `model(token, cache=cache)` of lm-lstm at config B, with `step_matmul` switched off
-   (`torch.lstm_cell` and `F.linear`, the previous path) and on, at batch 1, 2, 8 and 32.
+1. The output layer of config B (33,278 x 650, fp32) on 1 to 1024 rows, by each kernel.
+2. The whole decode step `model(token, cache=cache)` of lm-lstm at config B, each kernel forced for every product
+   (`F.linear` is `torch.lstm_cell` for the gates, the plain path), at batch 1, 2, 8 and 32.
 3. Greedy decoding at batch 1 (issue #15's sizes: 10,000-token vocabulary, 650 x 2, tied), in tokens/s:
-   `generate()` with the kernel choice it makes on this machine (`has_step_matmul`), against the plain stepping
+   `generate()` with the kernel choice it makes on this machine (`step_kernel`), against the plain stepping
    loops a user would write over the same weights: `nn.LSTM` called a token at a time, and `torch.lstm_cell` with
    `F.linear` and oneDNN off (`step_kernels_generate.*`).
 
@@ -19,6 +19,7 @@ MKL and PyTorch's own kernels; the results name gets `_onednn-avx2_mkl-avx2_aten
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import warnings
@@ -51,16 +52,20 @@ def alternate(methods: dict[str, Callable[[], object]], repeats: int, rounds: in
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+KERNELS = {"before ms (F.linear, lstm_cell)": "linear", "step_matmul ms": "step_matmul",
+           "transposed_matmul ms": "transposed_matmul"}  # column: `modeling_lstm.STEP_KERNELS` name
+
+
 def kernel_rows(sizes: dict) -> list[dict]:
+    """The output layer's product alone, the weight read again at each call (so from the caches, where it fits)."""
     weight = torch.randn(sizes["vocab"], sizes["width"])
     rows = []
     for count in sizes["kernel rows"]:
         inputs = torch.randn(count, sizes["width"])
-        ms = alternate({"F.linear": lambda: F.linear(inputs, weight),
-                        "step_matmul": lambda: modeling_lstm.step_matmul(inputs, weight)},
-                       sizes["repeats"], sizes["rounds"])
-        rows.append({"measure": f"output layer {sizes['vocab']} x {sizes['width']}", "rows": count,
-                     "before ms (F.linear, lstm_cell)": ms["F.linear"], "step_matmul ms": ms["step_matmul"]})
+        with torch.no_grad():
+            ms = alternate({column: functools.partial(modeling_lstm.step_kernel_named(name), inputs, weight)
+                            for column, name in KERNELS.items()}, sizes["repeats"], sizes["rounds"])
+        rows.append({"measure": f"output layer {sizes['vocab']} x {sizes['width']}", "rows": count, **ms})
         print(rows[-1], flush=True)
     return rows
 
@@ -77,14 +82,13 @@ def decode_step_rows(sizes: dict) -> list[dict]:
             cache = model(prompt, use_cache=True).cache
 
         @torch.no_grad()
-        def step(fast: bool) -> None:
-            with mock.patch.object(modeling_lstm, "STEP_MATMUL", fast):  # forced, not measured per machine
+        def step(kernel: str) -> None:
+            with mock.patch.object(modeling_lstm, "STEP_KERNEL", kernel):  # forced, not measured per machine
                 model(prompt[:, -1:], cache=cache, use_cache=True)
 
-        ms = alternate({"before": lambda: step(False), "step_matmul": lambda: step(True)},
+        ms = alternate({column: functools.partial(step, name) for column, name in KERNELS.items()},
                        sizes["repeats"], sizes["rounds"])
-        rows.append({"measure": "decode step, config B sizes", "rows": batch,
-                     "before ms (F.linear, lstm_cell)": ms["before"], "step_matmul ms": ms["step_matmul"]})
+        rows.append({"measure": "decode step, config B sizes", "rows": batch, **ms})
         print(rows[-1], flush=True)
     return rows
 
@@ -145,8 +149,9 @@ def generate_rows(sizes: dict) -> list[dict]:
     ms = alternate(methods, repeats=1, rounds=sizes["rounds"])
     row = {"measure": f"greedy decoding, batch 1, {sizes['vocab']} x {sizes['width']} x {sizes['layers']}, tied",
            "new tokens": count, **{f"{name} tokens/s": 1e3 * count / value for name, value in ms.items()},
-           "gates and output by step_matmul": [modeling_lstm._step_matmul_is_faster.get(shape) for shape in (
-               (1, 4 * sizes["width"], sizes["width"]), (1, sizes["vocab"], sizes["width"]))]}
+           "kernels chosen (gates, output)": [modeling_lstm._step_kernel_ranking.get(shape, ("not measured",))[0]
+                                              for shape in ((1, 4 * sizes["width"], sizes["width"]),
+                                                            (1, sizes["vocab"], sizes["width"]))]}
     for name in list(methods)[1:]:
         row[f"generate() / {name}"] = ms[name] / ms["generate()"]  # speed ratio: above 1, generate() is faster
     print(row, flush=True)
@@ -160,8 +165,9 @@ def main() -> None:
     conditions = {"load average before": load_average()}
     rows = kernel_rows(sizes) + decode_step_rows(sizes)
     for row in rows:
-        row["speed-up"] = row["before ms (F.linear, lstm_cell)"] / row["step_matmul ms"]
-    columns = ["measure", "rows", "before ms (F.linear, lstm_cell)", "step_matmul ms", "speed-up"]
+        row["speed-up, step_matmul"] = row["before ms (F.linear, lstm_cell)"] / row["step_matmul ms"]
+        row["speed-up, transposed_matmul"] = row["before ms (F.linear, lstm_cell)"] / row["transposed_matmul ms"]
+    columns = ["measure", "rows", *KERNELS, "speed-up, step_matmul", "speed-up, transposed_matmul"]
     write_results(args, "step_kernels" + suffix, rows, columns,
                   extra={"rounds": sizes["rounds"], "calls per round": sizes["repeats"], **conditions})
     generate_sizes = GENERATE_QUICK if args.quick else GENERATE

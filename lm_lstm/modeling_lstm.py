@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from torch import nn
 from torch._higher_order_ops import scan
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import initialization as init
 from transformers.cache_utils import (
     Cache,
@@ -35,10 +38,14 @@ from .configuration_lstm import LSTMConfig
 
 HIDDEN_STATE, CELL_STATE = 0, 1  # state slots of a cache layer
 STEP_MATMUL_MAX_ROWS = 256  # beyond, `F.linear` without measuring: it was the faster at 1024 rows wherever measured
-# Whether one-token steps use `step_matmul`: None measures it per shape, once per process (it depends on the machine);
-# True or False forces the choice (deterministic tests, benchmarks).
-STEP_MATMUL: bool | None = None
-_step_matmul_is_faster: dict[tuple[int, ...], bool] = {}
+STEP_KERNEL_TRIALS = 10  # timed calls of each kernel per shape, in use, before the fastest is kept
+# How one-token steps compute their products: None measures it per shape, once per process (it depends on the
+# machine); a name of `STEP_KERNELS` forces it where it applies (deterministic tests, benchmarks).
+STEP_KERNEL: str | None = None
+STEP_KERNELS = ("step_matmul", "linear", "transposed_matmul")
+_step_kernel_ranking: dict[tuple[int, ...], tuple[str, ...]] = {}  # by (rows, *weight.shape): names, fastest first
+_step_kernel_seconds: dict[tuple[int, ...], dict[str, list[float]]] = {}  # the trials under way
+_transposed_weights = WeakIdKeyDictionary()  # weight -> ((data_ptr, version), row-major copy of weight.T)
 
 
 def is_tracing() -> bool:
@@ -48,36 +55,56 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def has_step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `step_matmul` computes `F.linear(rows, weight)` for a one-token step: for a few fp32 rows on CPU, outside
-    autocast, where it is the faster of the two on this machine (see `STEP_MATMUL`)."""
+def step_kernel(rows: torch.Tensor, weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The kernel that computes `F.linear(rows, weight)` for a one-token step, the fastest here of `F.linear`,
+    `step_matmul` and `transposed_matmul` (the last without autograd only); `F.linear` for more than a few rows,
+    other dtypes or devices, and under autocast.
+
+    The choice is measured in use, once per shape and process: the first `STEP_KERNEL_TRIALS` calls of each kernel
+    take turns, each timed where it runs, then the kernels are ranked by their best times (`STEP_KERNEL` forces
+    one). In use, a kernel reads the weight from memory, as decoding does (a model's weights follow one another
+    through the caches): timed on a weight it had just read, `F.linear` looked the faster on an AVX2-only EPYC, where
+    in decoding it is the slowest (`benchmarks/README.md`).
+    """
     if not (
         rows.device.type == "cpu"
         and rows.dtype == weight.dtype == torch.float32
         and rows.shape[0] <= STEP_MATMUL_MAX_ROWS
         and not torch.is_autocast_enabled("cpu")
     ):
-        return False
-    if STEP_MATMUL is not None:
-        return STEP_MATMUL
+        return F.linear
+    usable = STEP_KERNELS if can_transpose(weight) else STEP_KERNELS[:2]
+    if STEP_KERNEL is not None:
+        return step_kernel_named(STEP_KERNEL if STEP_KERNEL in usable else "linear")
     shape = (rows.shape[0], *weight.shape)
-    if shape not in _step_matmul_is_faster:
-        _step_matmul_is_faster[shape] = step_matmul_beats_linear(rows, weight)
-    return _step_matmul_is_faster[shape]
+    if shape in _step_kernel_ranking:
+        return step_kernel_named(next(name for name in _step_kernel_ranking[shape] if name in usable))
+    seconds = _step_kernel_seconds.setdefault(shape, {name: [] for name in usable})
+    trial = min((name for name in seconds if name in usable), key=lambda name: len(seconds[name]))  # in turn
+    return functools.partial(_timed_step_kernel, shape, trial)
 
 
-def step_matmul_beats_linear(rows: torch.Tensor, weight: torch.Tensor, rounds: int = 3) -> bool:
-    """Times `step_matmul` and `F.linear` on these operands, alternating, and compares the best of `rounds` calls each:
-    six reads of the weight, a few milliseconds for an LSTM layer and tens for a 30k-token output layer."""
-    best = {step_matmul: float("inf"), F.linear: float("inf")}
-    rows, weight = rows.detach(), weight.detach()
-    with torch.no_grad():
-        for _ in range(rounds):
-            for kernel in best:
-                start = time.perf_counter()
-                kernel(rows, weight)
-                best[kernel] = min(best[kernel], time.perf_counter() - start)
-    return best[step_matmul] < best[F.linear]
+def step_kernel_named(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The one-token step kernel of a name of `STEP_KERNELS`."""
+    return {"step_matmul": step_matmul, "linear": F.linear, "transposed_matmul": transposed_matmul}[name]
+
+
+def _timed_step_kernel(shape: tuple[int, ...], trial: str, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One trial of `step_kernel`'s measurement: the kernel named `trial`, timed (a transposed copy is made before)."""
+    if trial == "transposed_matmul":
+        transposed_weight(weight)
+    kernel = step_kernel_named(trial)
+    start = time.perf_counter()
+    outputs = kernel(rows, weight)
+    elapsed = time.perf_counter() - start
+    seconds = _step_kernel_seconds.get(shape)
+    if seconds is not None:  # None: the shape was decided meanwhile (another trial of the same step)
+        seconds[trial].append(elapsed)
+        if min(map(len, seconds.values())) >= STEP_KERNEL_TRIALS:
+            _step_kernel_ranking[shape] = tuple(sorted(seconds, key=lambda name: min(seconds[name])))
+            del _step_kernel_seconds[shape]
+            forget_unused_transposed_weights(shape[1:])
+    return outputs
 
 
 def step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -86,13 +113,45 @@ def step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     A one-token step is bound by reading the weights. On CPU, MKL computes `F.linear` on a few rows with a
     matrix-vector or small-batch kernel that, on AVX-512 machines, reads the weight at a fifth to half of the memory
     bandwidth of the matrix-matrix product `weight @ rows.T` with at least two columns: 1.5-5x slower for 1 to 8 rows
-    (see benchmarks/README.md). On an AVX2-only machine `F.linear` was the faster, hence `has_step_matmul` measures.
-    Returns a transposed view.
+    (see benchmarks/README.md). Returns a transposed view.
     """
     batch_size = rows.shape[0]
     # Row-major rows (`rows.T` a transposed view: MKL's fast case), at least two (one would be a matrix-vector product).
     rows = rows.expand(2, -1).contiguous() if batch_size == 1 else rows.contiguous()
     return torch.mm(weight, rows.t())[:, :batch_size].t()
+
+
+def transposed_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(rows, weight)` as `rows @ weight_t`, with `weight_t` a row-major copy of `weight.T` kept for decoding
+    (`transposed_weight`). On an AVX2-only EPYC it read the weight at 24-28 GB/s where `F.linear` read it at 15 and
+    `step_matmul` at 16-20, for a second copy of the weight in memory (benchmarks/README.md). Not for autograd: the
+    copy is not the parameter (`can_transpose`)."""
+    return rows @ transposed_weight(weight)
+
+
+def can_transpose(weight: torch.Tensor) -> bool:
+    """Whether `transposed_matmul` may stand for `F.linear` on `weight`: a plain tensor, outside autograd."""
+    return type(weight) in (torch.Tensor, nn.Parameter) and not weight.is_inference() and not torch.is_grad_enabled()
+
+
+def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A row-major copy of `weight.T`, kept while the weight lives and made again when it changes (in place, as an
+    optimizer step or `load_state_dict` changes it, or moved)."""
+    version = (weight.data_ptr(), weight._version)
+    kept = _transposed_weights.get(weight)
+    if kept is None or kept[0] != version:
+        kept = _transposed_weights[weight] = (version, weight.detach().t().contiguous())
+    return kept[1]
+
+
+def forget_unused_transposed_weights(weight_shape: tuple[int, ...]) -> None:
+    """Drops the transposed copies of weights of this shape where `transposed_matmul` was not chosen for any number
+    of rows: only the kernel that uses them pays their memory."""
+    if any(shape[1:] == weight_shape and ranking[0] == "transposed_matmul"
+           for shape, ranking in _step_kernel_ranking.items()):
+        return
+    for weight in [weight for weight in _transposed_weights if tuple(weight.shape) == weight_shape]:
+        del _transposed_weights[weight]
 
 
 @functools.cache
@@ -348,19 +407,20 @@ class LSTMLayer(GradientCheckpointingLayer):
         self, inputs: torch.Tensor, hidden: torch.Tensor | None, cell: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One time step: the same arithmetic as the fused kernel, without its per-call set-up cost, which dominates
-        a single step (about 15x on oneDNN) and so token-by-token generation. The gates come from `step_matmul`
-        where it is faster, otherwise from `torch.lstm_cell`."""
+        a single step (about 15x on oneDNN) and so token-by-token generation. The gates' products are
+        `step_kernel`'s; where both are `F.linear`, `torch.lstm_cell` computes the step."""
         inputs = inputs[:, 0]
         if hidden is None:
             hidden = cell = inputs.new_zeros(inputs.shape[0], self.rnn.hidden_size)
         hidden, cell = hidden.to(inputs.dtype), cell.to(inputs.dtype)
         rnn = self.rnn
-        if not (has_step_matmul(inputs, rnn.weight_ih_l0) and has_step_matmul(hidden, rnn.weight_hh_l0)):
+        input_kernel, recurrent_kernel = step_kernel(inputs, rnn.weight_ih_l0), step_kernel(hidden, rnn.weight_hh_l0)
+        if input_kernel is F.linear and recurrent_kernel is F.linear:
             hidden, cell = torch.lstm_cell(
                 inputs, (hidden, cell), rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
             )
             return hidden[:, None], hidden, cell
-        gates = step_matmul(inputs, rnn.weight_ih_l0) + step_matmul(hidden, rnn.weight_hh_l0)
+        gates = input_kernel(inputs, rnn.weight_ih_l0) + recurrent_kernel(hidden, rnn.weight_hh_l0)
         hidden, cell = lstm_cell_from_gates(gates + (rnn.bias_ih_l0 + rnn.bias_hh_l0), cell)
         return hidden[:, None], hidden, cell
 
@@ -566,7 +626,7 @@ class LSTMModel(LSTMPreTrainedModel):
         """The (h, c) each layer starts from: the cache's, or None (zeros) where it holds none."""
         if cache is None:
             return [(None, None)] * len(self.layers)
-        states = []
+        states, layer_sizes = [], self.config.layer_sizes
         for layer_idx, layer_cache in enumerate(cache.layers):
             if not layer_cache.is_recurrent_states_initialized[HIDDEN_STATE]:
                 states.append((None, None))
@@ -577,7 +637,7 @@ class LSTMModel(LSTMPreTrainedModel):
                     f"The `cache` holds states for a batch of {hidden.shape[0]}, but the inputs have a batch of "
                     f"{batch_size}. Continue from a cache with inputs of the batch it was built with."
                 )
-            expected = (batch_size, self.config.layer_sizes[layer_idx][1])
+            expected = (batch_size, layer_sizes[layer_idx][1])
             if hidden.shape != expected or cell.shape != expected:
                 raise ValueError(
                     f"The `cache` holds states of shape {tuple(hidden.shape)} and {tuple(cell.shape)} at layer "
@@ -923,7 +983,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=all_hidden_states)
 
     def _output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`lm_head` on the hidden states; through `step_matmul` for a one-token step where it is faster."""
+        """`lm_head` on the hidden states; by `step_kernel`'s choice for a one-token step."""
         head = self.lm_head
         # `step_matmul` takes plain weights only: a quantiser's tensor subclass (torchao's `Int8Tensor`) implements
         # `F.linear` but not the `torch.mm` that `step_matmul` calls.
@@ -935,9 +995,10 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         ):
             return head(hidden_states)
         rows = hidden_states[:, 0]
-        if not has_step_matmul(rows, head.weight):
+        kernel = step_kernel(rows, head.weight)
+        if kernel is F.linear:
             return head(hidden_states)
-        logits = step_matmul(rows, head.weight)
+        logits = kernel(rows, head.weight)
         if head.bias is not None:
             logits = logits + head.bias
         return logits.contiguous()[:, None]
@@ -976,5 +1037,9 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
                 f"`labels` must be in [0, {vocab_size}) or -100 (ignored), got {int(labels[invalid][0])}."
             )
 
+
+# transformers' `prepare_inputs_for_generation` reads `inspect.signature(self.forward)` at every generated token for
+# models registered for the Auto classes, as these are: given here once (it cost 0.15 ms a token on an AVX2 EPYC).
+LSTMForCausalLM.forward.__signature__ = inspect.signature(LSTMForCausalLM.forward)
 
 __all__ = ["LSTMForCausalLM", "LSTMModel", "LSTMPreTrainedModel"]

@@ -57,7 +57,7 @@ def corpus(tmp_path_factory, shakespeare_text) -> Path:
 @pytest.fixture(autouse=True)
 def forced_step_kernel(monkeypatch):
     """One-token steps take `step_matmul` whatever this machine would measure: the same arithmetic on every machine."""
-    monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", True)
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "step_matmul")
 
 
 @functools.cache

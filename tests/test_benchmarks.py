@@ -28,7 +28,7 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize("name, stem, ratio", [
     ("train_speed", "train_speed", "Trainer / plain"),
     pytest.param("generation", "generation", "lm-lstm / this", marks=SLOW),
-    ("step_kernels", "step_kernels", "speed-up"),  # and step_kernels_generate, below
+    ("step_kernels", "step_kernels", "speed-up, transposed_matmul"),  # and step_kernels_generate, below
     ("inference", "inference", "speed vs fp32"),
     ("bf16_quality", "bf16_quality", "loss vs fp32"),
     ("quality", "quality_0.05min", "vs gpt"),

@@ -1,5 +1,6 @@
 """The model: cache equivalence, padding, save/load, loss and gradients, dropouts, bad inputs."""
 
+import functools
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 from conftest import NO_DROPOUT, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
@@ -18,7 +20,7 @@ from lm_lstm import LSTMConfig, LSTMForCausalLM, LSTMModel
 from lm_lstm.arguments import LSTMTrainingArguments
 from lm_lstm.trainer import LSTMTrainer
 from lm_lstm import modeling_lstm
-from lm_lstm.modeling_lstm import PaddingLayout, has_step_matmul, real_position_mask, step_matmul
+from lm_lstm.modeling_lstm import PaddingLayout, real_position_mask, step_kernel, step_matmul, transposed_matmul
 
 
 def random_ids(batch: int, length: int, vocab_size: int = 40, seed: int = 1) -> torch.Tensor:
@@ -51,69 +53,103 @@ def test_stepping_under_bf16_autocast_follows_the_full_forward():
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
 @pytest.mark.parametrize("transposed_rows", [False, True])
-def test_step_matmul_equals_linear(rows, transposed_rows):
+def test_step_kernels_equal_linear(rows, transposed_rows):
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(300, 20, generator=generator)
     inputs = torch.randn(20, rows, generator=generator).t() if transposed_rows else torch.randn(rows, 20)
-    assert has_step_matmul(inputs, weight)
+    assert step_kernel(inputs, weight) is step_matmul
     torch.testing.assert_close(step_matmul(inputs, weight), F.linear(inputs, weight), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(transposed_matmul(inputs, weight), F.linear(inputs, weight), atol=1e-5, rtol=1e-5)
 
 
-def test_step_matmul_only_where_it_is_faster():
+def test_step_kernel_is_linear_where_no_other_applies(monkeypatch):
     weight, rows = torch.zeros(30, 4), torch.zeros(2, 4)
-    assert has_step_matmul(rows, weight)
-    assert not has_step_matmul(rows.double(), weight.double())
-    assert not has_step_matmul(rows.bfloat16(), weight.bfloat16())
-    assert not has_step_matmul(torch.zeros(1000, 4), weight)
+    assert step_kernel(rows, weight) is step_matmul
+    assert step_kernel(rows.double(), weight.double()) is F.linear
+    assert step_kernel(rows.bfloat16(), weight.bfloat16()) is F.linear
+    assert step_kernel(torch.zeros(1000, 4), weight) is F.linear
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not has_step_matmul(rows, weight)
+        assert step_kernel(rows, weight) is F.linear
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "transposed_matmul")
+    assert step_kernel(rows, weight) is F.linear  # under autograd: the copy is not the parameter
+    with torch.no_grad():
+        assert step_kernel(rows, weight) is transposed_matmul
 
 
-def test_step_kernel_is_measured_once_per_shape_unless_forced(monkeypatch):
-    verdicts = {(2, 30, 4): True, (2, 40, 4): False}
-    measured = []
-
-    def measure(rows, weight):
-        measured.append((rows.shape[0], *weight.shape))
-        return verdicts[measured[-1]]
-
-    monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", None)
-    monkeypatch.setattr(modeling_lstm, "_step_matmul_is_faster", {})
-    monkeypatch.setattr(modeling_lstm, "step_matmul_beats_linear", measure)
-    rows = torch.zeros(2, 4)
-    for _ in range(3):
-        assert has_step_matmul(rows, torch.zeros(30, 4)) and not has_step_matmul(rows, torch.zeros(40, 4))
-    assert measured == [(2, 30, 4), (2, 40, 4)]
-    assert not has_step_matmul(rows.double(), torch.zeros(30, 4).double())  # never eligible: not measured
-    monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", False)
-    assert not has_step_matmul(rows, torch.zeros(30, 4)) and len(measured) == 2
+def measuring_step_kernels(monkeypatch, trials: int) -> None:
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", None)
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL_TRIALS", trials)
+    for name in ("_step_kernel_ranking", "_step_kernel_seconds"):
+        monkeypatch.setattr(modeling_lstm, name, {})
+    monkeypatch.setattr(modeling_lstm, "_transposed_weights", WeakIdKeyDictionary())
 
 
-@pytest.mark.parametrize("slowed", ["step_matmul", "F.linear"])
-def test_step_matmul_measurement_picks_the_faster_kernel(slowed, monkeypatch):
+@pytest.mark.parametrize("fastest", ["step_matmul", "linear", "transposed_matmul"])
+def test_step_kernel_times_each_in_use_then_keeps_the_fastest(fastest, monkeypatch):
     def slow(kernel):
         # far above scheduling noise, even on a busy machine
-        return lambda rows, weight: (time.sleep(0.2), kernel(rows, weight))[1]
+        return lambda rows, weight: (time.sleep(0.03), kernel(rows, weight))[1]
 
-    if slowed == "step_matmul":
-        monkeypatch.setattr(modeling_lstm, "step_matmul", slow(step_matmul))
-    else:
+    measuring_step_kernels(monkeypatch, trials=2)
+    for name in {"step_matmul", "transposed_matmul"} - {fastest}:
+        monkeypatch.setattr(modeling_lstm, name, slow(getattr(modeling_lstm, name)))
+    if fastest != "linear":
         monkeypatch.setattr(modeling_lstm, "F", SimpleNamespace(linear=slow(F.linear)))
-    rows = torch.randn(1, 16, requires_grad=True)  # as in a training step: measured without autograd
-    assert modeling_lstm.step_matmul_beats_linear(rows, torch.randn(64, 16)) == (slowed == "F.linear")
+    generator = torch.Generator().manual_seed(0)
+    weight, other_weight = torch.randn(64, 16, generator=generator), torch.randn(48, 16, generator=generator)
+    rows = torch.randn(1, 16, generator=generator)
+    with torch.no_grad():
+        for _ in range(3 * 2):  # the trials, in turn, each giving F.linear's results
+            kernel = step_kernel(rows, weight)
+            assert isinstance(kernel, functools.partial)
+            torch.testing.assert_close(kernel(rows, weight), F.linear(rows, weight), atol=1e-5, rtol=1e-5)
+        ranking = modeling_lstm._step_kernel_ranking
+        assert list(ranking) == [(1, 64, 16)] and ranking[(1, 64, 16)][0] == fastest
+        assert step_kernel(rows, weight) is modeling_lstm.step_kernel_named(fastest)  # kept, for this shape only
+        assert isinstance(step_kernel(rows, other_weight), functools.partial)
+        # The transposed copy stays only where it was chosen.
+        assert len(modeling_lstm._transposed_weights) == (fastest == "transposed_matmul")
+    with_autograd = step_kernel(rows.requires_grad_(), weight)
+    assert with_autograd is modeling_lstm.step_kernel_named([n for n in ranking[(1, 64, 16)] if n != "transposed_matmul"][0])
 
 
-def test_model_steps_with_the_measured_kernel(monkeypatch):
-    monkeypatch.setattr(modeling_lstm, "STEP_MATMUL", None)
-    monkeypatch.setattr(modeling_lstm, "_step_matmul_is_faster", {})
+def test_transposed_copy_follows_the_weight(monkeypatch):
+    monkeypatch.setattr(modeling_lstm, "_transposed_weights", WeakIdKeyDictionary())
+    weight, rows = torch.randn(30, 4), torch.randn(1, 4)
+    with torch.no_grad():
+        transposed_matmul(rows, weight)
+        weight.mul_(-2)  # in place, as an optimizer step or `load_state_dict`
+        torch.testing.assert_close(transposed_matmul(rows, weight), F.linear(rows, weight))
+        assert len(modeling_lstm._transposed_weights) == 1
+    del weight
+    assert len(modeling_lstm._transposed_weights) == 0  # gone with the weight
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_model_steps_with_the_measured_kernels(grad, monkeypatch):
+    measuring_step_kernels(monkeypatch, trials=2)
     model = tiny_model(tie_word_embeddings=True, vocab_size=50)
-    ids = random_ids(2, 6)
+    ids = random_ids(2, 3 * 2 + 2)  # the trials, then the kept kernels
     cache = DynamicCache(config=model.config)
-    steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
+    with torch.set_grad_enabled(grad):
+        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), model(ids).logits, atol=1e-5, rtol=0)
-    # At 2 rows: each layer's input weights (its recurrent weights too where the first won) and the output layer.
-    measured = set(modeling_lstm._step_matmul_is_faster)
-    assert {(2, 40, 6), (2, 24, 10), (2, 50, 6)} <= measured <= {(2, 40, 6), (2, 40, 10), (2, 24, 10), (2, 24, 6), (2, 50, 6)}
+    # At 2 rows: both layers' input and recurrent weights, and the output layer, each decided.
+    ranking = modeling_lstm._step_kernel_ranking
+    assert set(ranking) == {(2, 40, 6), (2, 40, 10), (2, 24, 10), (2, 24, 6), (2, 50, 6)}
+    assert modeling_lstm._step_kernel_seconds == {}
+    assert all(("transposed_matmul" in kernels) == (not grad) for kernels in ranking.values())
+    if grad:  # the gradients of the step by the chosen kernels are F.linear's
+        torch.cat(steps, dim=1).square().mean().backward()
+        measured = {name: weight.grad.clone() for name, weight in model.named_parameters()}
+        model.zero_grad()
+        monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "linear")
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
+        torch.cat(steps, dim=1).square().mean().backward()
+        for name, weight in model.named_parameters():
+            torch.testing.assert_close(measured[name], weight.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_lstm_leaves_autocast_where_this_cpu_cannot_run_it_in_bf16(monkeypatch):
