@@ -304,8 +304,10 @@ class BudgetProgressCallback(ProgressCallback):
         elapsed_before = saved_budget_state(state).get("elapsed_before", 0.0)
         self.started = self.clock() - elapsed_before
         if state.is_world_process_zero:
+            # No rate: it would read "1.00s/s", seconds of budget per second.
             self.training_bar = tqdm(total=round(budget_seconds(args)), initial=round(elapsed_before), unit="s",
-                                     dynamic_ncols=True)
+                                     dynamic_ncols=True,
+                                     bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
         self.current_step = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -323,6 +323,8 @@ def test_the_progress_bar_runs_over_the_budget_seconds(tmp_path):
     for clock.now, state.global_step in [(512.1, 4), (512.4, 5)]:
         bar.on_step_end(args, state, control)
     assert bar.training_bar.n == 32 and bar.training_bar.postfix == "step 5"
+    assert "| 32/60 s [" in str(bar.training_bar) and ", step 5]" in str(bar.training_bar)
+    assert "s/s" not in str(bar.training_bar)
     assert redraws == [32]  # once per second of the budget, not at every step
     clock.now = 600.0
     bar.on_step_end(args, state, control)
