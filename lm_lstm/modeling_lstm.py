@@ -130,8 +130,9 @@ def transposed_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def can_transpose(weight: torch.Tensor) -> bool:
-    """Whether `transposed_matmul` may stand for `F.linear` on `weight`: a plain tensor, outside autograd."""
-    return type(weight) in (torch.Tensor, nn.Parameter) and not weight.is_inference() and not torch.is_grad_enabled()
+    """Whether `transposed_matmul` may stand for `F.linear` on `weight`: a module's own parameter (not a tensor made
+    anew at each call, as a parametrization's, whose copy would be made at every step), outside autograd."""
+    return type(weight) is nn.Parameter and not weight.is_inference() and not torch.is_grad_enabled()
 
 
 def transposed_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 from conftest import NO_DROPOUT, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
@@ -64,7 +65,7 @@ def test_step_kernels_equal_linear(rows, transposed_rows):
 
 
 def test_step_kernel_is_linear_where_no_other_applies(monkeypatch):
-    weight, rows = torch.zeros(30, 4), torch.zeros(2, 4)
+    weight, rows = nn.Parameter(torch.zeros(30, 4)), torch.zeros(2, 4)
     assert step_kernel(rows, weight) is step_matmul
     assert step_kernel(rows.double(), weight.double()) is F.linear
     assert step_kernel(rows.bfloat16(), weight.bfloat16()) is F.linear
@@ -75,6 +76,7 @@ def test_step_kernel_is_linear_where_no_other_applies(monkeypatch):
     assert step_kernel(rows, weight) is F.linear  # under autograd: the copy is not the parameter
     with torch.no_grad():
         assert step_kernel(rows, weight) is transposed_matmul
+        assert step_kernel(rows, weight.detach()) is F.linear  # not a parameter: perhaps made anew at every call
 
 
 def measuring_step_kernels(monkeypatch, trials: int) -> None:
@@ -97,7 +99,7 @@ def test_step_kernel_times_each_in_use_then_keeps_the_fastest(fastest, monkeypat
     if fastest != "linear":
         monkeypatch.setattr(modeling_lstm, "F", SimpleNamespace(linear=slow(F.linear)))
     generator = torch.Generator().manual_seed(0)
-    weight, other_weight = torch.randn(64, 16, generator=generator), torch.randn(48, 16, generator=generator)
+    weight, other_weight = (nn.Parameter(torch.randn(size, 16, generator=generator)) for size in (64, 48))
     rows = torch.randn(1, 16, generator=generator)
     with torch.no_grad():
         for _ in range(3 * 2):  # the trials, in turn, each giving F.linear's results
