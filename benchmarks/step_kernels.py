@@ -1,5 +1,6 @@
 """One-token decoding kernels: `F.linear`, `step_matmul` (`weight @ rows.T`) and `transposed_matmul` (`rows @ W_T`,
-a row-major copy of the weight's transpose), alone and in the decode step; lm-lstm's `step_kernel` chooses among them.
+a row-major copy of the weight's transpose that a cache keeps), alone and in the decode step; lm-lstm's `step_kernel`
+chooses among them.
 
 1. The output layer of config B (33,278 x 650, fp32) on 1 to 1024 rows, by each kernel.
 2. The whole decode step `model(token, cache=cache)` of lm-lstm at config B, each kernel forced for every product
@@ -62,8 +63,9 @@ def kernel_rows(sizes: dict) -> list[dict]:
     rows = []
     for count in sizes["kernel rows"]:
         inputs = torch.randn(count, sizes["width"])
+        transposed = modeling_lstm.TransposedWeights()
         with torch.no_grad():
-            ms = alternate({column: functools.partial(modeling_lstm.step_kernel_named(name), inputs, weight)
+            ms = alternate({column: functools.partial(modeling_lstm.step_kernel_named(name, transposed), inputs, weight)
                             for column, name in KERNELS.items()}, sizes["repeats"], sizes["rounds"])
         rows.append({"measure": f"output layer {sizes['vocab']} x {sizes['width']}", "rows": count, **ms})
         print(rows[-1], flush=True)

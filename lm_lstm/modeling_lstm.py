@@ -45,7 +45,6 @@ STEP_KERNEL: str | None = None
 STEP_KERNELS = ("step_matmul", "linear", "transposed_matmul")
 _step_kernel_ranking: dict[tuple[int, ...], tuple[str, ...]] = {}  # by (rows, *weight.shape): names, fastest first
 _step_kernel_seconds: dict[tuple[int, ...], dict[str, list[float]]] = {}  # the trials under way
-_transposed_weights = WeakIdKeyDictionary()  # weight -> ((data_ptr, version), row-major copy of weight.T)
 
 
 def is_tracing() -> bool:
@@ -55,10 +54,12 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def step_kernel(rows: torch.Tensor, weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def step_kernel(
+    rows: torch.Tensor, weight: torch.Tensor, transposed: TransposedWeights | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The kernel that computes `F.linear(rows, weight)` for a one-token step, the fastest here of `F.linear`,
-    `step_matmul` and `transposed_matmul` (the last without autograd only); `F.linear` for more than a few rows,
-    other dtypes or devices, and under autocast.
+    `step_matmul` and `transposed.matmul` (`TransposedWeights`: given a cache's, without autograd, on a parameter);
+    `F.linear` for more than a few rows, other dtypes or devices, and under autocast.
 
     The choice is measured in use, once per shape and process: the first `STEP_KERNEL_TRIALS` calls of each kernel
     take turns, each timed where it runs, then the kernels are ranked by their best times (`STEP_KERNEL` forces
@@ -73,27 +74,33 @@ def step_kernel(rows: torch.Tensor, weight: torch.Tensor) -> Callable[[torch.Ten
         and not torch.is_autocast_enabled("cpu")
     ):
         return F.linear
-    usable = STEP_KERNELS if can_transpose(weight) else STEP_KERNELS[:2]
+    usable = STEP_KERNELS if transposed is not None and can_transpose(weight) else STEP_KERNELS[:2]
     if STEP_KERNEL is not None:
-        return step_kernel_named(STEP_KERNEL if STEP_KERNEL in usable else "linear")
+        return step_kernel_named(STEP_KERNEL if STEP_KERNEL in usable else "linear", transposed)
     shape = (rows.shape[0], *weight.shape)
     if shape in _step_kernel_ranking:
-        return step_kernel_named(next(name for name in _step_kernel_ranking[shape] if name in usable))
+        return step_kernel_named(next(name for name in _step_kernel_ranking[shape] if name in usable), transposed)
     seconds = _step_kernel_seconds.setdefault(shape, {name: [] for name in usable})
     trial = min((name for name in seconds if name in usable), key=lambda name: len(seconds[name]))  # in turn
-    return functools.partial(_timed_step_kernel, shape, trial)
+    return functools.partial(_timed_step_kernel, shape, trial, transposed)
 
 
-def step_kernel_named(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The one-token step kernel of a name of `STEP_KERNELS`."""
-    return {"step_matmul": step_matmul, "linear": F.linear, "transposed_matmul": transposed_matmul}[name]
+def step_kernel_named(
+    name: str, transposed: TransposedWeights | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The one-token step kernel of a name of `STEP_KERNELS` (`transposed_matmul` needs `transposed`)."""
+    if name == "transposed_matmul":
+        return transposed.matmul
+    return {"step_matmul": step_matmul, "linear": F.linear}[name]
 
 
-def _timed_step_kernel(shape: tuple[int, ...], trial: str, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _timed_step_kernel(
+    shape: tuple[int, ...], trial: str, transposed: TransposedWeights | None, rows: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
     """One trial of `step_kernel`'s measurement: the kernel named `trial`, timed (a transposed copy is made before)."""
     if trial == "transposed_matmul":
-        transposed_weight(weight)
-    kernel = step_kernel_named(trial)
+        transposed.of(weight)
+    kernel = step_kernel_named(trial, transposed)
     start = time.perf_counter()
     outputs = kernel(rows, weight)
     elapsed = time.perf_counter() - start
@@ -103,7 +110,11 @@ def _timed_step_kernel(shape: tuple[int, ...], trial: str, rows: torch.Tensor, w
         if min(map(len, seconds.values())) >= STEP_KERNEL_TRIALS:
             _step_kernel_ranking[shape] = tuple(sorted(seconds, key=lambda name: min(seconds[name])))
             del _step_kernel_seconds[shape]
-            forget_unused_transposed_weights(shape[1:])
+            if transposed is not None and not any(
+                kept[1:] == shape[1:] and ranking[0] == "transposed_matmul"
+                for kept, ranking in _step_kernel_ranking.items()
+            ):
+                transposed.forget(shape[1:])  # only the kernel that uses the copies pays their memory
     return outputs
 
 
@@ -121,38 +132,53 @@ def step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.mm(weight, rows.t())[:, :batch_size].t()
 
 
-def transposed_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear(rows, weight)` as `rows @ weight_t`, with `weight_t` a row-major copy of `weight.T` kept for decoding
-    (`transposed_weight`). On an AVX2-only EPYC it read the weight at 24-28 GB/s where `F.linear` read it at 15 and
-    `step_matmul` at 16-20, for a second copy of the weight in memory (benchmarks/README.md). Not for autograd: the
-    copy is not the parameter (`can_transpose`)."""
-    return rows @ transposed_weight(weight)
-
-
 def can_transpose(weight: torch.Tensor) -> bool:
-    """Whether `transposed_matmul` may stand for `F.linear` on `weight`: a module's own parameter (not a tensor made
-    anew at each call, as a parametrization's, whose copy would be made at every step), outside autograd."""
+    """Whether `TransposedWeights.matmul` may stand for `F.linear` on `weight`: a module's own parameter (not a tensor
+    made anew at each call, as a parametrization's, whose copy would be made at every step), outside autograd."""
     return type(weight) is nn.Parameter and not weight.is_inference() and not torch.is_grad_enabled()
 
 
-def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A row-major copy of `weight.T`, kept while the weight lives and made again when it changes (in place, as an
-    optimizer step or `load_state_dict` changes it, or moved)."""
-    version = (weight.data_ptr(), weight._version)
-    kept = _transposed_weights.get(weight)
-    if kept is None or kept[0] != version:
-        kept = _transposed_weights[weight] = (version, weight.detach().t().contiguous())
-    return kept[1]
+class TransposedWeights:
+    """Row-major copies of weights' transposes, for `matmul`, kept by a cache for the decoding it serves (one
+    `generate()` call): made at its first step that uses them and freed with it, at most the weights' size again.
+
+    On an AVX2-only EPYC, `rows @ W_T` read a weight at 24-28 GB/s where `F.linear` read it at 15 and `step_matmul`
+    at 16-20 (benchmarks/README.md). The copies live no longer than a cache because not every change to a weight is
+    seen: a copy is made again when the weight's version counter moves (in-place writes, `load_state_dict`), but fused
+    optimizers and writes through `.data` (PEFT's `merge_and_unload`) leave it as it was.
+    """
+
+    def __init__(self) -> None:
+        self.copies = WeakIdKeyDictionary()  # weight -> ((data_ptr, version), its transpose, row-major)
+
+    def __deepcopy__(self, memo: dict) -> TransposedWeights:
+        return TransposedWeights()  # derived from the weights: made again where needed
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor:
+        """The row-major copy of `weight.T`."""
+        version = (weight.data_ptr(), weight._version)
+        kept = self.copies.get(weight)
+        if kept is None or kept[0] != version:
+            kept = self.copies[weight] = (version, weight.detach().t().contiguous())
+        return kept[1]
+
+    def matmul(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`F.linear(rows, weight)` as `rows @ W_T`. Not for autograd: the copy is not the parameter."""
+        return rows @ self.of(weight)
+
+    def forget(self, weight_shape: tuple[int, ...]) -> None:
+        """Drops the copies of the weights of this shape."""
+        for weight in [weight for weight in self.copies if tuple(weight.shape) == weight_shape]:
+            del self.copies[weight]
 
 
-def forget_unused_transposed_weights(weight_shape: tuple[int, ...]) -> None:
-    """Drops the transposed copies of weights of this shape where `transposed_matmul` was not chosen for any number
-    of rows: only the kernel that uses them pays their memory."""
-    if any(shape[1:] == weight_shape and ranking[0] == "transposed_matmul"
-           for shape, ranking in _step_kernel_ranking.items()):
-        return
-    for weight in [weight for weight in _transposed_weights if tuple(weight.shape) == weight_shape]:
-        del _transposed_weights[weight]
+def transposed_weights(cache: Cache | None) -> TransposedWeights | None:
+    """The transposed copies `cache` keeps for one-token steps (`TransposedWeights`), made with it; None without."""
+    if cache is None:
+        return None
+    if not isinstance(getattr(cache, "transposed_weights", None), TransposedWeights):
+        cache.transposed_weights = TransposedWeights()
+    return cache.transposed_weights
 
 
 @functools.cache
@@ -296,12 +322,13 @@ class LSTMLayer(GradientCheckpointingLayer):
         initial_hidden: torch.Tensor | None = None,
         initial_cell: torch.Tensor | None = None,
         padding: PaddingLayout | None = None,
+        transposed: TransposedWeights | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Runs the layer over `(batch, time, features)` inputs, from zeros or the given `(batch, hidden)` states.
 
         With `padding`, only the real positions count: outputs at padding positions are zero, each row's final state
         is the one after its last real token, and a row without any keeps its initial state. Returns the outputs and
-        the final hidden and cell states.
+        the final hidden and cell states. `transposed`: the cache's copies for one-token steps (`step_kernel`).
         """
         dropping_weights = self.training and self.weight_dropout > 0
         if is_tracing():
@@ -310,7 +337,7 @@ class LSTMLayer(GradientCheckpointingLayer):
         outside_autocast = lstm_outside_autocast(hidden_states)
         with torch.autocast("cpu", enabled=False) if outside_autocast else contextlib.nullcontext():
             if one_step and type(self.rnn) is nn.LSTM:
-                return self._step(hidden_states, initial_hidden, initial_cell)
+                return self._step(hidden_states, initial_hidden, initial_cell, transposed)
             return self._run(hidden_states, initial_hidden, initial_cell, padding, dropping_weights)
 
     def _run(
@@ -405,7 +432,11 @@ class LSTMLayer(GradientCheckpointingLayer):
         return torch.stack(outputs, 1), hidden, cell
 
     def _step(
-        self, inputs: torch.Tensor, hidden: torch.Tensor | None, cell: torch.Tensor | None
+        self,
+        inputs: torch.Tensor,
+        hidden: torch.Tensor | None,
+        cell: torch.Tensor | None,
+        transposed: TransposedWeights | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One time step: the same arithmetic as the fused kernel, without its per-call set-up cost, which dominates
         a single step (about 15x on oneDNN) and so token-by-token generation. The gates' products are
@@ -415,7 +446,8 @@ class LSTMLayer(GradientCheckpointingLayer):
             hidden = cell = inputs.new_zeros(inputs.shape[0], self.rnn.hidden_size)
         hidden, cell = hidden.to(inputs.dtype), cell.to(inputs.dtype)
         rnn = self.rnn
-        input_kernel, recurrent_kernel = step_kernel(inputs, rnn.weight_ih_l0), step_kernel(hidden, rnn.weight_hh_l0)
+        input_kernel = step_kernel(inputs, rnn.weight_ih_l0, transposed)
+        recurrent_kernel = step_kernel(hidden, rnn.weight_hh_l0, transposed)
         if input_kernel is F.linear and recurrent_kernel is F.linear:
             hidden, cell = torch.lstm_cell(
                 inputs, (hidden, cell), rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
@@ -716,13 +748,14 @@ class LSTMModel(LSTMPreTrainedModel):
         elif use_cache:
             cache = prepare_cache(DynamicCache(), self.config)
         initial_states = self._initial_states(cache, batch_size)
+        transposed = transposed_weights(cache)
 
         all_hidden_states = (inputs_embeds,) if output_hidden_states else None
         hidden_states = self.input_dropout(inputs_embeds)
         for layer_idx, (layer, (hidden, cell)) in enumerate(zip(self.layers, initial_states)):
             if layer_idx > 0:
                 hidden_states = self.hidden_dropout(hidden_states)
-            hidden_states, hidden, cell = layer(hidden_states, hidden, cell, padding)
+            hidden_states, hidden, cell = layer(hidden_states, hidden, cell, padding, transposed)
             if cache is not None:
                 store_state(cache, layer_idx, hidden, cell, seq_len)
             if output_hidden_states:
@@ -964,7 +997,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             output_attentions=kwargs.get("output_attentions"),  # refused there
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self._output_logits(hidden_states)
+        logits = self._output_logits(hidden_states, transposed_weights(outputs.cache))
 
         loss = None
         if has_targets:
@@ -983,8 +1016,9 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             return ((loss,) + output) if loss is not None else output
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=all_hidden_states)
 
-    def _output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`lm_head` on the hidden states; by `step_kernel`'s choice for a one-token step."""
+    def _output_logits(self, hidden_states: torch.Tensor, transposed: TransposedWeights | None) -> torch.Tensor:
+        """`lm_head` on the hidden states; by `step_kernel`'s choice for a one-token step (with the cache's
+        `transposed` copies)."""
         head = self.lm_head
         # `step_matmul` takes plain weights only: a quantiser's tensor subclass (torchao's `Int8Tensor`) implements
         # `F.linear` but not the `torch.mm` that `step_matmul` calls.
@@ -996,7 +1030,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         ):
             return head(hidden_states)
         rows = hidden_states[:, 0]
-        kernel = step_kernel(rows, head.weight)
+        kernel = step_kernel(rows, head.weight, transposed)
         if kernel is F.linear:
             return head(hidden_states)
         logits = kernel(rows, head.weight)

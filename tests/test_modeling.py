@@ -1,5 +1,6 @@
 """The model: cache equivalence, padding, save/load, loss and gradients, dropouts, bad inputs."""
 
+import copy
 import functools
 import json
 import os
@@ -13,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 from conftest import NO_DROPOUT, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
@@ -21,7 +21,14 @@ from lm_lstm import LSTMConfig, LSTMForCausalLM, LSTMModel
 from lm_lstm.arguments import LSTMTrainingArguments
 from lm_lstm.trainer import LSTMTrainer
 from lm_lstm import modeling_lstm
-from lm_lstm.modeling_lstm import PaddingLayout, real_position_mask, step_kernel, step_matmul, transposed_matmul
+from lm_lstm.modeling_lstm import (
+    PaddingLayout,
+    TransposedWeights,
+    real_position_mask,
+    step_kernel,
+    step_matmul,
+    transposed_weights,
+)
 
 
 def random_ids(batch: int, length: int, vocab_size: int = 40, seed: int = 1) -> torch.Tensor:
@@ -61,11 +68,12 @@ def test_step_kernels_equal_linear(rows, transposed_rows):
     assert step_kernel(inputs, weight) is step_matmul
     torch.testing.assert_close(step_matmul(inputs, weight), F.linear(inputs, weight), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(transposed_matmul(inputs, weight), F.linear(inputs, weight), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(TransposedWeights().matmul(inputs, weight), F.linear(inputs, weight), atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_step_kernel_is_linear_where_no_other_applies(monkeypatch):
-    weight, rows = nn.Parameter(torch.zeros(30, 4)), torch.zeros(2, 4)
+    weight, rows, transposed = nn.Parameter(torch.zeros(30, 4)), torch.zeros(2, 4), TransposedWeights()
     assert step_kernel(rows, weight) is step_matmul
     assert step_kernel(rows.double(), weight.double()) is F.linear
     assert step_kernel(rows.bfloat16(), weight.bfloat16()) is F.linear
@@ -73,10 +81,11 @@ def test_step_kernel_is_linear_where_no_other_applies(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert step_kernel(rows, weight) is F.linear
     monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "transposed_matmul")
-    assert step_kernel(rows, weight) is F.linear  # under autograd: the copy is not the parameter
+    assert step_kernel(rows, weight, transposed) is F.linear  # under autograd: the copy is not the parameter
     with torch.no_grad():
-        assert step_kernel(rows, weight) is transposed_matmul
-        assert step_kernel(rows, weight.detach()) is F.linear  # not a parameter: perhaps made anew at every call
+        assert step_kernel(rows, weight, transposed) == transposed.matmul
+        assert step_kernel(rows, weight) is F.linear  # no cache to keep the copies
+        assert step_kernel(rows, weight.detach(), transposed) is F.linear  # not a parameter: made anew at each call?
 
 
 def measuring_step_kernels(monkeypatch, trials: int) -> None:
@@ -84,48 +93,73 @@ def measuring_step_kernels(monkeypatch, trials: int) -> None:
     monkeypatch.setattr(modeling_lstm, "STEP_KERNEL_TRIALS", trials)
     for name in ("_step_kernel_ranking", "_step_kernel_seconds"):
         monkeypatch.setattr(modeling_lstm, name, {})
-    monkeypatch.setattr(modeling_lstm, "_transposed_weights", WeakIdKeyDictionary())
 
 
 @pytest.mark.parametrize("fastest", ["step_matmul", "linear", "transposed_matmul"])
 def test_step_kernel_times_each_in_use_then_keeps_the_fastest(fastest, monkeypatch):
     def slow(kernel):
         # far above scheduling noise, even on a busy machine
-        return lambda rows, weight: (time.sleep(0.03), kernel(rows, weight))[1]
+        return lambda *args: (time.sleep(0.1), kernel(*args))[1]
 
-    measuring_step_kernels(monkeypatch, trials=2)
-    for name in {"step_matmul", "transposed_matmul"} - {fastest}:
-        monkeypatch.setattr(modeling_lstm, name, slow(getattr(modeling_lstm, name)))
+    measuring_step_kernels(monkeypatch, trials=3)
+    if fastest != "step_matmul":
+        monkeypatch.setattr(modeling_lstm, "step_matmul", slow(step_matmul))
+    if fastest != "transposed_matmul":
+        monkeypatch.setattr(TransposedWeights, "matmul", slow(TransposedWeights.matmul))
     if fastest != "linear":
         monkeypatch.setattr(modeling_lstm, "F", SimpleNamespace(linear=slow(F.linear)))
     generator = torch.Generator().manual_seed(0)
     weight, other_weight = (nn.Parameter(torch.randn(size, 16, generator=generator)) for size in (64, 48))
-    rows = torch.randn(1, 16, generator=generator)
+    rows, transposed = torch.randn(1, 16, generator=generator), TransposedWeights()
     with torch.no_grad():
-        for _ in range(3 * 2):  # the trials, in turn, each giving F.linear's results
-            kernel = step_kernel(rows, weight)
+        for _ in range(3 * 3):  # the trials, in turn, each giving F.linear's results
+            kernel = step_kernel(rows, weight, transposed)
             assert isinstance(kernel, functools.partial)
             torch.testing.assert_close(kernel(rows, weight), F.linear(rows, weight), atol=1e-5, rtol=1e-5)
         ranking = modeling_lstm._step_kernel_ranking
         assert list(ranking) == [(1, 64, 16)] and ranking[(1, 64, 16)][0] == fastest
-        assert step_kernel(rows, weight) is modeling_lstm.step_kernel_named(fastest)  # kept, for this shape only
-        assert isinstance(step_kernel(rows, other_weight), functools.partial)
-        # The transposed copy stays only where it was chosen.
-        assert len(modeling_lstm._transposed_weights) == (fastest == "transposed_matmul")
-    with_autograd = step_kernel(rows.requires_grad_(), weight)
+        assert step_kernel(rows, weight, transposed) == modeling_lstm.step_kernel_named(fastest, transposed)
+        assert isinstance(step_kernel(rows, other_weight, transposed), functools.partial)  # kept for that shape only
+        assert len(transposed.copies) == (fastest == "transposed_matmul")  # the copy stays only where chosen
+    with_autograd = step_kernel(rows.requires_grad_(), weight, transposed)
     assert with_autograd is modeling_lstm.step_kernel_named([n for n in ranking[(1, 64, 16)] if n != "transposed_matmul"][0])
 
 
-def test_transposed_copy_follows_the_weight(monkeypatch):
-    monkeypatch.setattr(modeling_lstm, "_transposed_weights", WeakIdKeyDictionary())
-    weight, rows = torch.randn(30, 4), torch.randn(1, 4)
+def test_transposed_copies_follow_the_weights_they_see_change_and_live_with_the_cache():
+    weight, rows, transposed = torch.randn(30, 4), torch.randn(1, 4), TransposedWeights()
     with torch.no_grad():
-        transposed_matmul(rows, weight)
-        weight.mul_(-2)  # in place, as an optimizer step or `load_state_dict`
-        torch.testing.assert_close(transposed_matmul(rows, weight), F.linear(rows, weight))
-        assert len(modeling_lstm._transposed_weights) == 1
+        transposed.matmul(rows, weight)
+        weight.mul_(-2)  # in place, as `load_state_dict`: the version counter moves
+        torch.testing.assert_close(transposed.matmul(rows, weight), F.linear(rows, weight))
+        assert len(transposed.copies) == 1 and len(copy.deepcopy(transposed).copies) == 0
     del weight
-    assert len(modeling_lstm._transposed_weights) == 0  # gone with the weight
+    assert len(transposed.copies) == 0  # gone with the weight
+    cache = DynamicCache()
+    assert transposed_weights(cache) is transposed_weights(cache) and transposed_weights(None) is None
+    assert transposed_weights(copy.deepcopy(cache)) is not transposed_weights(cache)
+
+
+def test_generation_after_unseen_weight_changes_uses_the_new_weights(monkeypatch):
+    """A fused optimizer step and a write through `.data` (PEFT's merge) leave a weight's version counter as it was:
+    the next `generate()` must still decode with the new weights (its cache makes its own transposed copies)."""
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "transposed_matmul")
+    model = tiny_model(vocab_size=50).eval()
+    prompt = random_ids(1, 4)
+
+    def generated_logits() -> torch.Tensor:
+        output = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, pad_token_id=0)
+        return torch.stack(output.logits, 1)
+
+    generated_logits()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    model(random_ids(2, 6), labels=random_ids(2, 6)).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.lm_head.weight.data.mul_(1.5)
+    logits = generated_logits()
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "linear")
+    torch.testing.assert_close(logits, generated_logits(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("grad", [False, True])
