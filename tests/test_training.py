@@ -1,6 +1,7 @@
 """`lm-lstm train / evaluate / generate` end to end, the perplexity metric, resuming, and bad inputs."""
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -326,9 +327,10 @@ def assert_refused_in_one_line(returncode, lines, stderr, message, output_dir):
 
 
 @pytest.mark.parametrize("make_args, message", BAD_TRAINING_INPUTS)
-def test_bad_training_inputs_fail_with_one_line(tmp_path, monkeypatch, capfd, make_args, message):
+def test_bad_training_inputs_fail_with_one_line(tmp_path, monkeypatch, capfd, caplog, make_args, message):
     # In this process (a command's start-up costs seconds): stderr is read at the file descriptor, as a terminal
-    # would show it; the test below runs two of the cases as real commands.
+    # would show it, and warnings logged are counted (pytest takes them from stderr); the test below runs two of the
+    # cases as real commands.
     write_bad_training_files(tmp_path)
     monkeypatch.chdir(tmp_path)
     try:
@@ -338,6 +340,7 @@ def test_bad_training_inputs_fail_with_one_line(tmp_path, monkeypatch, capfd, ma
         code = exit.code
     stderr = capfd.readouterr().err
     assert_refused_in_one_line(code, stderr.strip().splitlines(), stderr, message, tmp_path / "out")
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 @pytest.mark.parametrize("make_args, message", [BAD_TRAINING_INPUTS[3], BAD_TRAINING_INPUTS[8]])
