@@ -116,7 +116,7 @@ def describe_warmup(warmup_steps: float) -> str:
     if warmup_steps <= 0:
         return "no warm-up"
     if warmup_steps < 1:
-        return f"warm-up over the first {warmup_steps * 100:.3g}% of training"
+        return f"warm-up over the first {warmup_steps * 100:.6g}% of training"  # 0.99999: 99.999%, not 100%
     return f"{warmup_steps:g} warm-up step{'s' if warmup_steps != 1 else ''}"
 
 

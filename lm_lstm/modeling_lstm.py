@@ -59,7 +59,8 @@ def step_kernel(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The kernel that computes `F.linear(rows, weight)` for a one-token step, the fastest here of `F.linear`,
     `step_matmul` and `transposed.matmul` (`TransposedWeights`: given a cache's, without autograd, on a parameter);
-    `F.linear` for more than a few rows, other dtypes or devices, and under autocast.
+    `F.linear` for more than a few rows, other dtypes or devices, and under autocast. Raises `ValueError` if
+    `STEP_KERNEL` is not None and names no kernel of `STEP_KERNELS`.
 
     The choice is measured in use, once per shape and process: the first `STEP_KERNEL_TRIALS` calls of each kernel
     take turns, each timed where it runs, then the kernels are ranked by their best times (`STEP_KERNEL` forces
@@ -76,6 +77,8 @@ def step_kernel(
         return F.linear
     usable = STEP_KERNELS if transposed is not None and can_transpose(weight) else STEP_KERNELS[:2]
     if STEP_KERNEL is not None:
+        if STEP_KERNEL not in STEP_KERNELS:
+            raise ValueError(f"STEP_KERNEL is {STEP_KERNEL!r}; use None or one of {', '.join(STEP_KERNELS)}.")
         return step_kernel_named(STEP_KERNEL if STEP_KERNEL in usable else "linear", transposed)
     shape = (rows.shape[0], *weight.shape)
     if shape in _step_kernel_ranking:

@@ -41,7 +41,11 @@ from .presets import DEFAULT_PRESET
 from .configuration_lstm import LSTMConfig
 from .modeling_lstm import LSTMForCausalLM
 
-CANDIDATE_HIDDEN_SIZES: tuple[int, ...] = (128, 192, 256, 384, 512, 768, 1024)
+CANDIDATE_HIDDEN_SIZES: tuple[int, ...] = (128, 192, 256, 384, 512)
+"""The hidden sizes to choose from: those of the runs behind `SCALING_FIT` (benchmarks/results/scaling.md), 2 x 512 the
+largest. Beyond, the fit extrapolates, optimistically: every 2 x 1,024 run it chose for 30 minutes ended 0.03 to 0.11
+nats/char above its expectation (1.412 to 1.509, benchmarks/results/quality_30min_*.md), where sizes up to 512 ended
+within about 0.02 of it."""
 TRAINING_SHARE = 0.9
 """The part of a time budget spent in training steps; the rest goes to evaluations and the final save (about 7% on
 the bundled corpus with the default recipe: benchmarks/results/quality_10min.json)."""
