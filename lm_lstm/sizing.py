@@ -304,40 +304,47 @@ def choose_size(measurements: Sequence[Measurement], budget_seconds: float, uniq
 
 def training_step_seconds(model: LSTMForCausalLM, batch_size: int, block_size: int, bf16: bool,
                           steps: int = 2) -> float:
-    """Seconds of the fastest of `steps` training steps (forward, backward, AdamW update) of `model` on a random batch
-    of (batch_size, block_size) tokens, after one untimed step, with bf16 autocast if `bf16`: other work on the CPUs
-    only ever slows a step, and the fastest is the least disturbed. The model's weights change: measure a throwaway
-    copy."""
+    """Seconds of the fastest of `steps` training steps (forward, backward, AdamW update) of `model`, on its device, on
+    a random batch of (batch_size, block_size) tokens, after one untimed step, with bf16 autocast if `bf16`: other
+    work on the CPUs only ever slows a step, and the fastest is the least disturbed. On an accelerator each step is
+    timed to the end of its work (the device is synchronised). The model's weights change: measure a throwaway copy."""
     model.train()
+    device = model.device
+    synchronize = getattr(torch, device.type).synchronize if device.type != "cpu" else lambda: None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(model.config.vocab_size, (batch_size, block_size), device=model.device)
+    ids = torch.randint(model.config.vocab_size, (batch_size, block_size), device=device)
     times = []
     for _ in range(steps + 1):
+        synchronize()
         start = time.perf_counter()
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize()
         times.append(time.perf_counter() - start)
     return min(times[1:])
 
 
-def measure(config: LSTMConfig, hidden_size: int, layout: Layout, bf16: bool) -> Measurement:
-    """Training tokens per second, over all processes, of `config` with `hidden_size` here in `layout`
-    (`training_step_seconds` of one process's batch)."""
+def measure(config: LSTMConfig, hidden_size: int, layout: Layout, bf16: bool,
+            device: torch.device | str = "cpu") -> Measurement:
+    """Training tokens per second, over all processes, of `config` with `hidden_size` in `layout`, on `device` (the one
+    training will use: `training_step_seconds` of one process's batch)."""
     sized = LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size})
-    seconds = training_step_seconds(LSTMForCausalLM(sized), layout.streams, layout.block_size, bf16)
+    seconds = training_step_seconds(LSTMForCausalLM(sized).to(device), layout.streams, layout.block_size, bf16)
     tokens_per_second = layout.processes * layout.streams * layout.block_size / seconds
     return Measurement(hidden_size, layer_parameters(sized), tokens_per_second, layout)
 
 
 def size_model(config: LSTMConfig, budget_seconds: float, layouts: Sequence[Layout], bf16: bool,
                unique_characters: float, characters_per_token: float = 1.0, sizes: Sequence[int] | None = None,
-               fit: LossFit = SCALING_FIT, clock: Callable[[], float] = time.perf_counter) -> SizeChoice:
-    """Measures (`measure`) the candidate `sizes` (default `CANDIDATE_HIDDEN_SIZES`) of `config` from the smallest up
-    in the first of `layouts` (`candidate_layouts`), then the best of them in the other layouts, and chooses one size
-    and layout (`choose_size`); `budget_seconds` includes the time spent measuring.
+               fit: LossFit = SCALING_FIT, clock: Callable[[], float] = time.perf_counter,
+               device: torch.device | str = "cpu") -> SizeChoice:
+    """Measures (`measure`, on the `device` training will use) the candidate `sizes` (default
+    `CANDIDATE_HIDDEN_SIZES`) of `config` from the smallest up in the first of `layouts` (`candidate_layouts`), then
+    the best of them in the other layouts, and chooses one size and layout (`choose_size`); `budget_seconds` includes
+    the time spent measuring.
 
     Measuring sizes stops at the first whose expected loss is no lower than the previous one's (for a given budget
     the expected loss falls, then rises, with the size); all measuring stops once `PROBE_SHARE` of the budget is
@@ -358,7 +365,7 @@ def size_model(config: LSTMConfig, budget_seconds: float, layouts: Sequence[Layo
 
     measurements: list[Measurement] = []
     for hidden_size in sorted(sizes or CANDIDATE_HIDDEN_SIZES):
-        measurements.append(measure(config, hidden_size, layouts[0], bf16))
+        measurements.append(measure(config, hidden_size, layouts[0], bf16, device))
         if len(measurements) > 1 and expected(measurements[-1]).loss >= expected(measurements[-2]).loss:
             break
         if out_of_time():
@@ -367,7 +374,7 @@ def size_model(config: LSTMConfig, budget_seconds: float, layouts: Sequence[Layo
     for layout in layouts[1:]:
         if out_of_time():
             break
-        measurements.append(measure(config, best, layout, bf16))
+        measurements.append(measure(config, best, layout, bf16, device))
     probe_seconds = clock() - start
     choice = choose_size(measurements, budget_seconds - probe_seconds, unique_characters, characters_per_token, fit,
                          probe_seconds, untrained_loss)

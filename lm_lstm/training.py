@@ -117,7 +117,8 @@ def size_new_model(model_args: ModelArguments, data_args: DataArguments, trainin
                 training_args.world_size, training_args.gradient_accumulation_steps,
             )
             choice = size_model(model_args.new_config(tokenizer), training_args.max_time, layouts,
-                                bool(training_args.bf16), summary["train_tokens"] * bytes_per_token, bytes_per_token)
+                                bool(training_args.bf16), summary["train_tokens"] * bytes_per_token, bytes_per_token,
+                                device=training_args.device)
             print(choice.describe(), flush=True)
             return choice
 

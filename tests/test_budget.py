@@ -273,7 +273,7 @@ rank = int(os.environ["RANK"])
 clock = StepClock(step_seconds=1.0 + rank)  # process 1's clock runs twice as fast as process 0's
 # Each process would choose another size: the hidden size 32 is fast on process 0 and slow on process 1.
 sizing.CANDIDATE_HIDDEN_SIZES = (16, 32)
-sizing.measure = lambda config, size, layout, bf16: Measurement(size, size, 1e6 if (size == 32) == (rank == 0) else 1.0,
+sizing.measure = lambda config, size, layout, bf16, device: Measurement(size, size, 1e6 if (size == 32) == (rank == 0) else 1.0,
                                                               layout)
 # The faster, the better, whatever the fit says of such tiny models on this tiny text.
 sizing.expected_candidate = lambda measurement, budget, *args: sizing.Candidate(

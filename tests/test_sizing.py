@@ -73,7 +73,7 @@ def test_measuring_stops_once_a_larger_size_is_expected_to_do_worse(monkeypatch)
     table = {m.hidden_size: m for m in speeds(20_000)}
     measured = []
 
-    def fake_measure(config, hidden_size, layout, bf16):
+    def fake_measure(config, hidden_size, layout, bf16, device):
         measured.append(hidden_size)
         return table[hidden_size]
 
@@ -90,7 +90,7 @@ def test_measuring_stops_once_a_larger_size_is_expected_to_do_worse(monkeypatch)
 def test_measuring_stops_when_its_share_of_the_budget_is_spent(monkeypatch):
     now = [0.0]
 
-    def slow_measure(config, hidden_size, layout, bf16):
+    def slow_measure(config, hidden_size, layout, bf16, device):
         now[0] += 4.0  # each measurement takes 4 s of a 100 s budget, whose 5% is 5 s
         return Measurement(hidden_size, hidden_size, 1e9, layout)
 
@@ -154,7 +154,7 @@ def test_sizes_are_measured_in_the_first_layout_then_the_best_size_in_the_others
     table = {m.hidden_size: m for m in speeds(20_000)}
     measurements = []
 
-    def fake_measure(config, hidden_size, layout, bf16):
+    def fake_measure(config, hidden_size, layout, bf16, device):
         speed = table[hidden_size].tokens_per_second * (layout.tokens_per_update / 2048) ** 0.3
         measurements.append(Measurement(hidden_size, table[hidden_size].parameters, speed, layout))
         return measurements[-1]
@@ -241,7 +241,7 @@ def test_other_work_on_the_cpus_while_measuring_is_reported(monkeypatch):
 def run_train(corpus, output, fake_speed: float | None, monkeypatch, **model_options):
     measured = []
 
-    def fake_measure(config, hidden_size, layout, bf16):
+    def fake_measure(config, hidden_size, layout, bf16, device):
         measured.append((hidden_size, layout.streams, layout.block_size))
         parameters = layer_parameters(LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size}))
         return Measurement(hidden_size, parameters, fake_speed * 1e6 / parameters, layout)
@@ -276,8 +276,9 @@ def test_train_lays_its_batches_out_as_chosen_when_the_layout_is_left_open(corpu
         monkeypatch.setattr(sizing, name, value)
     measured = []
 
-    def fake_measure(config, hidden_size, layout, bf16):
+    def fake_measure(config, hidden_size, layout, bf16, device):
         measured.append((hidden_size, layout.streams, layout.block_size))
+        assert device == training_args.device  # the one training uses
         return Measurement(hidden_size, hidden_size, 1_000.0, layout)
 
     monkeypatch.setattr(sizing, "measure", fake_measure)
