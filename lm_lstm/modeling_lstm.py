@@ -10,7 +10,7 @@ import contextlib
 import functools
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,24 @@ _step_kernel_ranking: dict[tuple[int, ...], tuple[str, ...]] = {}  # by (rows, *
 _step_kernel_seconds: dict[tuple[int, ...], dict[str, list[float]]] = {}  # the trials under way
 
 
+@contextlib.contextmanager
+def cudnn_backward_kept(rnn: nn.Module, inputs: torch.Tensor) -> Iterator[None]:
+    """Runs the `nn.LSTM`s of `rnn` in training mode on a GPU in eval mode when gradients are on: cuDNN keeps what its
+    backward pass needs only in training mode ("cudnn RNN backward can only be called in training mode"), and a user
+    may take gradients of an evaluated model (saliency, attribution). Nothing else changes: a one-layer `nn.LSTM` has
+    no dropout."""
+    lstms = []
+    if inputs.device.type == "cuda" and torch.is_grad_enabled():
+        lstms = [module for module in rnn.modules() if isinstance(module, nn.LSTM) and not module.training]
+    for lstm in lstms:
+        lstm.training = True
+    try:
+        yield
+    finally:
+        for lstm in lstms:
+            lstm.training = False
+
+
 def is_tracing() -> bool:
     """Whether `torch.compile` or `torch.export` is tracing the model. Traced, the model skips the checks that read
     the inputs' values (a graph cannot branch on data), and its LSTM layers run as traceable operations
@@ -68,6 +86,8 @@ def step_kernel(
     through the caches): timed on a weight it had just read, `F.linear` looked the faster on an AVX2-only EPYC, where
     in decoding it is the slowest (`benchmarks/README.md`).
     """
+    if STEP_KERNEL is not None and STEP_KERNEL not in STEP_KERNELS:
+        raise ValueError(f"STEP_KERNEL is {STEP_KERNEL!r}; use None or one of {', '.join(STEP_KERNELS)}.")
     if not (
         rows.device.type == "cpu"
         and rows.dtype == weight.dtype == torch.float32
@@ -77,8 +97,6 @@ def step_kernel(
         return F.linear
     usable = STEP_KERNELS if transposed is not None and can_transpose(weight) else STEP_KERNELS[:2]
     if STEP_KERNEL is not None:
-        if STEP_KERNEL not in STEP_KERNELS:
-            raise ValueError(f"STEP_KERNEL is {STEP_KERNEL!r}; use None or one of {', '.join(STEP_KERNELS)}.")
         return step_kernel_named(STEP_KERNEL if STEP_KERNEL in usable else "linear", transposed)
     shape = (rows.shape[0], *weight.shape)
     if shape in _step_kernel_ranking:
@@ -381,7 +399,8 @@ class LSTMLayer(GradientCheckpointingLayer):
             finally:
                 parametrize.remove_parametrizations(lstm, "weight_hh_l0", leave_parametrized=False)
         else:
-            outputs, (hidden, cell) = self.rnn(inputs, initial_state)
+            with cudnn_backward_kept(self.rnn, hidden_states):
+                outputs, (hidden, cell) = self.rnn(inputs, initial_state)
         hidden, cell = hidden[0], cell[0]
         if padding is not None:
             outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=hidden_states.shape[1])

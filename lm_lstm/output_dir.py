@@ -10,13 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _umask() -> int:
-    """The process's umask (read by setting it and setting it back: `os` has no getter)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir}: exists and is a file, not a folder.")
@@ -46,7 +39,6 @@ def staged_output_dir(output_dir: Path, overwrite: bool) -> Iterator[Path]:
         if not target.is_dir():
             raise
         staging = Path(tempfile.mkdtemp(prefix=".lm-lstm-output.", suffix=".partial", dir=target))
-    staging.chmod(0o777 & ~_umask())  # as `mkdir` would: mkdtemp's 0700 would keep the folder from its other users
     try:
         yield staging
         if not target.exists():

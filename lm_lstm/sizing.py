@@ -42,10 +42,10 @@ from .configuration_lstm import LSTMConfig
 from .modeling_lstm import LSTMForCausalLM
 
 CANDIDATE_HIDDEN_SIZES: tuple[int, ...] = (128, 192, 256, 384, 512)
-"""The hidden sizes to choose from: those of the runs behind `SCALING_FIT` (benchmarks/results/scaling.md), 2 x 512 the
-largest. Beyond, the fit extrapolates, optimistically: every 2 x 1,024 run it chose for 30 minutes ended 0.03 to 0.11
-nats/char above its expectation (1.412 to 1.509, benchmarks/results/quality_30min_*.md), where sizes up to 512 ended
-within about 0.02 of it."""
+"""The hidden sizes to choose from: within those of the runs behind `SCALING_FIT` (128 to 512,
+benchmarks/results/scaling.md). Beyond, the fit extrapolates, optimistically: every 2 x 1,024 run it chose for 30
+minutes ended 0.03 to 0.11 nats/char above its expectation (1.412 to 1.509, benchmarks/results/quality_30min_*.md),
+where sizes up to 512 ended within about 0.02 of it."""
 TRAINING_SHARE = 0.9
 """The part of a time budget spent in training steps; the rest goes to evaluations and the final save (about 7% on
 the bundled corpus with the default recipe: benchmarks/results/quality_10min.json)."""
@@ -277,11 +277,13 @@ def expected_candidate(measurement: Measurement, budget_seconds: float, unique_c
     """What `budget_seconds` give the measured size and layout: the characters it trains on, and the fit's expected
     loss at them, each worth what `batch_worth` says of its layout's tokens per update (taken within
     `TOKENS_PER_UPDATE_RANGE`, where it was measured); at most `untrained_loss` (the fit's power law grows without
-    bound below its range, a model's loss does not)."""
-    characters = measurement.tokens_per_second * budget_seconds * TRAINING_SHARE * characters_per_token
+    bound below its range, a model's loss does not; a budget of no time, as when measuring took all of it, trains on
+    nothing)."""
+    characters = max(0.0, measurement.tokens_per_second * budget_seconds * TRAINING_SHARE * characters_per_token)
     low, high = TOKENS_PER_UPDATE_RANGE
     worth = batch_worth.worth(min(max(measurement.layout.tokens_per_update, low), high))
-    loss = min(untrained_loss, fit.loss(measurement.parameters, characters * worth, unique_characters))
+    loss = min(untrained_loss, fit.loss(measurement.parameters, characters * worth, unique_characters)
+               if characters > 0 else math.inf)
     return Candidate(measurement, characters, loss, worth)
 
 

@@ -48,9 +48,10 @@ def test_forward_loss_and_state_on_the_gpu_equal_the_cpus():
     assert gpu.logits.device.type == "cuda"
     torch.testing.assert_close(gpu.logits.cpu(), cpu.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, atol=1e-6, rtol=0)
-    for gpu_layer, cpu_layer in zip(gpu.cache.layers, cpu.cache.layers):
-        for gpu_state, cpu_state in zip(gpu_layer.recurrent_states, cpu_layer.recurrent_states):
-            torch.testing.assert_close(gpu_state.cpu(), cpu_state, atol=1e-5, rtol=0)
+    for gpu_layer, cpu_layer in zip(gpu.cache.layers, cpu.cache.layers, strict=True):
+        for slot in (0, 1):  # hidden and cell states
+            torch.testing.assert_close(gpu_layer.recurrent_states[slot].cpu(), cpu_layer.recurrent_states[slot],
+                                       atol=1e-5, rtol=0)
 
 
 def test_full_forward_equals_stepping_through_the_cache_on_the_gpu():
@@ -62,8 +63,9 @@ def test_full_forward_equals_stepping_through_the_cache_on_the_gpu():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
-def test_gradients_on_the_gpu_equal_the_cpus():
-    model = tiny_model(tie_word_embeddings=True, embedding_size=10)
+@pytest.mark.parametrize("training", [True, False])  # in eval mode, too: cuDNN's backward needs its training mode
+def test_gradients_on_the_gpu_equal_the_cpus(training):
+    model = tiny_model(tie_word_embeddings=True, embedding_size=10).train(training)
     ids, mask = padded_batch()
     model(ids, attention_mask=mask, labels=ids).loss.backward()
     expected = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
@@ -71,6 +73,7 @@ def test_gradients_on_the_gpu_equal_the_cpus():
     model.cuda()(ids.cuda(), attention_mask=mask.cuda(), labels=ids.cuda()).loss.backward()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad.cpu(), expected[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert all(module.training == training for module in model.modules())  # the mode it had
 
 
 def test_generation_on_the_gpu_equals_the_cpus():
@@ -134,18 +137,16 @@ def test_the_sizing_measures_on_the_gpu_it_is_given(monkeypatch):
     assert devices == ["cuda"] and 0 < measurement.tokens_per_second < 1e9
 
 
-def test_lm_lstm_train_runs_on_the_gpu_and_sizes_for_it(corpus, tmp_path, capsys):
-    """The main job with a small time budget: it sizes the model by the GPU's speed, trains there in bf16, and its
-    card names the GPU."""
+def test_lm_lstm_train_runs_on_the_gpu_and_sizes_for_it(tmp_path, capsys):
+    """The main job on the bundled corpus with a 30-second budget: it sizes the model by the GPU's speed, trains there
+    (bf16), learns, and its card names the GPU and the sizing."""
     output = tmp_path / "model"
-    code = cli.main(["train", "--train_file", str(corpus), "--output_dir", str(output), "--max_time", "40s",
-                     "--report_to", "none"])
+    code = cli.main(["train", "--output_dir", str(output), "--max_time", "30s", "--report_to", "none"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
-    sized = next(line for line in out.splitlines() if line.startswith("Sized for"))
-    assert "tokens/s here" in sized
+    sized = next(line for line in out.splitlines() if line.startswith("Sized for a 30 s budget"))
     state = json.loads((output / "trainer_state.json").read_text())
     evals = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
-    assert evals[-1] < 0.8 * evals[0], evals
+    assert evals[-1] < 0.5 * evals[0], evals  # nats per character, from about ln(65) untrained
     card = (output / "README.md").read_text()
     assert torch.cuda.get_device_name(0) in card and sized in card

@@ -87,8 +87,9 @@ def test_step_kernel_is_linear_where_no_other_applies(monkeypatch):
         assert step_kernel(rows, weight) is F.linear  # no cache to keep the copies
         assert step_kernel(rows, weight.detach(), transposed) is F.linear  # not a parameter: made anew at each call?
     monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "step-matmul")
-    with pytest.raises(ValueError, match="STEP_KERNEL is 'step-matmul'; use None or one of step_matmul, linear"):
-        step_kernel(rows, weight)
+    for where_linear_applies in (False, True):
+        with pytest.raises(ValueError, match="STEP_KERNEL is 'step-matmul'; use None or one of step_matmul, linear"):
+            step_kernel(rows.double() if where_linear_applies else rows, weight.double() if where_linear_applies else weight)
 
 
 def measuring_step_kernels(monkeypatch, trials: int) -> None:

@@ -204,6 +204,20 @@ def test_a_budget_below_the_fits_range_says_its_expectations_are_rough():
     assert long.describe().endswith(").")
 
 
+def test_a_budget_that_measuring_took_whole_trains_the_smallest_size(monkeypatch):
+    """Measuring longer than the budget leaves no time to train: every size is expected at the untrained model's
+    loss and the smallest is chosen (a negative training time made complex expected losses)."""
+    for seconds in (0.0, -5.0):
+        choice = choose_size(speeds(10_000), seconds, TEXT, untrained_loss=math.log(65))
+        assert [c.loss for c in choice.candidates] == [math.log(65)] * len(choice.candidates)
+        assert choice.chosen.characters == 0 and choice.hidden_size == min(sizing.CANDIDATE_HIDDEN_SIZES)
+    ticks = iter(range(0, 1000, 10))  # each measurement takes 10 s of a 1 s budget
+    monkeypatch.setattr(sizing, "measure", lambda config, hidden_size, *args: speeds(10_000)[0])
+    choice = size_model(LSTMConfig(vocab_size=65), 1, [RECIPE], bf16=False, unique_characters=TEXT,
+                        clock=lambda: next(ticks))
+    assert choice.hidden_size == 128 and choice.probe_seconds > choice.budget_seconds and choice.describe()
+
+
 def test_expected_losses_are_capped_at_the_untrained_models(monkeypatch):
     """On a slow machine with a short budget the fit's power law exceeds ln(vocabulary size), the loss of an
     untrained model: every size is expected at that cap, the smallest is chosen, and measuring stops at the second."""
