@@ -36,6 +36,20 @@ def tiny_model(seed: int = 0, **overrides) -> LSTMForCausalLM:
     return LSTMForCausalLM(tiny_config(**overrides)).eval()
 
 
+def random_ids(batch: int, length: int, vocab_size: int = 40, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, length), generator=generator)
+
+
+def left_padded_prompts(lengths=(3, 7, 5)) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Prompts of `lengths` tokens, and them left-padded into one batch: (prompts, ids, attention mask)."""
+    prompts = [random_ids(1, n, seed=n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.stack([torch.nn.functional.pad(p, (width - len(p), 0), value=0) for p in prompts])
+    mask = torch.stack([torch.nn.functional.pad(torch.ones_like(p), (width - len(p), 0)) for p in prompts])
+    return prompts, ids, mask
+
+
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
     return DEFAULT_CORPUS.read_text(encoding="utf-8")

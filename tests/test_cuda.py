@@ -9,8 +9,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import NO_DROPOUT, tiny_model
+from conftest import NO_DROPOUT, left_padded_prompts, random_ids, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from lm_lstm import cli, sizing
@@ -24,11 +23,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def no_tf32():
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         yield
-
-
-def random_ids(batch: int, length: int, vocab_size: int = 40, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab_size, (batch, length), generator=generator)
 
 
 def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +73,7 @@ def test_gradients_on_the_gpu_equal_the_cpus(training):
 def test_generation_on_the_gpu_equals_the_cpus():
     """Greedy and beam search over left-padded prompts, batched: the CPU's tokens."""
     model = tiny_model()
-    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 7, 5)]
-    width = max(len(p) for p in prompts)
-    ids = torch.stack([F.pad(p, (width - len(p), 0), value=0) for p in prompts])
-    mask = torch.stack([F.pad(torch.ones_like(p), (width - len(p), 0)) for p in prompts])
+    _, ids, mask = left_padded_prompts()
     options = [dict(do_sample=False), dict(num_beams=3, do_sample=False)]
     cpu = [model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, **o) for o in options]
     model.cuda()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from conftest import NO_DROPOUT, tiny_config, tiny_model
+from conftest import NO_DROPOUT, left_padded_prompts, random_ids, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM, LSTMModel
@@ -29,11 +29,6 @@ from lm_lstm.modeling_lstm import (
     step_matmul,
     transposed_weights,
 )
-
-
-def random_ids(batch: int, length: int, vocab_size: int = 40, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab_size, (batch, length), generator=generator)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -398,10 +393,8 @@ def test_right_padded_training_batch_gives_the_unpadded_loss():
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time():
     model = tiny_model()
-    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 7, 5)]
-    width = max(len(p) for p in prompts)
-    ids = torch.stack([F.pad(p, (width - len(p), 0), value=0) for p in prompts])
-    mask = torch.stack([F.pad(torch.ones_like(p), (width - len(p), 0)) for p in prompts])
+    prompts, ids, mask = left_padded_prompts()
+    width = ids.shape[1]
     for options in (dict(do_sample=False), dict(num_beams=3, do_sample=False)):
         batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, **options)
         for row, prompt in enumerate(prompts):
