@@ -219,7 +219,7 @@ def write_model_card(output_dir: str | Path, model, tokenizer, run: RunSummary) 
         eval_tokens=f"{run.eval_tokens:,}",
         evaluation_method=run.evaluation_method,
         bptt=h["bptt"],
-        steps=h["steps"],
+        steps=f"{h['steps']:,}",
         epochs=_format(h["epochs"], 2),
         batch_size=h["batch_size"],
         optimizer=h["optimizer"],
