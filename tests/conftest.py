@@ -41,7 +41,9 @@ def random_ids(batch: int, length: int, vocab_size: int = 40, seed: int = 1) -> 
     return torch.randint(3, vocab_size, (batch, length), generator=generator)
 
 
-def left_padded_prompts(lengths=(3, 7, 5)) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+def left_padded_prompts(
+    lengths: tuple[int, ...] = (3, 7, 5),
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Prompts of `lengths` tokens, and them left-padded into one batch: (prompts, ids, attention mask)."""
     prompts = [random_ids(1, n, seed=n)[0] for n in lengths]
     width = max(lengths)
