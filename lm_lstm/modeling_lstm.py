@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import statistics
 import time
 from collections.abc import Callable, Iterator
 
@@ -39,6 +40,10 @@ from .configuration_lstm import LSTMConfig
 HIDDEN_STATE, CELL_STATE = 0, 1  # state slots of a cache layer
 STEP_MATMUL_MAX_ROWS = 256  # beyond, `F.linear` without measuring: it was the faster at 1024 rows wherever measured
 STEP_KERNEL_TRIALS = 10  # timed calls of each kernel per shape, in use, before the fastest is kept
+# Another kernel displaces `F.linear` only if its median time is below this fraction of `F.linear`'s: on an Intel CPU
+# with AMX the three were within 10% at one row, and the best of 10 timings ranked the transposed copy first where it
+# was the slower in decoding (benchmarks/README.md).
+STEP_KERNEL_MARGIN = 0.9
 # How one-token steps compute their products: None measures it per shape, once per process (it depends on the
 # machine); a name of `STEP_KERNELS` forces it where it applies (deterministic tests, benchmarks).
 STEP_KERNEL: str | None = None
@@ -81,10 +86,10 @@ def step_kernel(
     `STEP_KERNEL` is not None and names no kernel of `STEP_KERNELS`.
 
     The choice is measured in use, once per shape and process: the first `STEP_KERNEL_TRIALS` calls of each kernel
-    take turns, each timed where it runs, then the kernels are ranked by their best times (`STEP_KERNEL` forces
-    one). In use, a kernel reads the weight from memory, as decoding does (a model's weights follow one another
-    through the caches): timed on a weight it had just read, `F.linear` looked the faster on an AVX2-only EPYC, where
-    in decoding it is the slowest (`benchmarks/README.md`).
+    take turns, each timed where it runs, then the kernels are ranked by their median times (`rank_step_kernels`;
+    `STEP_KERNEL` forces one). In use, a kernel reads the weight from memory, as decoding does (a model's weights
+    follow one another through the caches): timed on a weight it had just read, `F.linear` looked the faster on an
+    AVX2-only EPYC, where in decoding it is the slowest (`benchmarks/README.md`).
     """
     if STEP_KERNEL is not None and STEP_KERNEL not in STEP_KERNELS:
         raise ValueError(f"STEP_KERNEL is {STEP_KERNEL!r}; use None or one of {', '.join(STEP_KERNELS)}.")
@@ -129,7 +134,7 @@ def _timed_step_kernel(
     if seconds is not None:  # None: the shape was decided meanwhile (another trial of the same step)
         seconds[trial].append(elapsed)
         if min(map(len, seconds.values())) >= STEP_KERNEL_TRIALS:
-            _step_kernel_ranking[shape] = tuple(sorted(seconds, key=lambda name: min(seconds[name])))
+            _step_kernel_ranking[shape] = rank_step_kernels(seconds)
             del _step_kernel_seconds[shape]
             if transposed is not None and not any(
                 kept[1:] == shape[1:] and ranking[0] == "transposed_matmul"
@@ -137,6 +142,18 @@ def _timed_step_kernel(
             ):
                 transposed.forget(shape[1:])  # only the kernel that uses the copies pays their memory
     return outputs
+
+
+def rank_step_kernels(seconds: dict[str, list[float]]) -> tuple[str, ...]:
+    """The names of `seconds` (kernel -> its timed calls, in seconds), fastest first by median time; `linear` first
+    unless another is faster by `STEP_KERNEL_MARGIN`. Within that margin the plain kernel wins: the others pay a
+    copy of the weight or a padded row, and decoding pays what a call costs on average, not at best."""
+    medians = {name: statistics.median(times) for name, times in seconds.items()}
+    ranking = sorted(medians, key=medians.get)
+    if medians[ranking[0]] > STEP_KERNEL_MARGIN * medians["linear"]:
+        ranking.remove("linear")
+        ranking.insert(0, "linear")
+    return tuple(ranking)
 
 
 def step_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,20 @@ def test_step_kernel_times_each_in_use_then_keeps_the_fastest(fastest, monkeypat
     assert with_autograd is modeling_lstm.step_kernel_named([n for n in ranking[(1, 64, 16)] if n != "transposed_matmul"][0])
 
 
+@pytest.mark.parametrize(
+    "seconds, first",
+    [
+        ({"linear": [1.0] * 3, "step_matmul": [0.8] * 3}, "step_matmul"),  # faster by more than the margin
+        ({"linear": [1.0] * 3, "step_matmul": [0.95] * 3, "transposed_matmul": [0.93] * 3}, "linear"),  # within it
+        ({"linear": [1.0] * 3, "transposed_matmul": [0.3, 1.2, 1.2]}, "linear"),  # fastest at best, not in median
+        ({"linear": [1.0, 9.0, 9.0], "step_matmul": [2.0] * 3}, "step_matmul"),
+    ],
+)
+def test_step_kernels_rank_by_median_and_linear_keeps_its_place_within_the_margin(seconds, first):
+    ranking = modeling_lstm.rank_step_kernels(seconds)
+    assert ranking[0] == first and sorted(ranking) == sorted(seconds)
+
+
 def test_transposed_copies_follow_the_weights_they_see_change_and_live_with_the_cache():
     weight, rows, transposed = torch.randn(30, 4), torch.randn(1, 4), TransposedWeights()
     with torch.no_grad():
