@@ -104,8 +104,9 @@ def step_kernel(
     if STEP_KERNEL is not None:
         return step_kernel_named(STEP_KERNEL if STEP_KERNEL in usable else "linear", transposed)
     shape = (rows.shape[0], *weight.shape)
-    if shape in _step_kernel_ranking:
-        return step_kernel_named(next(name for name in _step_kernel_ranking[shape] if name in usable), transposed)
+    ranking = _step_kernel_ranking.get(shape)
+    if ranking is not None:  # only the transposed copy can be unusable here: then the next kernel
+        return step_kernel_named(ranking[0] if ranking[0] in usable else ranking[1], transposed)
     seconds = _step_kernel_seconds.setdefault(shape, {name: [] for name in usable})
     trial = min((name for name in seconds if name in usable), key=lambda name: len(seconds[name]))  # in turn
     return functools.partial(_timed_step_kernel, shape, trial, transposed)
@@ -117,7 +118,7 @@ def step_kernel_named(
     """The one-token step kernel of a name of `STEP_KERNELS` (`transposed_matmul` needs `transposed`)."""
     if name == "transposed_matmul":
         return transposed.matmul
-    return {"step_matmul": step_matmul, "linear": F.linear}[name]
+    return step_matmul if name == "step_matmul" else F.linear
 
 
 def _timed_step_kernel(
@@ -354,6 +355,7 @@ class LSTMLayer(GradientCheckpointingLayer):
         super().__init__()
         input_size, hidden_size = config.layer_sizes[layer_idx]
         self.layer_idx = layer_idx
+        self.hidden_size = hidden_size
         self.weight_dropout = config.weight_dropout
         self.rnn = nn.LSTM(input_size, hidden_size, batch_first=True)
 
@@ -485,8 +487,9 @@ class LSTMLayer(GradientCheckpointingLayer):
         `step_kernel`'s; where both are `F.linear`, `torch.lstm_cell` computes the step."""
         inputs = inputs[:, 0]
         if hidden is None:
-            hidden = cell = inputs.new_zeros(inputs.shape[0], self.rnn.hidden_size)
-        hidden, cell = hidden.to(inputs.dtype), cell.to(inputs.dtype)
+            hidden = cell = inputs.new_zeros(inputs.shape[0], self.hidden_size)
+        elif hidden.dtype != inputs.dtype:  # a cache filled in another precision
+            hidden, cell = hidden.to(inputs.dtype), cell.to(inputs.dtype)
         rnn = self.rnn
         input_kernel = step_kernel(inputs, rnn.weight_ih_l0, transposed)
         recurrent_kernel = step_kernel(hidden, rnn.weight_hh_l0, transposed)
@@ -701,8 +704,8 @@ class LSTMModel(LSTMPreTrainedModel):
         """The (h, c) each layer starts from: the cache's, or None (zeros) where it holds none."""
         if cache is None:
             return [(None, None)] * len(self.layers)
-        states, layer_sizes = [], self.config.layer_sizes
-        for layer_idx, layer_cache in enumerate(cache.layers):
+        states = []
+        for layer, layer_cache in zip(self.layers, cache.layers):
             if not layer_cache.is_recurrent_states_initialized[HIDDEN_STATE]:
                 states.append((None, None))
                 continue
@@ -712,11 +715,11 @@ class LSTMModel(LSTMPreTrainedModel):
                     f"The `cache` holds states for a batch of {hidden.shape[0]}, but the inputs have a batch of "
                     f"{batch_size}. Continue from a cache with inputs of the batch it was built with."
                 )
-            expected = (batch_size, layer_sizes[layer_idx][1])
+            expected = (batch_size, layer.hidden_size)
             if hidden.shape != expected or cell.shape != expected:
                 raise ValueError(
                     f"The `cache` holds states of shape {tuple(hidden.shape)} and {tuple(cell.shape)} at layer "
-                    f"{layer_idx}, where this model's are {expected}: it comes from another model."
+                    f"{layer.layer_idx}, where this model's are {expected}: it comes from another model."
                 )
             if torch.is_grad_enabled():
                 # The cache is updated in place after the layer ran; autograd needs the states it started from.
@@ -793,16 +796,19 @@ class LSTMModel(LSTMPreTrainedModel):
         transposed = transposed_weights(cache)
 
         all_hidden_states = (inputs_embeds,) if output_hidden_states else None
-        hidden_states = self.input_dropout(inputs_embeds)
+        # The dropouts are the identity in evaluation, where a module call costs more than a small one-token step.
+        dropping = self.training
+        hidden_states = self.input_dropout(inputs_embeds) if dropping else inputs_embeds
         for layer_idx, (layer, (hidden, cell)) in enumerate(zip(self.layers, initial_states)):
-            if layer_idx > 0:
+            if layer_idx > 0 and dropping:
                 hidden_states = self.hidden_dropout(hidden_states)
             hidden_states, hidden, cell = layer(hidden_states, hidden, cell, padding, transposed)
             if cache is not None:
                 store_state(cache, layer_idx, hidden, cell, seq_len)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-        hidden_states = self.output_dropout(hidden_states)
+        if dropping:
+            hidden_states = self.output_dropout(hidden_states)
 
         returned_cache = cache if use_cache else None
         if not return_dict:
@@ -1022,24 +1028,30 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         The other arguments are those of [`LSTMModel.forward`].
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         shift_labels = kwargs.get("shift_labels")
         for targets in (labels, shift_labels):
             if targets is not None:
                 self._check_labels(targets)
         has_targets = labels is not None or shift_labels is not None
         penalize = has_targets and self.training and self._has_activation_penalties
-        outputs = self.model(
+        # A tuple, not a second `ModelOutput`, which costs more than a small one-token step.
+        last_hidden_state, *returned = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states or penalize,
-            return_dict=True,
+            return_dict=False,
             output_attentions=kwargs.get("output_attentions"),  # refused there
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self._output_logits(hidden_states, transposed_weights(outputs.cache))
+        layer_outputs = returned.pop() if output_hidden_states or penalize else None
+        returned_cache = returned[0] if returned else None
+        hidden_states = slice_logits_to_keep(last_hidden_state, logits_to_keep)
+        logits = self._output_logits(hidden_states, transposed_weights(returned_cache))
 
         loss = None
         if has_targets:
@@ -1047,16 +1059,16 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
                 logits, labels, shift_labels, kwargs.get("num_items_in_batch"), kwargs.get("label_smoothing", 0.0)
             )
         if penalize:
-            real_positions = real_position_mask(attention_mask, shift_labels, outputs.last_hidden_state)
+            real_positions = real_position_mask(attention_mask, shift_labels, last_hidden_state)
             loss = loss + self._activation_penalties(
-                outputs.last_hidden_state, outputs.hidden_states[-1], real_positions, kwargs.get("num_items_in_batch")
+                last_hidden_state, layer_outputs[-1], real_positions, kwargs.get("num_items_in_batch")
             )
-        all_hidden_states = outputs.hidden_states if output_hidden_states else None
+        all_hidden_states = layer_outputs if output_hidden_states else None
 
         if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.cache, all_hidden_states) if v is not None)
+            output = (logits,) + tuple(v for v in (returned_cache, all_hidden_states) if v is not None)
             return ((loss,) + output) if loss is not None else output
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=all_hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=returned_cache, hidden_states=all_hidden_states)
 
     def _output_logits(self, hidden_states: torch.Tensor, transposed: TransposedWeights | None) -> torch.Tensor:
         """`lm_head` on the hidden states; by `step_kernel`'s choice for a one-token step (with the cache's

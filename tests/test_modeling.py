@@ -710,6 +710,20 @@ def test_headless_model_and_auto_classes():
     assert len(out.hidden_states) == 3  # embeddings and each layer
 
 
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_config_output_hidden_states_is_the_default_of_both_models(use_cache):
+    """As in transformers' models: `config.output_hidden_states` applies where the call does not say."""
+    model = tiny_model(output_hidden_states=True).eval()
+    ids = random_ids(2, 5)
+    out = model(ids, use_cache=use_cache)
+    inner = model.model(ids, use_cache=use_cache)
+    assert len(out.hidden_states) == len(inner.hidden_states) == 3  # embeddings and each layer
+    torch.testing.assert_close(out.hidden_states[-1], inner.last_hidden_state)
+    assert (out.cache is not None) == use_cache
+    assert model(ids, output_hidden_states=False).hidden_states is None
+    assert len(model(ids, use_cache=use_cache, return_dict=False)) == 2 + use_cache  # logits, [cache], hidden states
+
+
 def test_logits_to_keep_and_tuple_outputs():
     model = tiny_model()
     ids = random_ids(2, 6)
