@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import torch
@@ -116,7 +117,9 @@ def describe_warmup(warmup_steps: float) -> str:
     if warmup_steps <= 0:
         return "no warm-up"
     if warmup_steps < 1:
-        return f"warm-up over the first {warmup_steps * 100:.6g}% of training"  # 0.99999: 99.999%, not 100%
+        # Six significant digits (0.99999: 99.999%, not 100%), never in exponent notation (1e-07: 0.00001%).
+        percent = format(Decimal(f"{warmup_steps * 100:.6g}"), "f")
+        return f"warm-up over the first {percent}% of training"
     return f"{warmup_steps:g} warm-up step{'s' if warmup_steps != 1 else ''}"
 
 
