@@ -220,10 +220,9 @@ class SizeChoice:
             f"({chosen.measurement.parameters / 1e6:.2f}M LSTM parameters) in {self.layout.describe()} trains at "
             f"{chosen.measurement.tokens_per_second:,.0f} tokens/s here, so about {chosen.characters / 1e6:.1f}M "
             f"characters in the budget{worth}, for an expected {chosen.loss:.3f} nats/char, the lowest of the sizes "
-            f"and layouts measured in {self.probe_seconds:.0f} s (others, hidden size in {first.describe()}: "
-            f"nats/char: {sizes or 'none'}"
-            + (f"; at hidden size {others[0].measurement.hidden_size}, streams x tokens: {layouts}" if layouts else "")
-            + ")"
+            f"and layouts measured in {self.probe_seconds:.0f} s. Expected nats/char of the others, by hidden size "
+            f"in {first.describe()}: {sizes or 'none'}"
+            + (f"; by streams x tokens at hidden size {others[0].measurement.hidden_size}: {layouts}" if layouts else "")
             + (f"; below the {FIT_MIN_CHARACTERS / 1e6:.1f}M characters of the fit's shortest run, these expected "
                "losses are rough extrapolations" if chosen.characters < FIT_MIN_CHARACTERS else "")
             + (f", capped at {self.untrained_loss:.3f}, an untrained model's loss (ln of the vocabulary size)"
