@@ -140,7 +140,8 @@ def load_documents(files: list[str], text_column: str = "text") -> Dataset:
     builder = _builder(files)
     options = {"sample_by": "document"} if builder == "text" else {}
     try:
-        dataset = load_dataset(builder, data_files={"train": files}, split="train", **options)
+        # The split named for what it holds: `datasets` says "Generating documents split" as it reads them.
+        dataset = load_dataset(builder, data_files={"documents": files}, split="documents", **options)
     except DatasetGenerationError as error:
         cause = error.__cause__ or error
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
