@@ -50,6 +50,7 @@ PIECE_CHARS = 1 << 16  # documents are tokenised in pieces of about this many ch
 LONG_LINE_PIECES = 16  # a line longer than this many pieces is cut at a space (`cut_pieces`)
 TOKENIZE_BATCH_PIECES = 32  # pieces per tokenisation batch: about 2 MB of text, whatever the corpus size
 _SNIFF_BYTES = 1 << 20
+READ_SPLIT = "documents"  # the split files are read as: `datasets` says "Generating documents split" as it reads them
 
 
 class DataError(ValueError):
@@ -140,13 +141,16 @@ def load_documents(files: list[str], text_column: str = "text") -> Dataset:
     builder = _builder(files)
     options = {"sample_by": "document"} if builder == "text" else {}
     try:
-        # The split named for what it holds: `datasets` says "Generating documents split" as it reads them.
-        dataset = load_dataset(builder, data_files={"documents": files}, split="documents", **options)
+        dataset = load_dataset(builder, data_files={READ_SPLIT: files}, split=READ_SPLIT, **options)
     except DatasetGenerationError as error:
         cause = error.__cause__ or error
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         suffix = Path(files[0]).suffix.lower()
         raise DataError(f"{', '.join(files)}: cannot be read as {suffix} ({message}).") from None
+    except ValueError as error:  # `datasets` reads a split without rows as an error
+        if "corresponds to no data" not in str(error):
+            raise
+        raise DataError(f"{', '.join(files)}: holds no records (only a header, or an empty list).") from None
     return _text_column_only(dataset, text_column, ", ".join(files))
 
 
@@ -231,7 +235,7 @@ def _pieces_of_files(spans: list[tuple[str, int, int | None]]) -> Dataset:
     return Dataset.from_generator(
         _file_pieces, features=PIECE_FEATURES, gen_kwargs={"spans": spans},
         fingerprint=Hasher.hash(["lm-lstm text pieces", PIECE_CHARS, LONG_LINE_PIECES, stamps]),
-        writer_batch_size=TOKENIZE_BATCH_PIECES,
+        writer_batch_size=TOKENIZE_BATCH_PIECES, split=READ_SPLIT,
     )
 
 

@@ -131,6 +131,8 @@ def test_collate_pads_short_blocks_on_the_right():
     ('{"text": 42}\n', "jsonl", "column 'text' holds int64 values, not text"),
     ("this is not json\n", "jsonl", "cannot be read as .jsonl"),
     ('{"text": ""}\n{"text": ""}\n', "jsonl", "every document is an empty string"),
+    ("text\n", "csv", r"data.csv: holds no records \(only a header, or an empty list\)"),
+    ("[]", "json", r"data.json: holds no records"),
 ])
 def test_unusable_records_fail_with_one_clear_error(tmp_path, content, suffix, message):
     path = tmp_path / f"data.{suffix}"
@@ -239,3 +241,11 @@ def test_text_files_are_read_in_the_pieces_their_whole_documents_were_cut_in(tmp
         assert list(pieces[split]["text"]) == list(before[split]["text"])
         assert list(pieces[split]["ends_document"]) == list(before[split]["ends_document"])
     assert len(pieces["train"]) + len(pieces["validation"]) > 15 and "\r" not in "".join(pieces["train"]["text"])
+
+
+@pytest.mark.parametrize("suffix, content", [("txt", "To be, or not to be.\n"), ("jsonl", '{"text": "To be."}\n')])
+def test_files_are_read_as_a_split_named_documents(tmp_path, suffix, content):
+    """`datasets` names the split in its progress ("Generating ... split"): not "train" when evaluating a file."""
+    path = tmp_path / f"data.{suffix}"
+    path.write_text(content)
+    assert str(load_pieces([str(path)]).split) == "documents"
