@@ -150,10 +150,17 @@ def rank_step_kernels(seconds: dict[str, list[float]]) -> tuple[str, ...]:
     unless another is faster by `STEP_KERNEL_MARGIN`. Within that margin the plain kernel wins: the others pay a
     copy of the weight or a padded row, and decoding pays what a call costs on average, not at best."""
     medians = {name: statistics.median(times) for name, times in seconds.items()}
-    ranking = sorted(medians, key=medians.get)
-    if medians[ranking[0]] > STEP_KERNEL_MARGIN * medians["linear"]:
-        ranking.remove("linear")
-        ranking.insert(0, "linear")
+
+    def fastest_first(names: list[str]) -> list[str]:
+        ranking = sorted(names, key=medians.get)
+        if medians[ranking[0]] >= STEP_KERNEL_MARGIN * medians["linear"]:
+            ranking.remove("linear")
+            ranking.insert(0, "linear")
+        return ranking
+
+    ranking = fastest_first(list(medians))
+    if ranking[0] == "transposed_matmul":  # the next is where no copy can serve (autograd): by the same rule
+        ranking = ranking[:1] + fastest_first([name for name in medians if name != "transposed_matmul"])
     return tuple(ranking)
 
 
@@ -265,6 +272,12 @@ class LockedDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def dropped(dropout: LockedDropout, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`dropout(hidden_states)`, without the module call where it is the identity (in evaluation, unless the module
+    itself is in training mode, as for Monte Carlo dropout): a call costs more than a small one-token step."""
+    return dropout(hidden_states) if dropout.training and dropout.p > 0 else hidden_states
 
 
 class WeightDropMask(nn.Module):
@@ -488,7 +501,7 @@ class LSTMLayer(GradientCheckpointingLayer):
         inputs = inputs[:, 0]
         if hidden is None:
             hidden = cell = inputs.new_zeros(inputs.shape[0], self.hidden_size)
-        elif hidden.dtype != inputs.dtype:  # a cache filled in another precision
+        elif hidden.dtype != inputs.dtype or cell.dtype != inputs.dtype:  # a cache filled in another precision
             hidden, cell = hidden.to(inputs.dtype), cell.to(inputs.dtype)
         rnn = self.rnn
         input_kernel = step_kernel(inputs, rnn.weight_ih_l0, transposed)
@@ -796,19 +809,16 @@ class LSTMModel(LSTMPreTrainedModel):
         transposed = transposed_weights(cache)
 
         all_hidden_states = (inputs_embeds,) if output_hidden_states else None
-        # The dropouts are the identity in evaluation, where a module call costs more than a small one-token step.
-        dropping = self.training
-        hidden_states = self.input_dropout(inputs_embeds) if dropping else inputs_embeds
+        hidden_states = dropped(self.input_dropout, inputs_embeds)
         for layer_idx, (layer, (hidden, cell)) in enumerate(zip(self.layers, initial_states)):
-            if layer_idx > 0 and dropping:
-                hidden_states = self.hidden_dropout(hidden_states)
+            if layer_idx > 0:
+                hidden_states = dropped(self.hidden_dropout, hidden_states)
             hidden_states, hidden, cell = layer(hidden_states, hidden, cell, padding, transposed)
             if cache is not None:
                 store_state(cache, layer_idx, hidden, cell, seq_len)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-        if dropping:
-            hidden_states = self.output_dropout(hidden_states)
+        hidden_states = dropped(self.output_dropout, hidden_states)
 
         returned_cache = cache if use_cache else None
         if not return_dict:

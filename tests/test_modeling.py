@@ -44,6 +44,17 @@ def test_full_forward_equals_stepping_through_the_cache(tied, dtype, batch_size)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_a_step_from_a_cache_of_mixed_precision_runs_in_the_inputs_precision():
+    model = tiny_model()
+    ids = random_ids(2, 5)
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :4], cache=cache, use_cache=True)
+    layer = cache.layers[0]
+    layer.recurrent_states[1] = layer.recurrent_states[1].double()  # the cell state only
+    step = model(ids[:, 4:], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(step[:, 0], model(ids).logits[:, -1], atol=1e-5, rtol=0)
+
+
 def test_stepping_under_bf16_autocast_follows_the_full_forward():
     model = tiny_model(num_hidden_layers=3)
     ids = random_ids(2, 9)
@@ -131,11 +142,18 @@ def test_step_kernel_times_each_in_use_then_keeps_the_fastest(fastest, monkeypat
         ({"linear": [1.0] * 3, "step_matmul": [0.95] * 3, "transposed_matmul": [0.93] * 3}, "linear"),  # within it
         ({"linear": [1.0] * 3, "transposed_matmul": [0.3, 1.2, 1.2]}, "linear"),  # fastest at best, not in median
         ({"linear": [1.0, 9.0, 9.0], "step_matmul": [2.0] * 3}, "step_matmul"),
+        ({"linear": [0.0], "step_matmul": [0.0]}, "linear"),  # equal
     ],
 )
 def test_step_kernels_rank_by_median_and_linear_keeps_its_place_within_the_margin(seconds, first):
     ranking = modeling_lstm.rank_step_kernels(seconds)
     assert ranking[0] == first and sorted(ranking) == sorted(seconds)
+
+
+def test_the_kernel_after_the_transposed_copy_is_chosen_by_the_same_margin():
+    """Where the copy cannot serve (autograd), `step_kernel` takes the next: `F.linear` beside a kernel within 10%."""
+    ranking = modeling_lstm.rank_step_kernels({"linear": [1.0], "step_matmul": [0.95], "transposed_matmul": [0.5]})
+    assert ranking == ("transposed_matmul", "linear", "step_matmul")
 
 
 def test_transposed_copies_follow_the_weights_they_see_change_and_live_with_the_cache():
@@ -559,6 +577,16 @@ def test_each_dropout_is_off_in_eval_and_on_in_train(dropout):
     ids = random_ids(4, 8)
     torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)
     model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("dropout", ["input_dropout", "hidden_dropout", "output_dropout"])
+def test_a_locked_dropout_put_in_training_mode_drops_in_an_evaluated_model(dropout):
+    """Monte Carlo dropout: `model.eval()`, then `.train()` on the dropout modules alone."""
+    model = tiny_model(**{dropout: 0.5})
+    getattr(model.model, dropout).train()
+    ids = random_ids(4, 8)
     torch.manual_seed(0)
     assert not torch.allclose(model(ids).logits, model(ids).logits)
 
