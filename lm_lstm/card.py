@@ -117,10 +117,13 @@ def describe_warmup(warmup_steps: float) -> str:
     if warmup_steps <= 0:
         return "no warm-up"
     if warmup_steps < 1:
-        # Six significant digits (0.99999: 99.999%, not 100%), never in exponent notation (1e-07: 0.00001%).
-        percent = format(Decimal(f"{warmup_steps * 100:.6g}"), "f")
-        return f"warm-up over the first {percent}% of training"
-    return f"{warmup_steps:g} warm-up step{'s' if warmup_steps != 1 else ''}"
+        percent = warmup_steps * 100
+        if percent < 1e-6:
+            return "warm-up over less than the first 0.000001% of training"
+        # Ten significant digits (0.9999999: 99.99999%, not 100%), never in exponent notation (1e-07: 0.00001%).
+        return f"warm-up over the first {format(Decimal(f'{percent:.10g}'), 'f')}% of training"
+    steps = f"{warmup_steps:,.0f}" if float(warmup_steps).is_integer() else f"{warmup_steps:g}"
+    return f"{steps} warm-up step{'s' if warmup_steps != 1 else ''}"
 
 
 def describe_saved_step(hyperparameters: dict) -> str:

@@ -222,11 +222,12 @@ class SizeChoice:
             f"characters in the budget{worth}, for an expected {chosen.loss:.3f} nats/char, the lowest of the sizes "
             f"and layouts measured in {self.probe_seconds:.0f} s. Expected nats/char of the others, by hidden size "
             f"in {first.describe()}: {sizes or 'none'}"
-            + (f"; by streams x tokens at hidden size {others[0].measurement.hidden_size}: {layouts}" if layouts else "")
+            + (f"; by streams x tokens at hidden size {others[0].measurement.hidden_size}: {layouts}"
+               if layouts else "")
             + (f"; below the {FIT_MIN_CHARACTERS / 1e6:.1f}M characters of the fit's shortest run, these expected "
                "losses are rough extrapolations" if chosen.characters < FIT_MIN_CHARACTERS else "")
-            + (f", capped at {self.untrained_loss:.3f}, an untrained model's loss (ln of the vocabulary size)"
-               if any(c.loss == self.untrained_loss for c in self.candidates) else "")
+            + (f"; expected losses are capped at {self.untrained_loss:.3f}, an untrained model's loss (ln of the "
+               "vocabulary size)" if any(c.loss == self.untrained_loss for c in self.candidates) else "")
             + "."
             + (f" Other work kept {self.other_work_share:.0%} of this process's CPUs busy while measuring: the speeds, "
                "and so the size, may be low (--hidden_size sets it)." if self.other_work_share > BUSY_SHARE else "")

@@ -173,7 +173,7 @@ def test_sizes_are_measured_in_the_first_layout_then_the_best_size_in_the_others
     assert f"hidden size {best} (" in line and "in batches of 16 x 64 tokens trains at" in line
     assert "(each worth 1.35 of one in batches of 2,048 tokens)" in line
     assert f"; by streams x tokens at hidden size {best}: 32 x 64: " in line
-    assert f"{best}: " in line.split("Expected nats/char of the others, by hidden size in batches of 16 x 128 tokens")[1]
+    assert f"{best}: " in line.split("Expected nats/char of the others, by hidden size in batches of 16 x 128")[1]
 
 
 def test_measurement_counts_tokens_per_second_of_real_training_steps():

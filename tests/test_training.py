@@ -124,7 +124,9 @@ def test_model_card_parses_and_reports_the_run(trained):
     (0, "no warm-up"), (0.02, "warm-up over the first 2% of training"), (50.0, "50 warm-up steps"),
     (0.999, "warm-up over the first 99.9% of training"), (0.001, "warm-up over the first 0.1% of training"),
     (0.99999, "warm-up over the first 99.999% of training"), (1e-7, "warm-up over the first 0.00001% of training"),
-    (1, "1 warm-up step")])
+    (0.9999999, "warm-up over the first 99.99999% of training"),
+    (1e-300, "warm-up over less than the first 0.000001% of training"),
+    (1_000_000, "1,000,000 warm-up steps"), (2.5, "2.5 warm-up steps"), (1, "1 warm-up step")])
 def test_the_card_says_warmup_as_steps_or_a_fraction_of_training(warmup_steps, words):
     assert describe_warmup(warmup_steps) == words
 
