@@ -220,8 +220,10 @@ class SizeChoice:
             f"({chosen.measurement.parameters / 1e6:.2f}M LSTM parameters) in {self.layout.describe()} trains at "
             f"{chosen.measurement.tokens_per_second:,.0f} tokens/s here, so about {chosen.characters / 1e6:.1f}M "
             f"characters in the budget{worth}, for an expected {chosen.loss:.3f} nats/char, the lowest of the sizes "
-            f"and layouts measured in {self.probe_seconds:.0f} s. Expected nats/char of the others, by hidden size "
-            f"in {first.describe()}: {sizes or 'none'}"
+            f"and layouts measured in {self.probe_seconds:.0f} s."
+            + (f" Other work kept {self.other_work_share:.0%} of this process's CPUs busy while measuring: the speeds, "
+               "and so the size, may be low (--hidden_size sets it)." if self.other_work_share > BUSY_SHARE else "")
+            + f" Expected nats/char of the others, by hidden size in {first.describe()}: {sizes or 'none'}"
             + (f"; by streams x tokens at hidden size {others[0].measurement.hidden_size}: {layouts}"
                if layouts else "")
             + (f"; below the {FIT_MIN_CHARACTERS / 1e6:.1f}M characters of the fit's shortest run, these expected "
@@ -229,8 +231,6 @@ class SizeChoice:
             + (f"; expected losses are capped at {self.untrained_loss:.3f}, an untrained model's loss (ln of the "
                "vocabulary size)" if any(c.loss == self.untrained_loss for c in self.candidates) else "")
             + "."
-            + (f" Other work kept {self.other_work_share:.0%} of this process's CPUs busy while measuring: the speeds, "
-               "and so the size, may be low (--hidden_size sets it)." if self.other_work_share > BUSY_SHARE else "")
         )
 
 

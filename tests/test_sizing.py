@@ -244,8 +244,9 @@ def test_other_work_on_the_cpus_while_measuring_is_reported(monkeypatch):
     choice = size_model(LSTMConfig(vocab_size=65), 600, [RECIPE], bf16=False, unique_characters=TEXT,
                         sizes=[128])
     assert choice.other_work_share == pytest.approx(5 / 8)
-    assert choice.describe().endswith("Other work kept 62% of this process's CPUs busy while measuring: the speeds, "
-                                      "and so the size, may be low (--hidden_size sets it).")
+    # Right after the choice, before the others' expectations: a new user reads it first.
+    assert (" s. Other work kept 62% of this process's CPUs busy while measuring: the speeds, and so the size, may be "
+            "low (--hidden_size sets it). Expected nats/char of the others, " in choice.describe())
     quiet = sizing.CpuReading(wall=14.0, own=8.0, busy=108.5, cpus=2)  # others: 1.5 of 8 s
     assert sizing.other_work_share(sizing.CpuReading(10.0, 1.0, 100.0, 2), quiet) == pytest.approx(1.5 / 8)
     assert "Other work" not in choose_size(speeds(10_000), 600, TEXT).describe()
