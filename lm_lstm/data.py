@@ -235,7 +235,7 @@ def _pieces_of_files(spans: list[tuple[str, int, int | None]]) -> Dataset:
     return Dataset.from_generator(
         _file_pieces, features=PIECE_FEATURES, gen_kwargs={"spans": spans},
         fingerprint=Hasher.hash(["lm-lstm text pieces", PIECE_CHARS, LONG_LINE_PIECES, stamps]),
-        writer_batch_size=TOKENIZE_BATCH_PIECES, split=READ_SPLIT,
+        writer_batch_size=TOKENIZE_BATCH_PIECES,
     )
 
 

@@ -243,7 +243,7 @@ def test_text_files_are_read_in_the_pieces_their_whole_documents_were_cut_in(tmp
     assert len(pieces["train"]) + len(pieces["validation"]) > 15 and "\r" not in "".join(pieces["train"]["text"])
 
 
-@pytest.mark.parametrize("suffix, content", [("txt", "To be, or not to be.\n"), ("jsonl", '{"text": "To be."}\n')])
+@pytest.mark.parametrize("suffix, content", [("jsonl", '{"text": "To be."}\n')])
 def test_files_are_read_as_a_split_named_documents(tmp_path, suffix, content):
     """`datasets` names the split in its progress ("Generating ... split"): not "train" when evaluating a file."""
     path = tmp_path / f"data.{suffix}"
