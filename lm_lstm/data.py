@@ -50,7 +50,7 @@ PIECE_CHARS = 1 << 16  # documents are tokenised in pieces of about this many ch
 LONG_LINE_PIECES = 16  # a line longer than this many pieces is cut at a space (`cut_pieces`)
 TOKENIZE_BATCH_PIECES = 32  # pieces per tokenisation batch: about 2 MB of text, whatever the corpus size
 _SNIFF_BYTES = 1 << 20
-READ_SPLIT = "documents"  # the split files are read as: `datasets` says "Generating documents split" as it reads them
+READ_SPLIT = "documents"  # the split record files are read as: `datasets` says "Generating documents split"
 
 
 class DataError(ValueError):

@@ -263,8 +263,13 @@ class LockedDropout(nn.Module):
         super().__init__()
         self.p = p
 
+    @property
+    def drops(self) -> bool:
+        """Whether it drops anything: in training mode with p > 0; otherwise it is the identity."""
+        return self.training and self.p > 0
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
+        if not self.drops:
             return hidden_states
         batch_size, _, features = hidden_states.shape
         keep = hidden_states.new_empty(batch_size, 1, features).bernoulli_(1 - self.p)
@@ -277,7 +282,7 @@ class LockedDropout(nn.Module):
 def dropped(dropout: LockedDropout, hidden_states: torch.Tensor) -> torch.Tensor:
     """`dropout(hidden_states)`, without the module call where it is the identity (in evaluation, unless the module
     itself is in training mode, as for Monte Carlo dropout): a call costs more than a small one-token step."""
-    return dropout(hidden_states) if dropout.training and dropout.p > 0 else hidden_states
+    return dropout(hidden_states) if dropout.drops else hidden_states
 
 
 class WeightDropMask(nn.Module):
