@@ -50,7 +50,8 @@ TRAINING_SHARE = 0.9
 """The part of a time budget spent in training steps; the rest goes to evaluations and the final save (about 7% on
 the bundled corpus with the default recipe: benchmarks/results/quality_10min.json)."""
 PROBE_SHARE = 0.05
-"""At most this part of the budget is spent measuring candidates; larger ones are then not measured."""
+"""At most this part of the budget is spent measuring candidates, as far as the time of each measurement can be
+foreseen from the last one's; those that would end later are not measured."""
 BUSY_SHARE = 0.25
 """Above this share of its CPUs' time taken by other work while measuring, the sizing line warns that the speeds were
 measured low: two 2-thread processes on 2 cores slow each other's steps several-fold (OpenMP threads wait for
@@ -161,6 +162,11 @@ def candidate_layouts(streams: int | None, block_size: int | None, processes: in
     return [layout for layout in layouts if low <= layout.tokens_per_update <= high] or layouts[:1]
 
 
+def with_hidden_size(config: LSTMConfig, hidden_size: int) -> LSTMConfig:
+    """A copy of `config` with every layer `hidden_size` units wide."""
+    return LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size})
+
+
 def layer_parameters(config: LSTMConfig) -> int:
     """Parameters of the LSTM layers of `config`: 4 gates' input and recurrent weights and their two biases."""
     return sum(4 * hidden * (inputs + hidden) + 8 * hidden for inputs, hidden in config.layer_sizes)
@@ -220,7 +226,8 @@ class SizeChoice:
             f"({chosen.measurement.parameters / 1e6:.2f}M LSTM parameters) in {self.layout.describe()} trains at "
             f"{chosen.measurement.tokens_per_second:,.0f} tokens/s here, so about {chosen.characters / 1e6:.1f}M "
             f"characters in the budget{worth}, for an expected {chosen.loss:.3f} nats/char, the lowest of the sizes "
-            f"and layouts measured in {self.probe_seconds:.0f} s."
+            f"and layouts measured in {self.probe_seconds:.0f} s; training takes the other "
+            f"{max(0.0, self.budget_seconds - self.probe_seconds):.0f} s, evaluations included."
             + (f" Other work kept {self.other_work_share:.0%} of this process's CPUs busy while measuring: the speeds, "
                "and so the size, may be low (--hidden_size sets it)." if self.other_work_share > BUSY_SHARE else "")
             + f" Expected nats/char of the others, by hidden size in {first.describe()}: {sizes or 'none'}"
@@ -333,7 +340,7 @@ def measure(config: LSTMConfig, hidden_size: int, layout: Layout, bf16: bool,
             device: torch.device | str = "cpu") -> Measurement:
     """Training tokens per second, over all processes, of `config` with `hidden_size` in `layout`, on `device` (the one
     training will use: `training_step_seconds` of one process's batch)."""
-    sized = LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size})
+    sized = with_hidden_size(config, hidden_size)
     seconds = training_step_seconds(LSTMForCausalLM(sized).to(device), layout.streams, layout.block_size, bf16)
     tokens_per_second = layout.processes * layout.streams * layout.block_size / seconds
     return Measurement(hidden_size, layer_parameters(sized), tokens_per_second, layout)
@@ -349,9 +356,10 @@ def size_model(config: LSTMConfig, budget_seconds: float, layouts: Sequence[Layo
     the time spent measuring.
 
     Measuring sizes stops at the first whose expected loss is no lower than the previous one's (for a given budget
-    the expected loss falls, then rises, with the size); all measuring stops once `PROBE_SHARE` of the budget is
-    spent. Expected losses are at most the untrained model's, ln(`config.vocab_size`) nats per token. The choice
-    records how busy other work kept the CPUs meanwhile (`other_work_share`). Raises `ValueError` without layouts.
+    the expected loss falls, then rises, with the size); all measuring stops before a measurement expected to end
+    past `PROBE_SHARE` of the budget. Expected losses are at most the untrained model's, ln(`config.vocab_size`) nats
+    per token. The choice records how busy other work kept the CPUs meanwhile (`other_work_share`). Raises
+    `ValueError` without layouts.
     """
     if not layouts:
         raise ValueError("No candidate layout to measure.")
@@ -362,21 +370,33 @@ def size_model(config: LSTMConfig, budget_seconds: float, layouts: Sequence[Layo
         return expected_candidate(measurement, budget_seconds, unique_characters, characters_per_token, fit,
                                   untrained_loss)
 
-    def out_of_time() -> bool:
-        return clock() - start > PROBE_SHARE * budget_seconds
-
     measurements: list[Measurement] = []
+    durations: list[float] = []  # seconds each measurement took
+
+    def measured_within_share(hidden_size: int, layout: Layout) -> bool:
+        """Measures `hidden_size` in `layout` unless the measurement is expected to end past `PROBE_SHARE` of the
+        budget (the first is always made): it takes about as long as the last, times the ratio of their steps' work,
+        parameters times tokens."""
+        if measurements:
+            last, parameters = measurements[-1], layer_parameters(with_hidden_size(config, hidden_size))
+            work = parameters * layout.streams * layout.block_size
+            last_work = last.parameters * last.layout.streams * last.layout.block_size
+            if clock() - start + durations[-1] * work / last_work > PROBE_SHARE * budget_seconds:
+                return False
+        began = clock()
+        measurements.append(measure(config, hidden_size, layout, bf16, device))
+        durations.append(clock() - began)
+        return True
+
     for hidden_size in sorted(sizes or CANDIDATE_HIDDEN_SIZES):
-        measurements.append(measure(config, hidden_size, layouts[0], bf16, device))
-        if len(measurements) > 1 and expected(measurements[-1]).loss >= expected(measurements[-2]).loss:
+        if not measured_within_share(hidden_size, layouts[0]):
             break
-        if out_of_time():
+        if len(measurements) > 1 and expected(measurements[-1]).loss >= expected(measurements[-2]).loss:
             break
     best = min(measurements, key=lambda m: (expected(m).loss, m.hidden_size)).hidden_size
     for layout in layouts[1:]:
-        if out_of_time():
+        if not measured_within_share(best, layout):
             break
-        measurements.append(measure(config, best, layout, bf16, device))
     probe_seconds = clock() - start
     choice = choose_size(measurements, budget_seconds - probe_seconds, unique_characters, characters_per_token, fit,
                          probe_seconds, untrained_loss)

@@ -30,7 +30,7 @@ def speeds(tokens_per_second_at_128: float) -> list[Measurement]:
                         tie_word_embeddings=False)
     measurements = []
     for hidden_size in sizing.CANDIDATE_HIDDEN_SIZES:
-        parameters = layer_parameters(LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size}))
+        parameters = layer_parameters(sizing.with_hidden_size(config, hidden_size))
         speed = tokens_per_second_at_128 * layer_parameters(config) / parameters
         measurements.append(Measurement(hidden_size, parameters, speed, RECIPE))
     return measurements
@@ -87,19 +87,32 @@ def test_measuring_stops_once_a_larger_size_is_expected_to_do_worse(monkeypatch)
     assert choice.describe().startswith(f"Sized for a 10 min budget: hidden size {best} (")
 
 
-def test_measuring_stops_when_its_share_of_the_budget_is_spent(monkeypatch):
+def test_measuring_stops_before_a_measurement_that_would_end_past_its_share_of_the_budget(monkeypatch):
+    """A measurement is expected to take as long as the last, times the ratio of their parameters x tokens per step;
+    one that would end past `PROBE_SHARE` of the budget is not made (the first always is)."""
     now = [0.0]
 
-    def slow_measure(config, hidden_size, layout, bf16, device):
-        now[0] += 4.0  # each measurement takes 4 s of a 100 s budget, whose 5% is 5 s
-        return Measurement(hidden_size, hidden_size, 1e9, layout)
+    def measure_by_work(config, hidden_size, layout, bf16, device):  # 1 s per 100M parameters x tokens per step
+        parameters = layer_parameters(sizing.with_hidden_size(config, hidden_size))
+        now[0] += parameters * layout.streams * layout.block_size / 1e8
+        return Measurement(hidden_size, parameters, 1e9 / hidden_size, layout)
 
-    monkeypatch.setattr(sizing, "measure", slow_measure)
-    choice = size_model(LSTMConfig(vocab_size=65), 100, sizing.candidate_layouts(None, None), bf16=False,
-                        unique_characters=1e12, fit=FIT, clock=lambda: now[0])
+    monkeypatch.setattr(sizing, "measure", measure_by_work)
+    config = LSTMConfig(vocab_size=65, embedding_size=128)
+    work = {size: layer_parameters(sizing.with_hidden_size(config, size)) * 2048 / 1e8 for size in (128, 192, 256)}
+    budget = (work[128] + work[192] + work[256] / 2) / sizing.PROBE_SHARE  # room for 128 and 192, not for 256
+    choice = size_model(config, budget, sizing.candidate_layouts(None, None), bf16=False, unique_characters=1e12,
+                        fit=FIT, clock=lambda: now[0])
     assert [c.measurement.hidden_size for c in choice.candidates] == [128, 192]  # and no other layout
-    assert choice.probe_seconds == 8.0 and choice.budget_seconds == 100
-    assert choice.chosen.characters == pytest.approx(1e9 * 92 * sizing.TRAINING_SHARE)  # the budget left to train
+    assert choice.probe_seconds == pytest.approx(work[128] + work[192])
+    assert choice.probe_seconds <= sizing.PROBE_SHARE * budget and choice.budget_seconds == budget
+    assert choice.chosen.characters == pytest.approx(  # the budget left to train
+        1e9 / choice.hidden_size * (budget - choice.probe_seconds) * sizing.TRAINING_SHARE)
+    # A measurement longer than the whole share is made when it is the first.
+    now[0] = 0.0
+    choice = size_model(config, work[128] / 2 / sizing.PROBE_SHARE, sizing.candidate_layouts(None, None), bf16=False,
+                        unique_characters=1e12, fit=FIT, clock=lambda: now[0])
+    assert [c.measurement.hidden_size for c in choice.candidates] == [128]
 
 
 def layouts(candidates: list[Layout]) -> list[tuple[int, int]]:
@@ -172,6 +185,7 @@ def test_sizes_are_measured_in_the_first_layout_then_the_best_size_in_the_others
     line = choice.describe()
     assert f"hidden size {best} (" in line and "in batches of 16 x 64 tokens trains at" in line
     assert "(each worth 1.35 of one in batches of 2,048 tokens)" in line
+    assert " measured in 0 s; training takes the other 600 s, evaluations included." in line
     assert f"; by streams x tokens at hidden size {best}: 32 x 64: " in line
     assert f"{best}: " in line.split("Expected nats/char of the others, by hidden size in batches of 16 x 128")[1]
 
@@ -245,8 +259,8 @@ def test_other_work_on_the_cpus_while_measuring_is_reported(monkeypatch):
                         sizes=[128])
     assert choice.other_work_share == pytest.approx(5 / 8)
     # Right after the choice, before the others' expectations: a new user reads it first.
-    assert (" s. Other work kept 62% of this process's CPUs busy while measuring: the speeds, and so the size, may be "
-            "low (--hidden_size sets it). Expected nats/char of the others, " in choice.describe())
+    assert ("evaluations included. Other work kept 62% of this process's CPUs busy while measuring: the speeds, and "
+            "so the size, may be low (--hidden_size sets it). Expected nats/char of the others, " in choice.describe())
     quiet = sizing.CpuReading(wall=14.0, own=8.0, busy=108.5, cpus=2)  # others: 1.5 of 8 s
     assert sizing.other_work_share(sizing.CpuReading(10.0, 1.0, 100.0, 2), quiet) == pytest.approx(1.5 / 8)
     assert "Other work" not in choose_size(speeds(10_000), 600, TEXT).describe()
@@ -258,7 +272,7 @@ def run_train(corpus, output, fake_speed: float | None, monkeypatch, **model_opt
 
     def fake_measure(config, hidden_size, layout, bf16, device):
         measured.append((hidden_size, layout.streams, layout.block_size))
-        parameters = layer_parameters(LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size}))
+        parameters = layer_parameters(sizing.with_hidden_size(config, hidden_size))
         return Measurement(hidden_size, parameters, fake_speed * 1e6 / parameters, layout)
 
     monkeypatch.setattr(sizing, "measure", fake_measure)
