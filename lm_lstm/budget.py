@@ -20,6 +20,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 
 import torch
@@ -68,12 +69,18 @@ def parse_duration(value: float | str | None, option: str = "--max_time") -> flo
     return seconds or None
 
 
+def plain_number(value: float) -> str:
+    """`value` to 10 significant digits, with thousands separators and never in exponent notation: 10,000,000 (not
+    1e+07), 0.00001 (not 1e-05), 99.99999 (not 100)."""
+    return f"{Decimal(f'{value:.10g}'):,f}"
+
+
 def format_duration(seconds: float) -> str:
-    """`seconds` in the largest unit that divides it: '10 min', '1.5 h', '45 s'."""
+    """`seconds` in the largest unit that divides it to a tenth: '10 min', '1.5 h', '45 s', '10,000,001 s'."""
     for unit, size in (("h", 3600), ("min", 60)):
         if seconds >= size and (seconds / size * 10) % 1 == 0:
-            return f"{seconds / size:g} {unit}"
-    return f"{seconds:g} s"
+            return f"{plain_number(seconds / size)} {unit}"
+    return f"{plain_number(seconds)} s"
 
 
 EVALUATION_SHARE = 0.05
@@ -172,6 +179,8 @@ class TimeBudget(TrainerCallback, ExportableState):
         self.started: float | None = None  # clock reading at `on_train_begin`
         self.paused_at: float | None = None  # clock reading at the end of the last step (or the start of training)
         self.time_progress = 0.0  # fraction of the budget, less the reserve, spent at the last step (all processes)
+        self.seconds_left = math.inf  # of the budget at the last step (all processes)
+        self.reserve = 0.0  # seconds kept at the last step for what follows training (all processes)
         self.stopped_training = False  # whether the budget ended the last training
 
     def elapsed(self) -> float:
@@ -199,6 +208,8 @@ class TimeBudget(TrainerCallback, ExportableState):
         self.seconds = budget_seconds(args)
         self.started = self.paused_at = self.clock()
         self.time_progress = 0.0
+        self.seconds_left = math.inf
+        self.reserve = 0.0
         self.stopped_training = False
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -210,8 +221,9 @@ class TimeBudget(TrainerCallback, ExportableState):
         # Before the scheduler's step, which reads `time_progress`; the same on every process.
         if self.seconds is None:
             return
-        elapsed, reserve = largest_over_processes([self.elapsed(), 2 * self.longest_pause], args.device)
-        training_seconds = self.seconds - reserve
+        elapsed, self.reserve = largest_over_processes([self.elapsed(), 2 * self.longest_pause], args.device)
+        self.seconds_left = self.seconds - elapsed
+        training_seconds = self.seconds - self.reserve
         self.time_progress = 1.0 if training_seconds <= 0 else min(1.0, elapsed / training_seconds)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -226,6 +238,14 @@ class TimeBudget(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.paused_at = None  # what follows training is not a pause between steps
+
+    def describe_stop(self) -> str:
+        """Why the budget ended training where it did: 'with 116 s of training time left for the last evaluations and
+        saves (twice the longest evaluation and checkpoint so far, 58 s)'; '' when it did not end training."""
+        if not self.stopped_training:
+            return ""
+        return (f"with {max(0.0, self.seconds_left):.0f} s of training time left for the last evaluations and saves "
+                f"(twice the longest evaluation and checkpoint so far, {self.reserve / 2:.0f} s)")
 
 
 def saved_budget_state(state: TrainerState) -> dict:
@@ -306,7 +326,7 @@ class BudgetProgressCallback(ProgressCallback):
         if state.is_world_process_zero:
             # No rate: it would read "1.00s/s", seconds of budget per second.
             self.training_bar = tqdm(total=round(budget_seconds(args)), initial=round(elapsed_before), unit="s",
-                                     dynamic_ncols=True,
+                                     desc="training time", dynamic_ncols=True,
                                      bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
         self.current_step = state.global_step
 

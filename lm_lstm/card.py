@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from matplotlib.figure import Figure
 
-from .budget import format_duration
+from .budget import format_duration, plain_number
 from .evaluation import bits_per_byte
 from .tokenization import tokenizer_kind
 
@@ -54,6 +53,7 @@ class RunSummary:
     example_prompt: str = "The"
     time_budget_seconds: float | None = None  # `--max_time`
     training_limit: str = "steps"  # what ended training: 'time', 'steps' or 'epochs' (`LSTMTrainer.training_limit`)
+    training_stop: str = ""  # why the time budget ended training where it did (`LSTMTrainer.describe_training_stop`)
     model_size: str = "set by the training options"  # how the size was chosen (`SizeChoice.describe`)
     unit: str = "token"  # what loss and perplexity are per (`perplexity_unit`): "word" for word-level tokenizers
     evaluations: int = 0  # validation passes, during training and after it
@@ -120,8 +120,7 @@ def describe_warmup(warmup_steps: float) -> str:
         percent = warmup_steps * 100
         if percent < 1e-6:
             return "warm-up over less than the first 0.000001% of training"
-        # Ten significant digits (0.9999999: 99.99999%, not 100%), never in exponent notation (1e-07: 0.00001%).
-        return f"warm-up over the first {format(Decimal(f'{percent:.10g}'), 'f')}% of training"
+        return f"warm-up over the first {plain_number(percent)}% of training"
     steps = f"{warmup_steps:,.0f}" if float(warmup_steps).is_integer() else f"{warmup_steps:g}"
     return f"{steps} warm-up step{'s' if warmup_steps != 1 else ''}"
 
@@ -138,7 +137,8 @@ def describe_limit(run: RunSummary) -> str:
     """What ended training, in words."""
     h = run.hyperparameters
     if run.training_limit == "time":
-        return f"the time budget ({format_duration(run.time_budget_seconds)})"
+        stop = f", {run.training_stop}" if run.training_stop else ""
+        return f"the time budget ({format_duration(run.time_budget_seconds)}){stop}"
     if run.training_limit == "steps":
         return f"the step limit ({h['steps']:,} steps)"
     return f"the epoch limit ({_format(h['epochs'], 2)} epochs)"

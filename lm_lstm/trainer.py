@@ -107,6 +107,11 @@ class LSTMTrainer(Trainer):
             return "time"
         return "steps" if self.state.global_step >= self.state.max_steps else "epochs"
 
+    def describe_training_stop(self) -> str:
+        """Why the time budget ended training where it did (`TimeBudget.describe_stop`); '' when it did not."""
+        budget = self.time_budget
+        return budget.describe_stop() if budget is not None else ""
+
     def _learning_rate_from_recipe(self) -> bool:
         return isinstance(self.args, LSTMTrainingArguments) and self.args.learning_rate_from_recipe()
 

@@ -291,6 +291,7 @@ def summarize_run(
         evaluation_seconds=sum(evaluations),
         time_budget_seconds=size_choice.budget_seconds if size_choice else args.max_time,  # measuring included
         training_limit=trainer.training_limit(),
+        training_stop=trainer.describe_training_stop(),
         **({"model_size": size_choice.describe()} if size_choice else {}),
         data_description=description,
         dataset_ids=dataset_ids,

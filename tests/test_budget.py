@@ -66,8 +66,8 @@ def test_bad_durations_raise_one_line_naming_the_option(value):
 
 
 def test_durations_format_in_the_largest_unit():
-    assert [format_duration(s) for s in (600, 90, 45, 3600, 5400, 100)] == [
-        "10 min", "1.5 min", "45 s", "1 h", "1.5 h", "100 s"]
+    assert [format_duration(s) for s in (600, 90, 45, 3600, 5400, 100, 0.5, 1e7, 1e-5)] == [
+        "10 min", "1.5 min", "45 s", "1 h", "1.5 h", "100 s", "0.5 s", "10,000,000 s", "0.00001 s"]
 
 
 def arguments(tmp_path, **overrides) -> LSTMTrainingArguments:
@@ -158,7 +158,10 @@ def test_training_leaves_time_for_the_evaluations_and_the_card_names_the_limit(c
     assert clock.now == 17.0  # within the 20 s budget: the reserve kept for a final evaluation was not needed
     card = (result.output_dir / "README.md").read_text()
     assert "| time budget | 20 s of training, evaluations included |" in card
-    assert "| steps | 8 (" in card and "ended by the time budget (20 s) |" in card
+    # Why it stopped 6 s before the budget: 2 x 3 s kept (the longest evaluation, from the start), 14 s spent.
+    assert "| steps | 8 (" in card and ("ended by the time budget (20 s), with 6 s of training time left for the last "
+                                         "evaluations and saves (twice the longest evaluation and checkpoint so far, "
+                                         "3 s) |") in card
 
 
 def test_resumed_run_trains_for_the_budget_it_had_left(corpus, tmp_path):
@@ -323,6 +326,7 @@ def test_the_progress_bar_runs_over_the_budget_seconds(tmp_path):
     for clock.now, state.global_step in [(512.1, 4), (512.4, 5)]:
         bar.on_step_end(args, state, control)
     assert bar.training_bar.n == 32 and bar.training_bar.postfix == "step 5"
+    assert "training time:  53%|" in str(bar.training_bar)
     assert "| 32/60 s [" in str(bar.training_bar) and ", step 5]" in str(bar.training_bar)
     assert "s/s" not in str(bar.training_bar)
     assert redraws == [32]  # once per second of the budget, not at every step
