@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import inspect
+import os
+import stat
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +36,7 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.utils import CONFIG_NAME
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_lstm import LSTMConfig
@@ -680,6 +684,18 @@ class LSTMPreTrainedModel(PreTrainedModel):
             bound = module.hidden_size**-0.5
             for parameter in module.parameters():
                 init.uniform_(parameter, -bound, bound)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, its weight files (`model*.safetensors`) given the permissions of the
+        `config.json` it writes beside them."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        # safetensors >= 0.8 writes through a temporary file created 0600, whatever the umask: a model folder that
+        # others cannot load (safetensors/safetensors#782).
+        config = os.path.join(save_directory, CONFIG_NAME)
+        if os.path.isfile(config):  # the process that saves (the main one of a distributed run)
+            mode = stat.S_IMODE(os.stat(config).st_mode)
+            for weights in glob.glob(os.path.join(glob.escape(os.fspath(save_directory)), "model*.safetensors")):
+                os.chmod(weights, mode)
 
 
 class LSTMModel(LSTMPreTrainedModel):

@@ -20,6 +20,13 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         )
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, to the strictest value while it is read)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def staged_output_dir(output_dir: Path, overwrite: bool) -> Iterator[Path]:
     """A new temporary folder to write a model folder into, beside `output_dir` (inside it if it exists and its parent
@@ -39,6 +46,7 @@ def staged_output_dir(output_dir: Path, overwrite: bool) -> Iterator[Path]:
         if not target.is_dir():
             raise
         staging = Path(tempfile.mkdtemp(prefix=".lm-lstm-output.", suffix=".partial", dir=target))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would stay with the folder once it is moved into place
     try:
         yield staging
         if not target.exists():

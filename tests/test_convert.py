@@ -10,6 +10,7 @@ import contextlib
 import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -944,6 +945,22 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, corpus_dir, monkeyp
     assert not [p for p in (tmp_path / "empty").iterdir() if p.name.endswith(".partial")]
     with pytest.raises(PermissionError):
         convert_checkpoint(checkpoint, tmp_path / "other", **inputs)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="permission bits")
+def test_a_converted_folder_and_its_weights_get_the_umasks_permissions(tmp_path, corpus_dir):
+    """Not mkdtemp's 0700 for the folder, nor safetensors' 0600 for the weights (safetensors/safetensors#782)."""
+    words = Corpus(str(corpus_dir)).dictionary.idx2word
+    checkpoint = save_checkpoint(build_source(PYTORCH_EXAMPLE, len(words), 1, True), PYTORCH_EXAMPLE,
+                                 tmp_path / "model.pt", "state_dict")
+    previous = os.umask(0o027)
+    try:
+        convert_checkpoint(checkpoint, tmp_path / "out", train_files=corpus_files(corpus_dir))
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in [tmp_path / "out", *(tmp_path / "out").iterdir()]}
+    assert modes.pop("out") == 0o750 and modes["model.safetensors"] == modes["config.json"] == 0o640
+    assert set(modes.values()) == {0o640}
 
 
 def test_cli_convert(tmp_path, corpus_dir, capsys):

@@ -4,6 +4,7 @@ import copy
 import functools
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -446,6 +447,20 @@ def test_save_and_load_in_process_gives_identical_logits(tmp_path):
         assert loaded.lm_head.weight is loaded.model.embeddings.weight
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), LSTMConfig)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="permission bits")
+@pytest.mark.parametrize("max_shard_size", [None, "4KB"])
+def test_saved_weights_get_the_permissions_of_the_config(tmp_path, max_shard_size):
+    """safetensors writes 0600 whatever the umask (safetensors/safetensors#782): others could not load the folder."""
+    previous = os.umask(0o022)
+    try:
+        tiny_model().save_pretrained(tmp_path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    finally:
+        os.umask(previous)
+    weights = sorted(tmp_path.glob("model*.safetensors"))
+    assert len(weights) == 1 if max_shard_size is None else len(weights) > 1
+    assert {stat.S_IMODE(path.stat().st_mode) for path in [tmp_path / "config.json", *weights]} == {0o644}
 
 
 def test_load_in_bfloat16(tmp_path):
