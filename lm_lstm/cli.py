@@ -160,9 +160,12 @@ def evaluate_command(argv: list[str]) -> int:
     score = evaluate_file(model, tokenizer, args.file, args.block_size, args.context, args.batch_size,
                           args.text_column, progress=True)
     unit = perplexity_unit(tokenizer)  # "word" for word-level tokenizers
+    block = f"{args.block_size} {unit}s"
+    context = (f"the whole file as one stream, the state carried from one pass of {block} to the next"
+               if args.context == "carry" else f"independent blocks of {block}, each from a zero state")
     rows = [
         ("file", args.file),
-        ("context", f"{args.context} (block_size {args.block_size})"),
+        ("context", f"{args.context}: {context}"),
         ("unit", unit + (" (each line end, <eos>, counts as a word)" if unit == "word" else "")),
         (f"{unit}s scored", score.tokens),
     ]
@@ -308,6 +311,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def quiet_weight_file_progress() -> None:
+    """Turns off the progress bars of transformers' own loops, which go over a model's weight files ("Loading
+    weights", "Writing model shards"): they flash by for a model of this size, and each checkpoint's broke into the
+    training bar. The Trainer's bars and the Hub's download bars are others, and stay."""
+    from transformers.utils.logging import set_tqdm_hook
+
+    set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -318,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lm-lstm: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
+        quiet_weight_file_progress()
         return COMMANDS[name][1](rest)
     # UsageError and DataError are ValueErrors; RuntimeError and ImportError come from torch and from optional
     # integrations (out of memory, --report_to a tracker that is not installed).

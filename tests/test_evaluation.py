@@ -155,12 +155,16 @@ def test_word_level_evaluation_scores_every_line_end_as_a_word_over_the_bytes_of
     assert blocks.bytes == sum(sum(sizes[i + 1 : i + 8]) for i in range(0, usable, 8))
     assert blocks.tokens == usable // 8 * 7
 
+    capsys.readouterr()  # what loading the model above printed
     assert main(["evaluate", "--model", str(tmp_path), "--file", str(tmp_path / "text.txt")]) == 0
     captured = capsys.readouterr()
     assert "Scoring: 100%" in captured.err  # the progress bar
+    assert "Loading weights" not in captured.err  # transformers' bar over the weights: noise at this size
     report = captured.out.splitlines()
     assert "unit              word (each line end, <eos>, counts as a word)" in report
     assert f"words scored      {len(ids)}" in report
+    assert ("context           carry: the whole file as one stream, the state carried from one pass of 512 words to "
+            "the next") in report
     assert {re.match(r"\S+(?: \S+)* {2,}", line).end() for line in report} == {len("loss (nats/word)  ")}  # aligned
 
 
@@ -214,7 +218,9 @@ def test_a_model_with_position_embeddings_is_refused_text_beyond_its_positions(c
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "lm-lstm evaluate: error: --block_size 33 is longer than the 32 positions the model sees.")
     assert main(options + ["--context", "blocks", "--block_size", "32"]) == 0
-    assert "perplexity" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "perplexity" in out
+    assert re.search(r"^context +blocks: independent blocks of 32 tokens, each from a zero state$", out, re.M)
 
 
 def test_a_large_file_is_scored_a_window_at_a_time(saved_model, tmp_path, monkeypatch):
