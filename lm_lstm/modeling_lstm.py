@@ -36,7 +36,6 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
-from transformers.utils import CONFIG_NAME
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_lstm import LSTMConfig
@@ -654,6 +653,34 @@ UNSUPPORTED_GENERATION_OPTIONS = {
 }
 
 
+def _regular_files(pattern: str) -> dict[str, os.stat_result]:
+    """The regular files (not links) whose paths match the glob `pattern`, with their `os.lstat`."""
+    found = {}
+    for path in glob.glob(pattern):
+        info = os.lstat(path)
+        if stat.S_ISREG(info.st_mode):
+            found[path] = info
+    return found
+
+
+@contextlib.contextmanager
+def plain_file_permissions(pattern: str) -> Iterator[None]:
+    """Gives the files matching the glob `pattern` that the block writes (new ones, or ones it replaces) the
+    permissions a plain `open()` gives: 0o666 less the umask for a new file, the old file's mode for a replaced one.
+
+    safetensors >= 0.8 writes through a temporary file created 0600 whatever the umask, then renames it into place: a
+    model folder others cannot load (safetensors/safetensors#782). Files the block leaves alone, and links, are not
+    touched."""
+    before = _regular_files(pattern)
+    yield
+    mask = os.umask(0o077)  # read by setting it, to the strictest value meanwhile
+    os.umask(mask)
+    for path, info in _regular_files(pattern).items():
+        old = before.get(path)
+        if old is None or (old.st_dev, old.st_ino) != (info.st_dev, info.st_ino):
+            os.chmod(path, 0o666 & ~mask if old is None else stat.S_IMODE(old.st_mode))
+
+
 class LSTMPreTrainedModel(PreTrainedModel):
     """Weight initialisation and the flags `transformers` reads, shared by the LSTM models."""
 
@@ -686,16 +713,10 @@ class LSTMPreTrainedModel(PreTrainedModel):
                 init.uniform_(parameter, -bound, bound)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`, its weight files (`model*.safetensors`) given the permissions of the
-        `config.json` it writes beside them."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        # safetensors >= 0.8 writes through a temporary file created 0600, whatever the umask: a model folder that
-        # others cannot load (safetensors/safetensors#782).
-        config = os.path.join(save_directory, CONFIG_NAME)
-        if os.path.isfile(config):  # the process that saves (the main one of a distributed run)
-            mode = stat.S_IMODE(os.stat(config).st_mode)
-            for weights in glob.glob(os.path.join(glob.escape(os.fspath(save_directory)), "model*.safetensors")):
-                os.chmod(weights, mode)
+        """`PreTrainedModel.save_pretrained`, the weight files it writes (`model*.safetensors`) given the permissions
+        of a plain new file (`plain_file_permissions`)."""
+        with plain_file_permissions(os.path.join(glob.escape(os.fspath(save_directory)), "model*.safetensors")):
+            super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class LSTMModel(LSTMPreTrainedModel):

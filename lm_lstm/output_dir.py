@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,11 +20,17 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _umask() -> int:
-    """The process's umask (read by setting it, to the strictest value while it is read)."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new folder of a random name in `parent`, made as `mkdir` makes one (the umask's permissions, and the parent's
+    group where it has the setgid bit), not 0700 as `tempfile.mkdtemp` does: it becomes the output folder."""
+    for _ in range(100):
+        folder = parent / f"{prefix}{secrets.token_hex(6)}.partial"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free name for a temporary folder {prefix}*.partial")
 
 
 @contextlib.contextmanager
@@ -41,12 +47,11 @@ def staged_output_dir(output_dir: Path, overwrite: bool) -> Iterator[Path]:
     made = [folder for folder in target.parents if not folder.exists()]  # deepest first
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        staging = _new_folder(target.parent, f".{target.name}.")
     except PermissionError:
         if not target.is_dir():
             raise
-        staging = Path(tempfile.mkdtemp(prefix=".lm-lstm-output.", suffix=".partial", dir=target))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would stay with the folder once it is moved into place
+        staging = _new_folder(target, ".lm-lstm-output.")
     try:
         yield staging
         if not target.exists():

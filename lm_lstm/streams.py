@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import logging
 import math
 from collections.abc import Iterable
@@ -45,7 +46,7 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from .configuration_lstm import LSTMConfig
 from .data import DataError, TokenDocuments, TrainingData, check_block_size, token_digest, tokenize_documents
-from .modeling_lstm import CELL_STATE, HIDDEN_STATE
+from .modeling_lstm import CELL_STATE, HIDDEN_STATE, plain_file_permissions
 from .tokenization import document_start_id
 
 STREAM_COLUMNS = ("shift_labels", "reset")  # what a stream batch holds beside `input_ids`
@@ -374,7 +375,9 @@ class StatefulBPTT:
             return
         tensors = {f"{name}.{layer_idx}": state.contiguous() for layer_idx, layer_states in enumerate(states)
                    for name, state in zip(("hidden", "cell"), layer_states)}
-        save_file(tensors, str(Path(folder) / STATE_FILE.format(process_index)))
+        path = str(Path(folder) / STATE_FILE.format(process_index))
+        with plain_file_permissions(glob.escape(path)):  # readable by whoever may read the checkpoint
+            save_file(tensors, path)
 
     def load(
         self, folder: str | Path, num_streams: int, process_index: int = 0, device: torch.device | str = "cpu"

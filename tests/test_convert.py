@@ -934,13 +934,13 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, corpus_dir, monkeyp
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "empty").config.vocab_size == len(words)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
 
-    def no_writing_beside(dir, **options):  # a folder that can be written in a parent that cannot (a mount point)
-        if Path(dir) == tmp_path:
-            raise PermissionError(13, "Permission denied", dir)
-        return make_temporary_folder(dir=dir, **options)
+    def no_writing_beside(parent, prefix):  # a folder that can be written in a parent that cannot (a mount point)
+        if Path(parent) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(parent))
+        return make_folder(parent, prefix)
 
-    make_temporary_folder = lm_lstm.output_dir.tempfile.mkdtemp
-    monkeypatch.setattr(lm_lstm.output_dir.tempfile, "mkdtemp", no_writing_beside)
+    make_folder = lm_lstm.output_dir._new_folder
+    monkeypatch.setattr(lm_lstm.output_dir, "_new_folder", no_writing_beside)
     convert_checkpoint(checkpoint, tmp_path / "empty", overwrite=True, **inputs)
     assert not [p for p in (tmp_path / "empty").iterdir() if p.name.endswith(".partial")]
     with pytest.raises(PermissionError):
@@ -961,6 +961,11 @@ def test_a_converted_folder_and_its_weights_get_the_umasks_permissions(tmp_path,
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in [tmp_path / "out", *(tmp_path / "out").iterdir()]}
     assert modes.pop("out") == 0o750 and modes["model.safetensors"] == modes["config.json"] == 0o640
     assert set(modes.values()) == {0o640}
+    shared = tmp_path / "shared"  # a group's folder: new folders in it take its group, as mkdir makes them
+    shared.mkdir()
+    shared.chmod(0o2775)
+    convert_checkpoint(checkpoint, shared / "out", train_files=corpus_files(corpus_dir))
+    assert (shared / "out").stat().st_mode & stat.S_ISGID
 
 
 def test_cli_convert(tmp_path, corpus_dir, capsys):

@@ -451,7 +451,7 @@ def test_save_and_load_in_process_gives_identical_logits(tmp_path):
 
 @pytest.mark.skipif(os.name != "posix", reason="permission bits")
 @pytest.mark.parametrize("max_shard_size", [None, "4KB"])
-def test_saved_weights_get_the_permissions_of_the_config(tmp_path, max_shard_size):
+def test_saved_weights_get_the_permissions_of_a_plain_new_file(tmp_path, max_shard_size):
     """safetensors writes 0600 whatever the umask (safetensors/safetensors#782): others could not load the folder."""
     previous = os.umask(0o022)
     try:
@@ -461,6 +461,29 @@ def test_saved_weights_get_the_permissions_of_the_config(tmp_path, max_shard_siz
     weights = sorted(tmp_path.glob("model*.safetensors"))
     assert len(weights) == 1 if max_shard_size is None else len(weights) > 1
     assert {stat.S_IMODE(path.stat().st_mode) for path in [tmp_path / "config.json", *weights]} == {0o644}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="permission bits")
+def test_saving_changes_the_permissions_of_the_weight_files_it_writes_only(tmp_path):
+    """A replaced weights file keeps its mode; other files of the name, links (and what they point to) are left
+    alone, and a process that does not save changes nothing."""
+    outside = tmp_path / "secret.txt"
+    outside.write_text("mine")
+    outside.chmod(0o600)
+    folder = tmp_path / "model [1]"  # glob characters in the path
+    tiny_model().save_pretrained(folder)
+    (folder / "model.safetensors").chmod(0o640)
+    (folder / "model-notes.safetensors").write_text("notes")
+    (folder / "model-notes.safetensors").chmod(0o600)
+    (folder / "model-link.safetensors").symlink_to(outside)
+    (folder / "model-broken.safetensors").symlink_to(tmp_path / "missing")
+    tiny_model(seed=1).save_pretrained(folder)
+    mode = lambda name: stat.S_IMODE((folder / name).lstat().st_mode)  # noqa: E731
+    assert mode("model.safetensors") == 0o640 and mode("model-notes.safetensors") == 0o600
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o600 and (folder / "model-broken.safetensors").is_symlink()
+    (folder / "model.safetensors").chmod(0o600)
+    tiny_model().save_pretrained(folder, is_main_process=False)
+    assert mode("model.safetensors") == 0o600
 
 
 def test_load_in_bfloat16(tmp_path):

@@ -3,6 +3,8 @@
 import json
 import logging
 import math
+import os
+import stat
 import subprocess
 import sys
 from collections import Counter
@@ -254,8 +256,14 @@ def test_resumed_run_ends_with_the_same_weights(corpus, tmp_path, stateful):
         train(model_args, data_args, training_args)
         return load_file(output / "model.safetensors")
 
-    uninterrupted = run(tmp_path / "a")
+    previous = os.umask(0o022)
+    try:
+        uninterrupted = run(tmp_path / "a")
+    finally:
+        os.umask(previous)
     assert (tmp_path / "a" / "checkpoint-4" / "stream_state_0.safetensors").is_file() == stateful
+    # Others may read every file of the model and its checkpoints, weights and stream states too (not 0600).
+    assert {stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "a").rglob("*") if path.is_file()} == {0o644}
     resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-4"))
     assert uninterrupted.keys() == resumed.keys()
     for name in uninterrupted:
