@@ -8,9 +8,10 @@ needs when it runs, so `lm-lstm --help` and `lm-lstm generate` do not load the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from .messages import first_line
 
@@ -311,13 +312,19 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def quiet_weight_file_progress() -> None:
-    """Turns off the progress bars of transformers' own loops, which go over a model's weight files ("Loading
-    weights", "Writing model shards"): they flash by for a model of this size, and each checkpoint's broke into the
-    training bar. The Trainer's bars and the Hub's download bars are others, and stay."""
+@contextlib.contextmanager
+def quiet_weight_file_progress() -> Iterator[None]:
+    """Within the block, the progress bars of transformers' own loops, which go over a model's weight files ("Loading
+    weights", "Writing model shards"), are off: they flash by for a model of this size, and each checkpoint's broke
+    into the training bar. The Trainer's bars and the Hub's download bars are others, and stay. The hook set before
+    is restored after."""
     from transformers.utils.logging import set_tqdm_hook
 
-    set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    previous = set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        set_tqdm_hook(previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,8 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lm-lstm: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        quiet_weight_file_progress()
-        return COMMANDS[name][1](rest)
+        with quiet_weight_file_progress():
+            return COMMANDS[name][1](rest)
     # UsageError and DataError are ValueErrors; RuntimeError and ImportError come from torch and from optional
     # integrations (out of memory, --report_to a tracker that is not installed).
     except (ValueError, OSError, RuntimeError, ImportError) as error:

@@ -160,6 +160,8 @@ def test_word_level_evaluation_scores_every_line_end_as_a_word_over_the_bytes_of
     captured = capsys.readouterr()
     assert "Scoring: 100%" in captured.err  # the progress bar
     assert "Loading weights" not in captured.err  # transformers' bar over the weights: noise at this size
+    load_model_and_tokenizer(str(tmp_path))  # after the command, in the same process, the bar is back
+    assert "Loading weights" in capsys.readouterr().err
     report = captured.out.splitlines()
     assert "unit              word (each line end, <eos>, counts as a word)" in report
     assert f"words scored      {len(ids)}" in report
