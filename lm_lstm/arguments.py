@@ -324,6 +324,9 @@ class LSTMTrainingArguments(TrainingArguments):
     sizing_seconds: float = field(default=0.0, init=False, repr=False)
     """Seconds of `max_time` that choosing the model's size took (`lm_lstm.training.size_new_model`), out of the
     budget; kept in checkpoints, for a resumed run to take them out again."""
+    time_budget_seconds: float | None = field(default=None, init=False, repr=False)
+    """The budget given (`--max_time`), the sizing's seconds included, once `max_time` holds the training time left
+    after them (`lm_lstm.training.size_new_model`)."""
     recipe_train_batch_size: int | None = field(default=None, init=False, repr=False)
     """The streams the recipe set when --per_device_train_batch_size was not given (`train_batch_size_from_recipe`)."""
     per_device_eval_batch_size: int = _recipe(

@@ -240,12 +240,14 @@ class TimeBudget(TrainerCallback, ExportableState):
         self.paused_at = None  # what follows training is not a pause between steps
 
     def describe_stop(self) -> str:
-        """Why the budget ended training where it did: 'with 116 s of training time left for the last evaluations and
-        saves (twice the longest evaluation and checkpoint so far, 58 s)'; '' when it did not end training."""
+        """Why the budget ended training where it did: 'stopping 116.2 s before its end to leave time for the last
+        evaluations and saves (twice the longest pause between steps so far, 58 s)'; '' when it did not end
+        training. The pauses are those of evaluations and checkpoints, and of the start of an epoch's data."""
         if not self.stopped_training:
             return ""
-        return (f"with {max(0.0, self.seconds_left):.0f} s of training time left for the last evaluations and saves "
-                f"(twice the longest evaluation and checkpoint so far, {self.reserve / 2:.0f} s)")
+        return (f"stopping {plain_number(round(max(0.0, self.seconds_left), 1))} s before its end to leave time for "
+                "the last evaluations and saves (twice the longest pause between steps so far, "
+                f"{plain_number(round(self.reserve / 2, 1))} s)")
 
 
 def saved_budget_state(state: TrainerState) -> dict:

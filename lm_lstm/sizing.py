@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .budget import format_duration
+from .budget import format_duration, plain_number
 from .presets import DEFAULT_PRESET
 from .configuration_lstm import LSTMConfig
 from .modeling_lstm import LSTMForCausalLM
@@ -49,6 +49,8 @@ where sizes up to 512 ended within about 0.02 of it."""
 TRAINING_SHARE = 0.9
 """The part of a time budget spent in training steps; the rest goes to evaluations and the final save (about 7% on
 the bundled corpus with the default recipe: benchmarks/results/quality_10min.json)."""
+MIN_TRAINING_SECONDS = 1.0
+"""The least training time a budget gives, whatever its measuring took."""
 PROBE_SHARE = 0.05
 """At most this part of the budget is spent measuring candidates, as far as the time of each measurement can be
 foreseen from the last one's; those that would end later are not measured."""
@@ -208,6 +210,11 @@ class SizeChoice:
         return self.chosen.measurement.hidden_size
 
     @property
+    def training_seconds(self) -> float:
+        """The budget's seconds left to train in once measuring is done (at least `MIN_TRAINING_SECONDS`)."""
+        return max(MIN_TRAINING_SECONDS, self.budget_seconds - self.probe_seconds)
+
+    @property
     def layout(self) -> Layout:
         return self.chosen.measurement.layout
 
@@ -226,8 +233,8 @@ class SizeChoice:
             f"({chosen.measurement.parameters / 1e6:.2f}M LSTM parameters) in {self.layout.describe()} trains at "
             f"{chosen.measurement.tokens_per_second:,.0f} tokens/s here, so about {chosen.characters / 1e6:.1f}M "
             f"characters in the budget{worth}, for an expected {chosen.loss:.3f} nats/char, the lowest of the sizes "
-            f"and layouts measured in {self.probe_seconds:.0f} s; training takes the other "
-            f"{max(0.0, self.budget_seconds - self.probe_seconds):.0f} s, evaluations included."
+            f"and layouts measured in {plain_number(round(self.probe_seconds, 1))} s; training takes "
+            f"{plain_number(round(self.training_seconds, 1))} s, evaluations included."
             + (f" Other work kept {self.other_work_share:.0%} of this process's CPUs busy while measuring: the speeds, "
                "and so the size, may be low (--hidden_size sets it)." if self.other_work_share > BUSY_SHARE else "")
             + f" Expected nats/char of the others, by hidden size in {first.describe()}: {sizes or 'none'}"

@@ -13,7 +13,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import LSTMTrainingArguments
 from .averaging import NonMonotonicAveraging
-from .budget import BudgetProgressCallback, TimeBudget, budget_seconds, check_limits_left, read_checkpoint_file
+from .budget import (NO_STEP_LIMIT, BudgetProgressCallback, TimeBudget, budget_seconds, check_limits_left,
+                     read_checkpoint_file)
 from .evaluation import perplexity
 from .hub import push_folder
 from .presets import recipe_learning_rate
@@ -105,7 +106,8 @@ class LSTMTrainer(Trainer):
         budget = self.time_budget
         if budget is not None and budget.stopped_training:
             return "time"
-        return "steps" if self.state.global_step >= self.state.max_steps else "epochs"
+        # Trainer turns an epoch limit into `state.max_steps` too: only a step limit given is one.
+        return "steps" if 0 < self.args.max_steps != NO_STEP_LIMIT else "epochs"
 
     def describe_training_stop(self) -> str:
         """Why the time budget ended training where it did (`TimeBudget.describe_stop`); '' when it did not."""

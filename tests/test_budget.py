@@ -127,6 +127,16 @@ def test_the_first_limit_ends_training_and_the_schedule(tmp_path, max_steps, ste
     assert set(trainer.lr_scheduler.get_last_lr()) == {0.0}  # the schedule's end, at the budget or the step limit
 
 
+@pytest.mark.parametrize("max_time", [100, None])
+def test_an_epoch_limit_is_named_as_one(tmp_path, max_time):
+    """Trainer turns --num_train_epochs into a step count: the run still ended by its epochs, not by a step limit."""
+    trainer = LSTMTrainer(model=tiny_model().train(), train_dataset=blocks(), data_collator=collate_blocks,
+                          args=arguments(tmp_path, max_time=max_time, num_train_epochs=0.25),
+                          callbacks=budget_callbacks(StepClock()))
+    trainer.train()
+    assert trainer.state.global_step == 8 and trainer.training_limit() == "epochs"  # a quarter of 32 batches
+
+
 def test_learning_rate_factor_warms_up_by_steps_or_by_a_fraction_of_the_time():
     assert learning_rate_factor(2, 0.5, warmup=4, schedule="linear") == pytest.approx(0.5 * 0.5)
     assert learning_rate_factor(2, 0.05, warmup=0.1, schedule="constant_with_warmup") == pytest.approx(0.5)
@@ -159,9 +169,9 @@ def test_training_leaves_time_for_the_evaluations_and_the_card_names_the_limit(c
     card = (result.output_dir / "README.md").read_text()
     assert "| time budget | 20 s of training, evaluations included |" in card
     # Why it stopped 6 s before the budget: 2 x 3 s kept (the longest evaluation, from the start), 14 s spent.
-    assert "| steps | 8 (" in card and ("ended by the time budget (20 s), with 6 s of training time left for the last "
-                                         "evaluations and saves (twice the longest evaluation and checkpoint so far, "
-                                         "3 s) |") in card
+    assert "| steps | 8 (" in card and ("ended by the time budget (20 s), stopping 6 s before its end to leave time "
+                                         "for the last evaluations and saves (twice the longest pause between steps "
+                                         "so far, 3 s) |") in card
 
 
 def test_resumed_run_trains_for_the_budget_it_had_left(corpus, tmp_path):

@@ -185,7 +185,7 @@ def test_sizes_are_measured_in_the_first_layout_then_the_best_size_in_the_others
     line = choice.describe()
     assert f"hidden size {best} (" in line and "in batches of 16 x 64 tokens trains at" in line
     assert "(each worth 1.35 of one in batches of 2,048 tokens)" in line
-    assert " measured in 0 s; training takes the other 600 s, evaluations included." in line
+    assert " measured in 0 s; training takes 600 s, evaluations included." in line
     assert f"; by streams x tokens at hidden size {best}: 32 x 64: " in line
     assert f"{best}: " in line.split("Expected nats/char of the others, by hidden size in batches of 16 x 128")[1]
 
@@ -229,7 +229,10 @@ def test_a_budget_that_measuring_took_whole_trains_the_smallest_size(monkeypatch
     monkeypatch.setattr(sizing, "measure", lambda config, hidden_size, *args: speeds(10_000)[0])
     choice = size_model(LSTMConfig(vocab_size=65), 1, [RECIPE], bf16=False, unique_characters=TEXT,
                         clock=lambda: next(ticks))
-    assert choice.hidden_size == 128 and choice.probe_seconds > choice.budget_seconds and choice.describe()
+    assert choice.hidden_size == 128 and choice.probe_seconds > choice.budget_seconds
+    assert "; training takes 1 s, evaluations included." in choice.describe()  # as train() keeps 1 s
+    choice.budget_seconds, choice.probe_seconds = 601, 2.46  # rounded alike, the two add up to the budget
+    assert " measured in 2.5 s; training takes 598.5 s, evaluations included." in choice.describe()
 
 
 def test_expected_losses_are_capped_at_the_untrained_models(monkeypatch):
@@ -323,6 +326,7 @@ def test_train_lays_its_batches_out_as_chosen_when_the_layout_is_left_open(corpu
     kept = state["stateful_callbacks"]["TrainingTextCheck"]["args"]["training_data"]
     assert kept["block_size"] == 16  # the data's
     assert kept["sizing_seconds"] > 0 and training_args.max_time == pytest.approx(20 - kept["sizing_seconds"])
+    assert "| time budget | 20 s of training, evaluations included |" in (result.output_dir / "README.md").read_text()
     printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Sized for"))
     assert "hidden size 8 (" in printed and "in batches of 2 x 16 tokens" in printed
     assert printed in (result.output_dir / "README.md").read_text()
@@ -357,6 +361,7 @@ def test_a_resumed_run_takes_its_checkpoints_size_and_layout(tmp_path, monkeypat
         assert size_new_model(model_args, DataArguments(), training_args, None, None, "data") == (None, (8, 64))
         assert model_args.hidden_size == 24
         assert (training_args.max_time, training_args.sizing_seconds) == (15.0, 5.0)  # as the uninterrupted run
+        assert training_args.time_budget_seconds == 20.0  # the budget the run summary and the card name
     given = arguments(tmp_path, max_time=20, resume_from_checkpoint=True, per_device_train_batch_size=8)
     assert size_new_model(ModelArguments(), DataArguments(block_size=64), given, None, None, "data") == (None, "data")
     (checkpoint / "training_args.json").unlink()
