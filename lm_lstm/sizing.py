@@ -164,6 +164,12 @@ def candidate_layouts(streams: int | None, block_size: int | None, processes: in
     return [layout for layout in layouts if low <= layout.tokens_per_update <= high] or layouts[:1]
 
 
+def seconds_left_to_train(budget_seconds: float, probe_seconds: float) -> float:
+    """The seconds of a budget left to train in once measuring took `probe_seconds` of it: at least
+    `MIN_TRAINING_SECONDS`."""
+    return max(MIN_TRAINING_SECONDS, budget_seconds - probe_seconds)
+
+
 def with_hidden_size(config: LSTMConfig, hidden_size: int) -> LSTMConfig:
     """A copy of `config` with every layer `hidden_size` units wide."""
     return LSTMConfig(**{**config.to_dict(), "hidden_size": hidden_size})
@@ -211,8 +217,8 @@ class SizeChoice:
 
     @property
     def training_seconds(self) -> float:
-        """The budget's seconds left to train in once measuring is done (at least `MIN_TRAINING_SECONDS`)."""
-        return max(MIN_TRAINING_SECONDS, self.budget_seconds - self.probe_seconds)
+        """The budget's seconds left to train in once measuring is done (`seconds_left_to_train`)."""
+        return seconds_left_to_train(self.budget_seconds, self.probe_seconds)
 
     @property
     def layout(self) -> Layout:

@@ -27,7 +27,7 @@ from .data import TrainingData, build_block_data, load_text_datasets, tokenizer_
 from .configuration_lstm import LSTMConfig
 from .evaluation import perplexity_unit
 from .modeling_lstm import LSTMForCausalLM
-from .sizing import MIN_TRAINING_SECONDS, SizeChoice, candidate_layouts, size_model
+from .sizing import SizeChoice, candidate_layouts, seconds_left_to_train, size_model
 from .streams import build_stream_data
 from .tokenization import (
     document_start_id, encode_prompt, eos_ends_lines, load_tokenizer, text_decoding, train_tokenizer,
@@ -128,7 +128,7 @@ def size_new_model(model_args: ModelArguments, data_args: DataArguments, trainin
         training_args.sizing_seconds = choice.probe_seconds
     if training_args.max_time is not None and training_args.sizing_seconds:
         training_args.time_budget_seconds = training_args.max_time
-        training_args.max_time = max(MIN_TRAINING_SECONDS, training_args.max_time - training_args.sizing_seconds)
+        training_args.max_time = seconds_left_to_train(training_args.max_time, training_args.sizing_seconds)
     if layout != (training_args.per_device_train_batch_size, data_args.block_size):
         data = build_training_data(raw, tokenizer, data_args, training_args)
     return choice, data
