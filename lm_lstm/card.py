@@ -22,6 +22,9 @@ TAGS = ["lstm", "rnn", "awd-lstm", "lm-lstm", "text-generation", "causal-lm"]
 PERPLEXITY_NOTES = {
     "token": "Perplexity here is per token of this model's own tokenizer; compare models with different tokenizers "
     "by bits per byte.",
+    "character": "Perplexity here is per character: this model's tokens are characters, except that a character "
+    "its tokenizer never saw is read as one token per UTF-8 byte (and counts once per byte); compare models with "
+    "other tokenizers by bits per byte, which equals bits per character on ASCII text.",
     "word": "Perplexity here is per word of this model's vocabulary (the PTB convention: every line end, `<eos>`, "
     "counts as a word, and a word outside the vocabulary is predicted as `<unk>`), comparable only between models "
     "of the same vocabulary; compare other models by bits per byte.",
@@ -55,7 +58,7 @@ class RunSummary:
     training_limit: str = "steps"  # what ended training: 'time', 'steps' or 'epochs' (`LSTMTrainer.training_limit`)
     training_stop: str = ""  # why the time budget ended training where it did (`LSTMTrainer.describe_training_stop`)
     model_size: str = "set by the training options"  # how the size was chosen (`SizeChoice.describe`)
-    unit: str = "token"  # what loss and perplexity are per (`perplexity_unit`): "word" for word-level tokenizers
+    unit: str = "token"  # what loss and perplexity are per (`perplexity_unit`): "word" or "character" by tokenizer
     evaluations: int = 0  # validation passes, during training and after it
     evaluation_seconds: float = 0.0  # their time in all
 

@@ -54,6 +54,7 @@ def train_command(argv: list[str]) -> int:
 
     from .arguments import CardArguments, DataArguments, LSTMTrainingArguments, ModelArguments
     from .card import describe_limit, describe_saved_step
+    from .evaluation import describe_unit
     from .training import train
 
     parser = one_line_errors(
@@ -77,8 +78,7 @@ def train_command(argv: list[str]) -> int:
         print(f"\nTraining ended by {describe_limit(run)}: {run.hyperparameters['steps']:,} steps, "
               f"{run.wall_time_seconds / 60:.1f} minutes; evaluation: {run.describe_evaluation_time()}"
               f"{describe_saved_step(run.hyperparameters)}.")
-    unit = result.unit + (" (each line end, <eos>, counts as a word)" if result.unit == "word" else "")
-    print(f"\nValidation perplexity: {result.metrics['eval_perplexity']:.3f} per {unit}; "
+    print(f"\nValidation perplexity: {result.metrics['eval_perplexity']:.3f} per {describe_unit(result.unit)}; "
           f"loss {result.metrics['eval_loss']:.4f} nats per {result.unit}")
     print(f"Model, tokenizer and card written to {result.output_dir}\n\nSample:\n{result.sample}")
     return 0
@@ -141,7 +141,7 @@ def generate_command(argv: list[str]) -> int:
 
 @command("evaluate", "perplexity and bits per byte of a model on a text file")
 def evaluate_command(argv: list[str]) -> int:
-    from .evaluation import CONTEXT_POLICIES, evaluate_file, load_model_and_tokenizer, perplexity_unit
+    from .evaluation import CONTEXT_POLICIES, describe_unit, evaluate_file, load_model_and_tokenizer, perplexity_unit
     from .evaluation import __doc__ as CONTEXT_POLICIES_HELP
 
     parser = argparse.ArgumentParser(
@@ -160,14 +160,14 @@ def evaluate_command(argv: list[str]) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     score = evaluate_file(model, tokenizer, args.file, args.block_size, args.context, args.batch_size,
                           args.text_column, progress=True)
-    unit = perplexity_unit(tokenizer)  # "word" for word-level tokenizers
+    unit = perplexity_unit(tokenizer)
     block = f"{args.block_size} {unit}s"
     context = (f"the whole file as one stream, the state carried from one pass of {block} to the next"
                if args.context == "carry" else f"independent blocks of {block}, each from a zero state")
     rows = [
         ("file", args.file),
         ("context", f"{args.context}: {context}"),
-        ("unit", unit + (" (each line end, <eos>, counts as a word)" if unit == "word" else "")),
+        ("unit", describe_unit(unit)),
         (f"{unit}s scored", score.tokens),
     ]
     if score.left_out:

@@ -158,10 +158,24 @@ def file_windows(
         yield torch.cat([torch.tensor([document_start_id(tokenizer)]), window]) if start == 0 else window
 
 
+UNIT_NOTES = {
+    "word": "each line end, <eos>, counts as a word",
+    "character": "a character the tokenizer never saw counts once per UTF-8 byte",
+}
+"""What the units of `perplexity_unit` other than "token" count, in words: how its tokens differ from the unit."""
+
+
 def perplexity_unit(tokenizer: PreTrainedTokenizerBase) -> str:
     """What a perplexity of this tokenizer's model is per: "word" for a word-level tokenizer (each `<eos>` line end
-    counts as a word, as in the PTB convention), else "token"."""
-    return "word" if tokenizer_kind(tokenizer) == "word-level" else "token"
+    counts as a word, as in the PTB convention), "character" for a character-level one (a character outside its
+    vocabulary is one token per UTF-8 byte: `UNIT_NOTES`), else "token"."""
+    return {"word-level": "word", "character-level": "character"}.get(tokenizer_kind(tokenizer), "token")
+
+
+def describe_unit(unit: str) -> str:
+    """`unit` with what it counts in brackets, where it is not plainly the tokens (`UNIT_NOTES`): "character (a
+    character the tokenizer never saw counts once per UTF-8 byte)"."""
+    return f"{unit} ({UNIT_NOTES[unit]})" if unit in UNIT_NOTES else unit
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ class TrainingResult:
     sample: str
     is_main_process: bool = True
     run: RunSummary | None = None  # what the card reports (main process, training and evaluation)
-    unit: str = "token"  # what loss and perplexity are per: "word" for a word-level tokenizer (`perplexity_unit`)
+    unit: str = "token"  # what loss and perplexity are per: "word" or "character" by tokenizer (`perplexity_unit`)
 
 
 def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_pieces) -> PreTrainedTokenizerBase:

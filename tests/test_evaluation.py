@@ -222,7 +222,7 @@ def test_a_model_with_position_embeddings_is_refused_text_beyond_its_positions(c
     assert main(options + ["--context", "blocks", "--block_size", "32"]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out
-    assert re.search(r"^context +blocks: independent blocks of 32 tokens, each from a zero state$", out, re.M)
+    assert re.search(r"^context +blocks: independent blocks of 32 characters, each from a zero state$", out, re.M)
 
 
 def test_a_large_file_is_scored_a_window_at_a_time(saved_model, tmp_path, monkeypatch):

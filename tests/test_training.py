@@ -66,7 +66,9 @@ def test_training_lowers_validation_perplexity(trained):
     assert all("eval_perplexity" in entry for entry in evals)
     final = json.loads((output / "eval_results.json").read_text())
     assert final["eval_perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
-    assert f"Validation perplexity: {final['eval_perplexity']:.3f}" in stdout
+    # A character-level model's unit is the character, as the sizing line's nats/char: said, with its one exception.
+    assert (f"Validation perplexity: {final['eval_perplexity']:.3f} per character (a character the tokenizer never "
+            f"saw counts once per UTF-8 byte); loss {final['eval_loss']:.4f} nats per character") in stdout
     assert "Training ended by the step limit (40 steps): 40 steps," in stdout
     runtimes = [entry["eval_runtime"] for entry in history if "eval_runtime" in entry]
     assert len(runtimes) == len(evals) >= 3  # the final evaluation reused the one at step 40
@@ -104,6 +106,7 @@ def test_model_card_parses_and_reports_the_run(trained):
     assert results["perplexity"] == pytest.approx(final["eval_perplexity"], rel=1e-6)
     assert results["loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
     assert "training_curve.png" in card.text and "{{" not in card.text
+    assert "| loss (nats per character) |" in card.text and "Perplexity here is per character:" in card.text
     # --max_steps 40 without --max_time: the default recipe's budget does not apply
     assert "| time budget | none |" in card.text
     assert "| steps | 40 (" in card.text and "ended by the step limit (40 steps) |" in card.text
@@ -163,7 +166,9 @@ def test_evaluate_command_agrees_with_trainer(trained, corpus):
     assert float(reported["perplexity"]) == pytest.approx(math.exp(eval_loss), rel=1e-4)
     model, tokenizer = load_model_and_tokenizer(str(output))
     score = evaluate_file(model, tokenizer, corpus / "validation.txt", block_size=BLOCK, context="blocks")
-    assert score.left_out > 0 and f"tokens left out    {score.left_out} (" in result.stdout
+    assert score.left_out > 0 and f"characters left out    {score.left_out} (characters that" in result.stdout
+    assert "unit                   character (a character the tokenizer never saw counts once per UTF-8 byte)" \
+        in result.stdout
 
 
 def test_generate_command_streams_text(trained):
