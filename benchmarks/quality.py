@@ -97,13 +97,14 @@ def training_arguments(output_dir: str, quick: bool, seed: int, minutes: float, 
     return LSTMTrainingArguments(**{**arguments, **overrides})
 
 
-def train_for(model, args, train_dataset, collator, tokenizer) -> tuple[int, float, list[list[float]]]:
+def train_for(model, args, train_dataset, collator, tokenizer, callbacks=()) -> tuple[int, float, list[list[float]]]:
     """Trains until the time budget (`args.max_time`) is spent, with the schedule over it; returns the steps taken,
     the training seconds and the logged [step, training loss, gradient norm] (to tell a bad run from a bad recipe).
     The optimizer is Trainer's, as for `lm-lstm train`: made at `train()`, after `LSTMTrainer` has fitted a recipe
-    learning rate to the model's size."""
+    learning rate to the model's size. `callbacks` are the Trainer's, beside its own."""
     trainer = LSTMTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=collator, processing_class=tokenizer,
+        callbacks=list(callbacks),
     )
     output = trainer.train()
     log = [[entry["step"], entry["loss"], entry["grad_norm"]] for entry in trainer.state.log_history
@@ -131,7 +132,7 @@ def recipe_overrides(assignments: list[str]) -> dict[str, dict[str, object]]:
 
 
 def run_lstm(setup: Setup, minutes: float, stateful: bool, quick: bool, output_dir: str,
-             overrides: dict[str, dict[str, object]], seed: int) -> dict[str, object]:
+             overrides: dict[str, dict[str, object]], seed: int, callbacks=()) -> dict[str, object]:
     sizes = {"embedding_size": 16, "hidden_size": 32} if quick else {}
     model_args = ModelArguments(tokenizer_type="char", **{**sizes, **overrides["model"]})
     data_args = DataArguments(**overrides["data"])
@@ -140,7 +141,7 @@ def run_lstm(setup: Setup, minutes: float, stateful: bool, quick: bool, output_d
     choice, data = size_new_model(model_args, data_args, args, setup.raw, setup.tokenizer, data)  # when no size is set
     model = build_model(model_args, setup.tokenizer)
     configure_generation(model, setup.tokenizer)  # samples as `lm-lstm generate` does (and as the GPT's below)
-    steps, seconds, log = train_for(model, args, data.train, data.collator, setup.tokenizer)
+    steps, seconds, log = train_for(model, args, data.train, data.collator, setup.tokenizer, callbacks)
     model.eval()
     nll, count = score_stream(model, setup.validation_ids, block_size=1024)
     tokens = steps * args.per_device_train_batch_size * data_args.block_size

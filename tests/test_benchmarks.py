@@ -32,6 +32,7 @@ SLOW = pytest.mark.slow
     ("inference", "inference", "speed vs fp32"),
     ("bf16_quality", "bf16_quality", "loss vs fp32"),
     ("quality", "quality_0.05min", "vs gpt"),
+    ("weight_averaging", "weight_averaging_0.05min", "vs as trained"),
     ("scaling", "scaling", "fitted nats/char"),
     ("batch_worth", "batch_worth", "fitted worth"),
     pytest.param("onnx", "onnx", "vs generate()", marks=SLOW),
