@@ -5,7 +5,8 @@ chooses among them.
 1. The output layer of config B (33,278 x 650, fp32) on 1 to 1024 rows, by each kernel.
 2. The whole decode step `model(token, cache=cache)` of lm-lstm at config B, each kernel forced for every product
    (`F.linear` is `torch.lstm_cell` for the gates, the plain path), at batch 1, 2, 8 and 32.
-3. Greedy decoding at batch 1 (issue #15's sizes: 10,000-token vocabulary, 650 x 2, tied), in tokens/s:
+3. Greedy decoding at batch 1, in tokens/s, at issue #15's sizes (10,000-token vocabulary, 650 x 2, tied) and at
+   those of the main job's model (`lm-lstm train`: 259 characters, embeddings of 128, 512 x 2, untied):
    `generate()` with the kernel choice it makes on this machine (`step_kernel`), against the plain stepping
    loops a user would write over the same weights: `nn.LSTM` called a token at a time, and `torch.lstm_cell` with
    `F.linear` and oneDNN off (`step_kernels_generate.*`).
@@ -40,8 +41,11 @@ from lm_lstm import modeling_lstm  # noqa: E402
 FULL = {"vocab": 33278, "width": 650, "layers": 2, "kernel rows": [1, 2, 4, 8, 64, 1024], "step batches": [1, 2, 8, 32],
         "repeats": 20, "rounds": 3}
 QUICK = {"vocab": 500, "width": 32, "layers": 2, "kernel rows": [1, 2], "step batches": [1], "repeats": 2, "rounds": 1}
-GENERATE = {"vocab": 10_000, "width": 650, "layers": 2, "new tokens": 128, "rounds": 5}
-GENERATE_QUICK = {"vocab": 500, "width": 32, "layers": 2, "new tokens": 8, "rounds": 1}
+GENERATE = [  # issue #15's sizes, then the main job's model
+    {"vocab": 10_000, "embedding": 650, "width": 650, "layers": 2, "tied": True, "new tokens": 128, "rounds": 9},
+    {"vocab": 259, "embedding": 128, "width": 512, "layers": 2, "tied": False, "new tokens": 128, "rounds": 9},
+]
+GENERATE_QUICK = [{"vocab": 500, "embedding": 32, "width": 32, "layers": 2, "tied": True, "new tokens": 8, "rounds": 1}]
 
 
 def alternate(methods: dict[str, Callable[[], object]], repeats: int, rounds: int) -> dict[str, float]:
@@ -130,11 +134,11 @@ def lstm_cell_loop(model: LSTMForCausalLM, prompt: torch.Tensor, new_tokens: int
     return torch.cat(tokens, 1)
 
 
-def generate_rows(sizes: dict) -> list[dict]:
+def generate_row(sizes: dict) -> dict:
     """Tokens/s of greedy decoding at batch 1 by `generate()` and by the two plain loops, which must agree."""
     torch.manual_seed(0)
-    config = LSTMConfig(vocab_size=sizes["vocab"], embedding_size=sizes["width"], hidden_size=sizes["width"],
-                        num_hidden_layers=sizes["layers"], tie_word_embeddings=True)
+    config = LSTMConfig(vocab_size=sizes["vocab"], embedding_size=sizes["embedding"], hidden_size=sizes["width"],
+                        num_hidden_layers=sizes["layers"], tie_word_embeddings=sizes["tied"])
     model = LSTMForCausalLM(config).eval()
     prompt = torch.randint(0, sizes["vocab"], (1, 8), generator=torch.Generator().manual_seed(1))
     count = sizes["new tokens"]
@@ -149,7 +153,8 @@ def generate_rows(sizes: dict) -> list[dict]:
     first = {name: method() for name, method in methods.items()}  # warm-up; `generate()` measures its kernels here
     assert all(torch.equal(tokens, first["generate()"]) for tokens in first.values()), "the loops disagree"
     ms = alternate(methods, repeats=1, rounds=sizes["rounds"])
-    row = {"measure": f"greedy decoding, batch 1, {sizes['vocab']} x {sizes['width']} x {sizes['layers']}, tied",
+    tying = "tied" if sizes["tied"] else f"embeddings of {sizes['embedding']}, untied"
+    row = {"measure": f"greedy decoding, batch 1, {sizes['vocab']} x {sizes['width']} x {sizes['layers']}, {tying}",
            "new tokens": count, **{f"{name} tokens/s": 1e3 * count / value for name, value in ms.items()},
            "kernels chosen (gates, output)": [modeling_lstm._step_kernel_ranking.get(shape, ("not measured",))[0]
                                               for shape in ((1, 4 * sizes["width"], sizes["width"]),
@@ -157,7 +162,7 @@ def generate_rows(sizes: dict) -> list[dict]:
     for name in list(methods)[1:]:
         row[f"generate() / {name}"] = ms[name] / ms["generate()"]  # speed ratio: above 1, generate() is faster
     print(row, flush=True)
-    return [row]
+    return row
 
 
 def main() -> None:
@@ -173,9 +178,9 @@ def main() -> None:
     write_results(args, "step_kernels" + suffix, rows, columns,
                   extra={"rounds": sizes["rounds"], "calls per round": sizes["repeats"], **conditions})
     generate_sizes = GENERATE_QUICK if args.quick else GENERATE
-    rows = generate_rows(generate_sizes)
+    rows = [generate_row(sizes) for sizes in generate_sizes]
     write_results(args, "step_kernels_generate" + suffix, rows, list(rows[0]),
-                  extra={"rounds": generate_sizes["rounds"], **conditions, "load average after": load_average()})
+                  extra={"rounds": generate_sizes[0]["rounds"], **conditions, "load average after": load_average()})
 
 
 if __name__ == "__main__":

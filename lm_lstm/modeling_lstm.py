@@ -636,6 +636,9 @@ def real_position_mask(
 
 
 ASSISTED_DECODING = "assisted decoding (it rolls the state back to before rejected tokens)"
+# The model inputs that `generate` passes on at each step and `LSTMForCausalLM.forward` takes as they are, so that
+# `prepare_inputs_for_generation` may pass them on itself (any other one goes through transformers' preparation).
+DECODING_STEP_OPTIONS = frozenset({"logits_to_keep", "output_hidden_states", "output_attentions", "return_dict"})
 # Generation options (with their unset value) of decoding methods this model does not run: those transformers moved
 # to Hub code written for attention caches, and assisted decoding. `generate` would otherwise ignore some of them
 # silently (`penalty_alpha` with sampling, `dola_layers` with beam search...).
@@ -964,6 +967,19 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
                 "The prompt is empty (`input_ids` of shape (batch, 0)): call `generate()` without `input_ids` to start "
                 "a document (from `bos_token_id`), or give at least one token."
             )
+        if (
+            next_sequence_length == 1
+            and cache is not None
+            and use_cache
+            and not is_first_iteration
+            and kwargs.keys() <= DECODING_STEP_OPTIONS
+            and input_ids.device == getattr(getattr(self.get_input_embeddings(), "weight", None), "device", None)
+        ):
+            # The steady state of decoding, one new token at a time: the state holds everything before it and every
+            # new token is real. What `super()` does for any model (a copy of the token, the signature of `forward`,
+            # `self.device` twice, attention-mask building for other caches) cost more here than the step of a small
+            # model (benchmarks/README.md).
+            return {"input_ids": input_ids[:, -1:], "cache": cache, "use_cache": use_cache, **kwargs}
         if next_sequence_length is not None and next_sequence_length <= 0:
             # `generate` continuing from a cache feeds what follows the positions it consumed: here, nothing.
             given = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]

@@ -10,8 +10,10 @@ import torch
 from conftest import tiny_model
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TextIteratorStreamer, TextStreamer, pipeline
+from transformers.generation import GenerationMixin
 
 import lm_lstm
+from lm_lstm import modeling_lstm
 from lm_lstm.cli import main
 from lm_lstm.arguments import ModelArguments
 from lm_lstm.data import tokenize_documents
@@ -159,6 +161,37 @@ def test_continuing_from_a_returned_cache_equals_one_call(mode, batch):
                           **MODES[mode])
     assert torch.equal(more, whole)
     assert not torch.equal(whole[:, -4:], first.sequences[:, -4:])  # the continuation is not a repeat
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
+def test_decoding_steps_pass_their_inputs_on_as_transformers_preparation_would(mode, monkeypatch):
+    """After the prompt, `prepare_inputs_for_generation` gives each step its token and cache itself; what it gives
+    matches what transformers' preparation would, for every output `generate` can return."""
+    model = never_pads(tiny_model(eos_token_id=None))
+    prepared = []
+    transformers_preparation = GenerationMixin.prepare_inputs_for_generation
+    monkeypatch.setattr(GenerationMixin, "prepare_inputs_for_generation",
+                        lambda *args, **kwargs: prepared.append(1) or transformers_preparation(*args, **kwargs))
+    ids, mask = LEFT_PADDED
+    options = dict(attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True, output_scores=True,
+                   output_logits=True, output_hidden_states=True, **MODES[mode])
+
+    def generate():
+        torch.manual_seed(0)
+        prepared.clear()
+        return model.generate(ids, **options)
+
+    lean = generate()
+    assert len(prepared) == 1  # the prompt's
+    monkeypatch.setattr(modeling_lstm, "DECODING_STEP_OPTIONS", frozenset())  # every step by transformers'
+    full = generate()
+    assert len(prepared) == 6
+    assert torch.equal(lean.sequences, full.sequences)
+    for name in ("scores", "logits"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(lean, name), getattr(full, name), strict=True))
+    for lean_step, full_step in zip(lean.hidden_states, full.hidden_states, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(lean_step, full_step, strict=True))
+    assert len(lean.hidden_states[-1]) == 3  # the embeddings and both layers' outputs, at every step
 
 
 def test_continuing_with_only_the_new_tokens_needs_the_whole_mask():
