@@ -22,6 +22,7 @@ windows of its context length moved by a quarter of it (every character has at l
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import tempfile
@@ -281,23 +282,44 @@ def result_row(name, model, setup, steps, tokens, seconds, loss) -> dict[str, ob
     }
 
 
+def add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    """`--seed`, `--set` (changes to the LSTM's recipe) and `--bf16`, as this script and those that train its LSTM
+    take them."""
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="Seeds the models' initialisation, the data order and dropout.")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="Change the LSTM's recipe (arguments of `lm-lstm train`), to compare recipes.")
+    parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
+                        help="bf16 autocast for every variant; auto: where it is fast (as lm-lstm train decides).")
+
+
+def set_precision(bf16: str) -> None:
+    """Sets `BF16` from a `--bf16` value: "auto" (None: where it is fast), "true" or "false"."""
+    global BF16
+    BF16 = {"auto": None, "true": True, "false": False}[bf16]
+
+
+def results_name(stem: str, assignments: list[str], seed: int) -> str:
+    """The results' file name: `stem`, the recipe changes, a seed other than the default and a forced precision."""
+    name = stem + "".join(f"_{assignment}" for assignment in assignments)
+    if seed != DEFAULT_SEED:
+        name += f"_seed{seed}"
+    if BF16 is not None:
+        name += "_bf16" if BF16 else "_fp32"
+    return name
+
+
 def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0], help="Training-time budgets, one run each.")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["lstm", "gpt", "small-gpt"],
                         help="lstm: the default recipe (stateful, sized for the budget); lstm-blocks: the same on independent blocks; gpt: "
                         "a GPT of similar size by the same Trainer; small-gpt: the small GPT by a plain loop.")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help="Seeds the models' initialisation, the data order and dropout.")
-    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="Change the LSTM's recipe (arguments of `lm-lstm train`), to compare recipes.")
+    add_recipe_options(parser)
     parser.add_argument("--gpt_set", nargs="*", default=[], metavar="NAME=VALUE",
                         help=f"Change the GPT's recipe: {', '.join(GPT_RECIPE)}.")
-    parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
-                        help="bf16 autocast for every variant; auto: where it is fast (as lm-lstm train decides).")
     args = parser.parse_args()
-    global BF16
-    BF16 = {"auto": None, "true": True, "false": False}[args.bf16]
+    set_precision(args.bf16)
     overrides = recipe_overrides(args.set)
     gpt_recipe = dict(GPT_RECIPE)
     for assignment in args.gpt_set:
@@ -324,11 +346,7 @@ def main() -> None:
         samples = "".join(f"\n## Sample: {row['model']}\n\n```\n{row['sample']}\n```\n" for row in rows)
         extra = {"budget minutes": minutes, "bf16": use_bf16(), "seed": args.seed, "gpt recipe": gpt_recipe,
                  "small-gpt recipe": SMALL_GPT_RECIPE, "lstm recipe changes": args.set}
-        name = f"quality_{minutes:g}min" + "".join(f"_{assignment}" for assignment in args.set + args.gpt_set)
-        if args.seed != DEFAULT_SEED:
-            name += f"_seed{args.seed}"
-        if BF16 is not None:
-            name += "_bf16" if BF16 else "_fp32"
+        name = results_name(f"quality_{minutes:g}min", args.set + args.gpt_set, args.seed)
         write_results(args, name, rows, columns, extra, appendix=samples)
 
 if __name__ == "__main__":

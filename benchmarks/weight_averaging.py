@@ -81,13 +81,9 @@ class Averages(TrainerCallback):
 def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--minutes", type=float, default=30.0, help="Training-time budget.")
-    parser.add_argument("--seed", type=int, default=quality.DEFAULT_SEED)
-    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="Change the LSTM's recipe (arguments of `lm-lstm train`), as for quality.py.")
-    parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
-                        help="bf16 autocast; auto: where it is fast (as lm-lstm train decides).")
+    quality.add_recipe_options(parser)
     args = parser.parse_args()
-    quality.BF16 = {"auto": None, "true": True, "false": False}[args.bf16]
+    quality.set_precision(args.bf16)
     setup = quality.prepare(args.quick)
     minutes = 0.05 if args.quick else args.minutes
     averages = Averages()
@@ -105,10 +101,8 @@ def main() -> None:
     extra = {"budget minutes": minutes, "bf16": quality.use_bf16(), "seed": args.seed, "lstm recipe changes": args.set,
              "training": {key: value for key, value in trained.items() if key not in ("sample", quality.TRAINING_LOG)},
              "tail start steps": averages.start_steps}
-    name = f"weight_averaging_{minutes:g}min" + "".join(f"_{assignment}" for assignment in args.set)
-    if quality.BF16 is not None:
-        name += "_bf16" if quality.BF16 else "_fp32"
-    write_results(args, name, rows, list(rows[0]), extra)
+    write_results(args, quality.results_name(f"weight_averaging_{minutes:g}min", args.set, args.seed), rows,
+                  list(rows[0]), extra)
 
 
 if __name__ == "__main__":
