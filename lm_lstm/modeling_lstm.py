@@ -14,6 +14,7 @@ import os
 import stat
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -113,6 +114,21 @@ def step_kernel(
     seconds = _step_kernel_seconds.setdefault(shape, {name: [] for name in usable})
     trial = min((name for name in seconds if name in usable), key=lambda name: len(seconds[name]))  # in turn
     return functools.partial(_timed_step_kernel, shape, trial, transposed)
+
+
+def linear_weight(
+    kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    weight: torch.Tensor,
+    transposed: TransposedWeights | None,
+) -> torch.Tensor | None:
+    """The tensor to give `F.linear` (or `torch.lstm_cell`, which computes its products with it) in place of `weight`
+    so that it computes as `kernel` (of `step_kernel`) would: `weight` for `F.linear`; for `transposed.matmul`, the
+    transposed copy seen as `weight` (`F.linear` then multiplies by the row-major copy); None for the others."""
+    if kernel is F.linear:
+        return weight
+    if transposed is not None and kernel == transposed.matmul:
+        return transposed.of(weight).t()
+    return None
 
 
 def step_kernel_named(
@@ -222,6 +238,48 @@ class TransposedWeights:
         """Drops the copies of the weights of this shape."""
         for weight in [weight for weight in self.copies if tuple(weight.shape) == weight_shape]:
             del self.copies[weight]
+
+
+class DecodingPlan:
+    """What one-token decoding steps after a cache read (`LSTMForCausalLM._decoding_step`), resolved once for it: each
+    layer's `torch.lstm_cell` weights and biases and the output layer's `F.linear` weight and bias, each a parameter
+    or the view of its transposed copy that `step_kernel` chose (`linear_weight`), or None where that layer takes
+    `LSTMLayer._step` (`step_matmul`) or the output layer `_output_logits`.
+
+    It serves steps of `model` at the batch size it was made for while the parameters it read keep their storage and
+    version counters (in-place writes, `load_state_dict`, `.to()`), `STEP_KERNEL` is unchanged and none of `modules`,
+    those the steps do not call, has gained a hook or a wrapped `forward` (accelerate's); global module hooks
+    (`register_module_forward_hook`) are not looked for. It holds the parameters it read, as the cache holds its
+    state, until the cache is dropped.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: tuple[nn.Module, ...],
+        batch_size: int,
+        parameters: tuple[torch.Tensor, ...],
+        layers: tuple[tuple[torch.Tensor, ...] | None, ...],
+        head: tuple[torch.Tensor, torch.Tensor | None] | None,
+    ) -> None:
+        self.model, self.modules, self.parameters = weakref.ref(model), modules, parameters
+        self.layers, self.head = layers, head
+        self.key = self._key(batch_size)
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a copied cache makes its own, as it makes its own transposed copies
+
+    def _key(self, batch_size: int) -> tuple:
+        return batch_size, STEP_KERNEL, [(parameter.data_ptr(), parameter._version) for parameter in self.parameters]
+
+    def serves(self, model: nn.Module, batch_size: int) -> bool:
+        """Whether the plan holds for a step of `model` on `batch_size` rows now."""
+        return self.model() is model and self._key(batch_size) == self.key and not any(map(is_wrapped, self.modules))
+
+
+def is_wrapped(module: nn.Module) -> bool:
+    """Whether `module` has forward hooks or a `forward` of its own (accelerate's device hooks), which a call runs."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
 
 
 def transposed_weights(cache: Cache | None) -> TransposedWeights | None:
@@ -514,14 +572,28 @@ class LSTMLayer(GradientCheckpointingLayer):
         rnn = self.rnn
         input_kernel = step_kernel(inputs, rnn.weight_ih_l0, transposed)
         recurrent_kernel = step_kernel(hidden, rnn.weight_hh_l0, transposed)
-        if input_kernel is F.linear and recurrent_kernel is F.linear:
-            hidden, cell = torch.lstm_cell(
-                inputs, (hidden, cell), rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
-            )
+        cell_arguments = lstm_cell_arguments(rnn, input_kernel, recurrent_kernel, transposed)
+        if cell_arguments is not None:
+            hidden, cell = torch.lstm_cell(inputs, (hidden, cell), *cell_arguments)
             return hidden[:, None], hidden, cell
         gates = input_kernel(inputs, rnn.weight_ih_l0) + recurrent_kernel(hidden, rnn.weight_hh_l0)
         hidden, cell = lstm_cell_from_gates(gates + (rnn.bias_ih_l0 + rnn.bias_hh_l0), cell)
         return hidden[:, None], hidden, cell
+
+
+def lstm_cell_arguments(
+    rnn: nn.LSTM,
+    input_kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    recurrent_kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    transposed: TransposedWeights | None,
+) -> tuple[torch.Tensor, ...] | None:
+    """The weights and biases that `torch.lstm_cell` takes for a one-token step of `rnn` whose products are the
+    kernels of `step_kernel` (`linear_weight`); None where one of them is neither `F.linear` nor the transposed copy."""
+    input_weight = linear_weight(input_kernel, rnn.weight_ih_l0, transposed)
+    recurrent_weight = linear_weight(recurrent_kernel, rnn.weight_hh_l0, transposed)
+    if input_weight is None or recurrent_weight is None:
+        return None
+    return input_weight, recurrent_weight, rnn.bias_ih_l0, rnn.bias_hh_l0
 
 
 def lstm_cell_from_gates(gates: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1100,6 +1172,24 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         shift_labels = kwargs.get("shift_labels")
+        if (
+            use_cache
+            and cache is not None
+            and input_ids is not None
+            and input_ids.dim() == 2
+            and input_ids.shape[1] == 1
+            and attention_mask is None
+            and inputs_embeds is None
+            and labels is None
+            and shift_labels is None
+            and return_dict
+            and not output_hidden_states
+            and not kwargs.get("output_attentions")
+            and isinstance(logits_to_keep, int)
+        ):
+            plan = self._decoding_plan(cache, input_ids)
+            if plan is not None:
+                return self._decoding_step(input_ids, cache, plan)
         for targets in (labels, shift_labels):
             if targets is not None:
                 self._check_labels(targets)
@@ -1138,6 +1228,73 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             return ((loss,) + output) if loss is not None else output
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=returned_cache, hidden_states=all_hidden_states)
 
+    def _decoding_plan(self, cache: Cache, input_ids: torch.LongTensor) -> DecodingPlan | None:
+        """The `DecodingPlan` of `cache` for a step on `input_ids`, made where it has none that serves; None where the
+        step takes `forward`'s general path: in training, under autograd, autocast or tracing, with module hooks or
+        wrappers, before every layer of `cache` holds a state of this batch in the weights' dtype, and while
+        `step_kernel` is still timing its kernels."""
+        if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type) or is_tracing():
+            return None
+        batch_size = input_ids.shape[0]
+        plan = getattr(cache, "decoding_plan", None)
+        if plan is None or not plan.serves(self, batch_size):
+            plan = cache.decoding_plan = self._make_decoding_plan(cache, batch_size)
+        return plan
+
+    def _make_decoding_plan(self, cache: Cache, batch_size: int) -> DecodingPlan | None:
+        """A new `DecodingPlan` for `cache`, or None (see `_decoding_plan`)."""
+        layers, head = self.model.layers, self.lm_head
+        modules = (self.model, *layers, *(layer.rnn for layer in layers), head)
+        if any(type(layer.rnn) is not nn.LSTM for layer in layers) or any(map(is_wrapped, modules)):
+            return None
+        prepare_cache(cache, self.config)
+        transposed = transposed_weights(cache)
+        parameters, layer_arguments = [], []
+        for layer, layer_cache in zip(layers, cache.layers):
+            rnn, states = layer.rnn, layer_cache.recurrent_states
+            if not all(
+                layer_cache.is_recurrent_states_initialized[slot]
+                and states[slot].shape == (batch_size, layer.hidden_size)
+                and states[slot].dtype == rnn.weight_hh_l0.dtype
+                for slot in (HIDDEN_STATE, CELL_STATE)
+            ):
+                return None
+            kernels = [step_kernel(states[HIDDEN_STATE], weight, transposed) for weight in rnn.all_weights[0][:2]]
+            if any(isinstance(kernel, functools.partial) for kernel in kernels):
+                return None  # still timed: by the general path's steps
+            layer_arguments.append(lstm_cell_arguments(rnn, *kernels, transposed))
+            parameters.extend(rnn.all_weights[0])
+        head_arguments = None
+        if type(head) is nn.Linear and type(head.weight) in (torch.Tensor, nn.Parameter):
+            kernel = step_kernel(cache.layers[-1].recurrent_states[HIDDEN_STATE], head.weight, transposed)
+            if isinstance(kernel, functools.partial):
+                return None
+            weight = linear_weight(kernel, head.weight, transposed)
+            head_arguments = None if weight is None else (weight, head.bias)
+            parameters.extend(parameter for parameter in (head.weight, head.bias) if parameter is not None)
+        return DecodingPlan(self, modules, batch_size, tuple(parameters), tuple(layer_arguments), head_arguments)
+
+    def _decoding_step(self, input_ids: torch.LongTensor, cache: Cache, plan: DecodingPlan) -> CausalLMOutputWithPast:
+        """`forward` for one token a row after `cache`, in evaluation, returning the logits and the cache: the steady
+        state of generation. The same kernels and results as the general path, with `plan`'s tensors, without the
+        preparation for padding, dropout, targets and hidden states and the layer modules' calls, which cost more
+        than a small model's step (benchmarks/README.md)."""
+        hidden_states = self.model.embed(input_ids)
+        transposed = transposed_weights(cache)
+        for layer, layer_cache, cell_arguments in zip(self.model.layers, cache.layers, plan.layers):
+            hidden, cell = layer_cache.recurrent_states[HIDDEN_STATE], layer_cache.recurrent_states[CELL_STATE]
+            if cell_arguments is None:
+                hidden_states, hidden, cell = layer._step(hidden_states, hidden, cell, transposed)
+            else:
+                hidden, cell = torch.lstm_cell(hidden_states[:, 0], (hidden, cell), *cell_arguments)
+                hidden_states = hidden[:, None]
+            store_state(cache, layer.layer_idx, hidden, cell, 1)
+        if plan.head is None:
+            logits = self._output_logits(hidden_states, transposed)
+        else:
+            logits = F.linear(hidden_states, *plan.head)
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
+
     def _output_logits(self, hidden_states: torch.Tensor, transposed: TransposedWeights | None) -> torch.Tensor:
         """`lm_head` on the hidden states; by `step_kernel`'s choice for a one-token step (with the cache's
         `transposed` copies)."""
@@ -1155,6 +1312,9 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         kernel = step_kernel(rows, head.weight, transposed)
         if kernel is F.linear:
             return head(hidden_states)
+        weight = linear_weight(kernel, head.weight, transposed)
+        if weight is not None:
+            return F.linear(hidden_states, weight, head.bias)
         logits = kernel(rows, head.weight)
         if head.bias is not None:
             logits = logits + head.bias

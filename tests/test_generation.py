@@ -1,5 +1,6 @@
 """`generate()` and `pipeline("text-generation")` in every mode the model serves; where generation starts."""
 
+import copy
 import random
 import threading
 from types import SimpleNamespace
@@ -7,13 +8,13 @@ from types import SimpleNamespace
 import evaluate
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import random_ids, tiny_model
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TextIteratorStreamer, TextStreamer, pipeline
 from transformers.generation import GenerationMixin
 
 import lm_lstm
-from lm_lstm import modeling_lstm
+from lm_lstm import LSTMForCausalLM, modeling_lstm
 from lm_lstm.cli import main
 from lm_lstm.arguments import ModelArguments
 from lm_lstm.data import tokenize_documents
@@ -192,6 +193,92 @@ def test_decoding_steps_pass_their_inputs_on_as_transformers_preparation_would(m
     for lean_step, full_step in zip(lean.hidden_states, full.hidden_states, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(lean_step, full_step, strict=True))
     assert len(lean.hidden_states[-1]) == 3  # the embeddings and both layers' outputs, at every step
+
+
+@pytest.mark.parametrize("kernel", ["step_matmul", "linear", "transposed_matmul"])
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
+def test_decoding_steps_by_the_plan_give_what_the_general_path_gives(kernel, mode, monkeypatch):
+    """After the prompt, every step runs `_decoding_step` with the cache's `DecodingPlan`; scores, logits, sequences
+    and the final state are those of `forward`'s general path, bit for bit, whichever kernels the steps take."""
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", kernel)
+    model = never_pads(tiny_model(eos_token_id=None))
+    planned_steps = []
+    decoding_step = LSTMForCausalLM._decoding_step
+    monkeypatch.setattr(LSTMForCausalLM, "_decoding_step",
+                        lambda *args: planned_steps.append(1) or decoding_step(*args))
+    ids, mask = LEFT_PADDED
+    options = dict(attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True, output_scores=True,
+                   output_logits=True, **MODES[mode])
+
+    def generate():
+        torch.manual_seed(0)
+        planned_steps.clear()
+        return model.generate(ids, **options)
+
+    planned = generate()
+    assert len(planned_steps) == 5  # every token after the prompt's first
+    assert (planned.cache.decoding_plan.layers[0] is None) == (kernel == "step_matmul")
+    monkeypatch.setattr(LSTMForCausalLM, "_decoding_plan", lambda *args: None)
+    general = generate()
+    assert planned_steps == []
+    assert torch.equal(planned.sequences, general.sequences)
+    for name in ("scores", "logits"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(planned, name), getattr(general, name), strict=True))
+    for a, b in zip(planned.cache.layers, general.cache.layers, strict=True):
+        assert a.seen_tokens == b.seen_tokens
+        assert all(torch.equal(a.recurrent_states[slot], b.recurrent_states[slot]) for slot in (0, 1))
+
+
+def test_the_decoding_plan_follows_weight_changes_hooks_and_the_model_it_serves(monkeypatch):
+    """A plan made at one step serves the next only while nothing it resolved has changed: an in-place write to a
+    weight, a hook added to a layer, another model given the cache. Each step equals the general path's."""
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "transposed_matmul")
+    ids = random_ids(2, 9)
+    hook_calls = []
+
+    @torch.no_grad()
+    def steps(model: LSTMForCausalLM, other: LSTMForCausalLM) -> tuple[list[torch.Tensor], list[object]]:
+        cache, logits, plans = DynamicCache(), [], []
+        model(ids[:, :3], cache=cache, use_cache=True)
+        for t in range(3, ids.shape[1]):
+            if t == 5:
+                model.lm_head.weight.mul_(1.5)
+                model.model.layers[0].rnn.weight_hh_l0.add_(0.1)
+            if t == 6:
+                model.model.layers[1].register_forward_hook(lambda *args: hook_calls.append(t))
+            logits.append((other if t == 8 else model)(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+            plans.append(getattr(cache, "decoding_plan", None))
+        return logits, plans
+
+    planned, plans = steps(tiny_model(), tiny_model(seed=1))
+    assert plans[0] is plans[1] is not plans[2] and plans[2] is not None  # made again after the weights changed
+    assert plans[3] is plans[4] is None and plans[5] is not None  # hooked layers: the general path; the other model's
+    assert hook_calls == [6, 7]
+    hook_calls.clear()
+    monkeypatch.setattr(LSTMForCausalLM, "_decoding_plan", lambda *args: None)
+    general, _ = steps(tiny_model(), tiny_model(seed=1))
+    assert hook_calls == [6, 7]
+    assert all(map(torch.equal, planned, general))
+
+
+@pytest.mark.parametrize("case", ["training", "autograd", "hidden_states", "mask", "tuple", "copied_cache"])
+def test_steps_that_the_plan_does_not_serve_take_the_general_path(case, monkeypatch):
+    model = tiny_model()
+    ids = random_ids(2, 4)
+    with torch.no_grad():
+        cache = model(ids[:, :3], use_cache=True).cache
+        model(ids[:, 3:], cache=cache, use_cache=True)  # the plan is made
+    assert cache.decoding_plan is not None
+    monkeypatch.setattr(LSTMForCausalLM, "_decoding_step", lambda *args: pytest.fail("took the plan"))
+    options = {"hidden_states": {"output_hidden_states": True}, "tuple": {"return_dict": False},
+               "mask": {"attention_mask": torch.ones(2, 1, dtype=torch.long)}}.get(case, {})
+    model.train(case == "training")
+    if case == "copied_cache":
+        cache = copy.deepcopy(cache)
+        assert cache.decoding_plan is None
+        monkeypatch.setattr(LSTMForCausalLM, "_make_decoding_plan", lambda *args: None)
+    with torch.set_grad_enabled(case in ("training", "autograd")):
+        model(ids[:, 3:], cache=cache, use_cache=True, **options)
 
 
 def test_continuing_with_only_the_new_tokens_needs_the_whole_mask():

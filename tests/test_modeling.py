@@ -200,9 +200,15 @@ def test_model_steps_with_the_measured_kernels(grad, monkeypatch):
     model = tiny_model(tie_word_embeddings=True, vocab_size=50)
     ids = random_ids(2, 3 * 2 + 2)  # the trials, then the kept kernels
     cache = DynamicCache(config=model.config)
+    steps, plans = [], []
     with torch.set_grad_enabled(grad):
-        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1])]
+        for t in range(ids.shape[1]):
+            steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+            plans.append(getattr(cache, "decoding_plan", None) is not None)
     torch.testing.assert_close(torch.cat(steps, dim=1), model(ids).logits, atol=1e-5, rtol=0)
+    # The steps by a `DecodingPlan` start once every kernel is chosen, after the trials of the three; never under
+    # autograd.
+    assert plans == [False] * 6 + [True] * 2 if not grad else not any(plans)
     # At 2 rows: both layers' input and recurrent weights, and the output layer, each decided.
     ranking = modeling_lstm._step_kernel_ranking
     assert set(ranking) == {(2, 40, 6), (2, 40, 10), (2, 24, 10), (2, 24, 6), (2, 50, 6)}
