@@ -1175,6 +1175,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         if (
             use_cache
             and cache is not None
+            and not is_tracing()  # before the shape test, which a dynamic length would turn into a guard
             and input_ids is not None
             and input_ids.dim() == 2
             and input_ids.shape[1] == 1
@@ -1230,10 +1231,10 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
 
     def _decoding_plan(self, cache: Cache, input_ids: torch.LongTensor) -> DecodingPlan | None:
         """The `DecodingPlan` of `cache` for a step on `input_ids`, made where it has none that serves; None where the
-        step takes `forward`'s general path: in training, under autograd, autocast or tracing, with module hooks or
-        wrappers, before every layer of `cache` holds a state of this batch in the weights' dtype, and while
-        `step_kernel` is still timing its kernels."""
-        if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type) or is_tracing():
+        step takes `forward`'s general path: in training, under autograd or autocast, with module hooks or wrappers,
+        before every layer of `cache` holds a state of this batch in the weights' dtype, and while `step_kernel` is
+        still timing its kernels."""
+        if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type):
             return None
         batch_size = input_ids.shape[0]
         plan = getattr(cache, "decoding_plan", None)
