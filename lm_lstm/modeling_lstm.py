@@ -246,40 +246,58 @@ class DecodingPlan:
     or the view of its transposed copy that `step_kernel` chose (`linear_weight`), or None where that layer takes
     `LSTMLayer._step` (`step_matmul`) or the output layer `_output_logits`.
 
-    It serves steps of `model` at the batch size it was made for while the parameters it read keep their storage and
-    version counters (in-place writes, `load_state_dict`, `.to()`), `STEP_KERNEL` is unchanged and none of `modules`,
-    those the steps do not call, has gained a hook or a wrapped `forward` (accelerate's); global module hooks
-    (`register_module_forward_hook`) are not looked for. It holds the parameters it read, as the cache holds its
-    state, until the cache is dropped.
+    It serves steps of `model` at the batch size and `STEP_KERNEL` it was made for while the model is as it was: the
+    same module classes and submodules, the same parameters with the same storage and version counters (in-place
+    writes, `load_state_dict`, `.to()` change those), and no submodule in training mode or with forward hooks or a
+    `forward` of its own (accelerate's device hooks). Global module hooks (`register_module_forward_hook`) are not
+    looked for. It holds the model's modules and parameters, as the cache holds its state, until the cache is dropped.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        modules: tuple[nn.Module, ...],
         batch_size: int,
-        parameters: tuple[torch.Tensor, ...],
         layers: tuple[tuple[torch.Tensor, ...] | None, ...],
         head: tuple[torch.Tensor, torch.Tensor | None] | None,
     ) -> None:
-        self.model, self.modules, self.parameters = weakref.ref(model), modules, parameters
+        self.model, self.batch_size, self.step_kernel = weakref.ref(model), batch_size, STEP_KERNEL
         self.layers, self.head = layers, head
-        self.key = self._key(batch_size)
+        self.structure = [(module, type(module), dict(module._modules)) for module in model.modules()]
+        self.parameters = [
+            (module, name, parameter, parameter.data_ptr(), parameter._version)
+            for module in model.modules()
+            for name, parameter in module._parameters.items()
+            if parameter is not None
+        ]
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied cache makes its own, as it makes its own transposed copies
 
-    def _key(self, batch_size: int) -> tuple:
-        return batch_size, STEP_KERNEL, [(parameter.data_ptr(), parameter._version) for parameter in self.parameters]
-
     def serves(self, model: nn.Module, batch_size: int) -> bool:
-        """Whether the plan holds for a step of `model` on `batch_size` rows now."""
-        return self.model() is model and self._key(batch_size) == self.key and not any(map(is_wrapped, self.modules))
+        """Whether the plan holds for a step of `model` (in evaluation mode) on `batch_size` rows now."""
+        return (
+            self.model() is model
+            and batch_size == self.batch_size
+            and STEP_KERNEL == self.step_kernel
+            and all(
+                type(module) is kind
+                and module._modules == children
+                and (module is model or not is_changed_by_a_call(module))
+                for module, kind, children in self.structure
+            )
+            and all(
+                owner._parameters.get(name) is parameter
+                and parameter.data_ptr() == storage
+                and parameter._version == version
+                for owner, name, parameter, storage, version in self.parameters
+            )
+        )
 
 
-def is_wrapped(module: nn.Module) -> bool:
-    """Whether `module` has forward hooks or a `forward` of its own (accelerate's device hooks), which a call runs."""
-    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
+def is_changed_by_a_call(module: nn.Module) -> bool:
+    """Whether calling `module` does more than its class's `forward` in evaluation: it is in training mode, or has
+    forward hooks or a `forward` of its own (accelerate's device hooks)."""
+    return module.training or bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in module.__dict__
 
 
 def transposed_weights(cache: Cache | None) -> TransposedWeights | None:
@@ -1187,6 +1205,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             and not output_hidden_states
             and not kwargs.get("output_attentions")
             and isinstance(logits_to_keep, int)
+            and logits_to_keep >= 0  # a negative count keeps no position of one
         ):
             plan = self._decoding_plan(cache, input_ids)
             if plan is not None:
@@ -1231,9 +1250,9 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
 
     def _decoding_plan(self, cache: Cache, input_ids: torch.LongTensor) -> DecodingPlan | None:
         """The `DecodingPlan` of `cache` for a step on `input_ids`, made where it has none that serves; None where the
-        step takes `forward`'s general path: in training, under autograd or autocast, with module hooks or wrappers,
-        before every layer of `cache` holds a state of this batch in the weights' dtype, and while `step_kernel` is
-        still timing its kernels."""
+        step takes `forward`'s general path: in training (of any module), under autograd or autocast, with module
+        hooks or wrappers, before every layer of `cache` holds a state of this batch in the weights' dtype, and while
+        `step_kernel` is still timing its kernels."""
         if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type):
             return None
         batch_size = input_ids.shape[0]
@@ -1245,12 +1264,11 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
     def _make_decoding_plan(self, cache: Cache, batch_size: int) -> DecodingPlan | None:
         """A new `DecodingPlan` for `cache`, or None (see `_decoding_plan`)."""
         layers, head = self.model.layers, self.lm_head
-        modules = (self.model, *layers, *(layer.rnn for layer in layers), head)
-        if any(type(layer.rnn) is not nn.LSTM for layer in layers) or any(map(is_wrapped, modules)):
+        if any(type(layer.rnn) is not nn.LSTM for layer in layers):
             return None
         prepare_cache(cache, self.config)
         transposed = transposed_weights(cache)
-        parameters, layer_arguments = [], []
+        layer_arguments = []
         for layer, layer_cache in zip(layers, cache.layers):
             rnn, states = layer.rnn, layer_cache.recurrent_states
             if not all(
@@ -1264,7 +1282,6 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             if any(isinstance(kernel, functools.partial) for kernel in kernels):
                 return None  # still timed: by the general path's steps
             layer_arguments.append(lstm_cell_arguments(rnn, *kernels, transposed))
-            parameters.extend(rnn.all_weights[0])
         head_arguments = None
         if type(head) is nn.Linear and type(head.weight) in (torch.Tensor, nn.Parameter):
             kernel = step_kernel(cache.layers[-1].recurrent_states[HIDDEN_STATE], head.weight, transposed)
@@ -1272,19 +1289,20 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
                 return None
             weight = linear_weight(kernel, head.weight, transposed)
             head_arguments = None if weight is None else (weight, head.bias)
-            parameters.extend(parameter for parameter in (head.weight, head.bias) if parameter is not None)
-        return DecodingPlan(self, modules, batch_size, tuple(parameters), tuple(layer_arguments), head_arguments)
+        plan = DecodingPlan(self, batch_size, tuple(layer_arguments), head_arguments)
+        return plan if plan.serves(self, batch_size) else None  # hooks, wrappers, submodules in training
 
     def _decoding_step(self, input_ids: torch.LongTensor, cache: Cache, plan: DecodingPlan) -> CausalLMOutputWithPast:
         """`forward` for one token a row after `cache`, in evaluation, returning the logits and the cache: the steady
-        state of generation. The same kernels and results as the general path, with `plan`'s tensors, without the
-        preparation for padding, dropout, targets and hidden states and the layer modules' calls, which cost more
+        state of generation. The same checks, kernels and results as the general path, with `plan`'s tensors, without
+        the preparation for padding, dropout, targets and hidden states and the layer modules' calls, which cost more
         than a small model's step (benchmarks/README.md)."""
-        hidden_states = self.model.embed(input_ids)
+        model = self.model
+        hidden_states = model.embed(input_ids)
         transposed = transposed_weights(cache)
-        for layer, layer_cache, cell_arguments in zip(self.model.layers, cache.layers, plan.layers):
-            hidden, cell = layer_cache.recurrent_states[HIDDEN_STATE], layer_cache.recurrent_states[CELL_STATE]
-            if cell_arguments is None:
+        states = model._initial_states(cache, input_ids.shape[0])
+        for layer, (hidden, cell), cell_arguments in zip(model.layers, states, plan.layers):
+            if cell_arguments is None or hidden is None:
                 hidden_states, hidden, cell = layer._step(hidden_states, hidden, cell, transposed)
             else:
                 hidden, cell = torch.lstm_cell(hidden_states[:, 0], (hidden, cell), *cell_arguments)

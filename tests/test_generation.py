@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import evaluate
 import pytest
 import torch
+from torch import nn
 from conftest import random_ids, tiny_model
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TextIteratorStreamer, TextStreamer, pipeline
@@ -259,6 +260,83 @@ def test_the_decoding_plan_follows_weight_changes_hooks_and_the_model_it_serves(
     general, _ = steps(tiny_model(), tiny_model(seed=1))
     assert hook_calls == [6, 7]
     assert all(map(torch.equal, planned, general))
+
+
+def lora_on_the_output_layer(model: LSTMForCausalLM) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(model, LoraConfig(target_modules=["lm_head"], init_lora_weights=False, r=2))
+
+
+def overwriting_to_float64(model: LSTMForCausalLM) -> None:
+    torch.__future__.set_overwrite_module_params_on_conversion(True)  # new parameter objects
+    try:
+        model.to(torch.float64)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+
+
+MODEL_CHANGES = {  # made to a model between two decoding steps on one cache, after the first has made its plan
+    "dropout modules in training (Monte Carlo dropout)": lambda model: [
+        module.train() for module in model.modules() if isinstance(module, modeling_lstm.LockedDropout)],
+    "layers in training (weight dropout)": lambda model: [layer.train() for layer in model.model.layers],
+    "a new output weight": lambda model: setattr(model.lm_head, "weight", nn.Parameter(torch.randn(40, 10))),
+    "load_state_dict(assign=True)": lambda model: model.load_state_dict(
+        {name: torch.randn_like(value) for name, value in model.state_dict().items()}, assign=True),
+    "a new output layer": lambda model: model.set_output_embeddings(nn.Linear(10, 40)),
+    "a new LSTM": lambda model: setattr(model.model.layers[0], "rnn", nn.LSTM(6, 10, batch_first=True)),
+    "weight norm on the output layer": lambda model: (
+        nn.utils.parametrizations.weight_norm(model.lm_head),
+        model.lm_head.parametrizations.weight.original0.data.mul_(3)),
+    "resize_token_embeddings": lambda model: model.resize_token_embeddings(60, mean_resizing=False),
+    "LoRA on the output layer": lora_on_the_output_layer,
+    "dynamic int8 quantization in place": lambda model: torch.ao.quantization.quantize_dynamic(
+        model, {nn.LSTM, nn.Linear}, dtype=torch.qint8, inplace=True),
+    "to(float64) with new parameter objects": overwriting_to_float64,
+    "a cache reordered to another batch": lambda model: None,
+}
+
+
+@pytest.mark.parametrize("kernel", ["linear", "step_matmul"])
+@pytest.mark.parametrize("change", MODEL_CHANGES)
+def test_a_step_after_the_model_changed_gives_what_the_general_path_gives(change, kernel, monkeypatch):
+    """Replaced parameters or modules, submodules put in training, wrappers: the next step sees them, as the general
+    path does, or raises the general path's error."""
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", kernel)
+    dropouts = dict(input_dropout=0.3, hidden_dropout=0.3, output_dropout=0.3, weight_dropout=0.3)
+    ids = random_ids(2, 6)
+
+    @torch.no_grad()
+    def next_step(general: bool) -> torch.Tensor | str:
+        model, cache = tiny_model(**dropouts), DynamicCache()
+        if general:
+            monkeypatch.setattr(model, "_decoding_plan", lambda *args: None)
+        model(ids[:, :3], cache=cache, use_cache=True)
+        model(ids[:, 3:4], cache=cache, use_cache=True)
+        assert (getattr(cache, "decoding_plan", None) is None) == general
+        torch.manual_seed(1)
+        MODEL_CHANGES[change](model)
+        if change == "a cache reordered to another batch":
+            cache.reorder_cache(torch.tensor([0, 0, 1]))
+        torch.manual_seed(2)
+        try:
+            return model(ids[:, 4:5], cache=cache, use_cache=True).logits
+        except ValueError as error:
+            return str(error)
+
+    planned, general = next_step(general=False), next_step(general=True)
+    if change == "a cache reordered to another batch":
+        assert planned == general and "holds states for a batch of 3" in general
+    else:
+        assert torch.equal(planned, general)
+
+
+def test_a_negative_logits_to_keep_keeps_no_position_of_a_step():
+    model, ids = tiny_model(), random_ids(2, 4)
+    with torch.no_grad():
+        cache = model(ids[:, :3], use_cache=True).cache
+        model(ids[:, 3:], cache=cache, use_cache=True)
+        assert model(ids[:, 3:], cache=cache, use_cache=True, logits_to_keep=-1).logits.shape == (2, 0, 40)
 
 
 @pytest.mark.parametrize("case", ["training", "autograd", "hidden_states", "mask", "tuple", "copied_cache"])
