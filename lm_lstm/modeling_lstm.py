@@ -1264,8 +1264,10 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
     def _make_decoding_plan(self, cache: Cache, batch_size: int) -> DecodingPlan | None:
         """A new `DecodingPlan` for `cache`, or None (see `_decoding_plan`)."""
         layers, head = self.model.layers, self.lm_head
-        if any(type(layer.rnn) is not nn.LSTM for layer in layers):
-            return None
+        if any(type(layer.rnn) is not nn.LSTM for layer in layers) or any(
+            is_changed_by_a_call(module) for module in self.modules() if module is not self
+        ):
+            return None  # before any kernel work: steps with hooks or dropout ask at every step
         prepare_cache(cache, self.config)
         transposed = transposed_weights(cache)
         layer_arguments = []
@@ -1282,15 +1284,12 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             if any(isinstance(kernel, functools.partial) for kernel in kernels):
                 return None  # still timed: by the general path's steps
             layer_arguments.append(lstm_cell_arguments(rnn, *kernels, transposed))
-        head_arguments = None
-        if type(head) is nn.Linear and type(head.weight) in (torch.Tensor, nn.Parameter):
-            kernel = step_kernel(cache.layers[-1].recurrent_states[HIDDEN_STATE], head.weight, transposed)
-            if isinstance(kernel, functools.partial):
-                return None
-            weight = linear_weight(kernel, head.weight, transposed)
-            head_arguments = None if weight is None else (weight, head.bias)
-        plan = DecodingPlan(self, batch_size, tuple(layer_arguments), head_arguments)
-        return plan if plan.serves(self, batch_size) else None  # hooks, wrappers, submodules in training
+        kernel = self._output_kernel(cache.layers[-1].recurrent_states[HIDDEN_STATE], transposed)
+        if isinstance(kernel, functools.partial):
+            return None
+        weight = None if kernel is None else linear_weight(kernel, head.weight, transposed)
+        head_arguments = None if weight is None else (weight, head.bias)
+        return DecodingPlan(self, batch_size, tuple(layer_arguments), head_arguments)
 
     def _decoding_step(self, input_ids: torch.LongTensor, cache: Cache, plan: DecodingPlan) -> CausalLMOutputWithPast:
         """`forward` for one token a row after `cache`, in evaluation, returning the logits and the cache: the steady
@@ -1314,22 +1313,27 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             logits = F.linear(hidden_states, *plan.head)
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
+    def _output_kernel(
+        self, rows: torch.Tensor, transposed: TransposedWeights | None
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """`step_kernel`'s choice for the output layer on a one-token step's `(batch, features)` rows; None where the
+        layer is called as it is: not a plain `nn.Linear` on a plain weight, or traced."""
+        head = self.lm_head
+        # `step_matmul` takes plain weights only: a quantiser's tensor subclass (torchao's `Int8Tensor`) implements
+        # `F.linear` but not the `torch.mm` that `step_matmul` calls.
+        if type(head) is not nn.Linear or type(head.weight) not in (torch.Tensor, nn.Parameter) or is_tracing():
+            return None
+        return step_kernel(rows, head.weight, transposed)
+
     def _output_logits(self, hidden_states: torch.Tensor, transposed: TransposedWeights | None) -> torch.Tensor:
         """`lm_head` on the hidden states; by `step_kernel`'s choice for a one-token step (with the cache's
         `transposed` copies)."""
         head = self.lm_head
-        # `step_matmul` takes plain weights only: a quantiser's tensor subclass (torchao's `Int8Tensor`) implements
-        # `F.linear` but not the `torch.mm` that `step_matmul` calls.
-        if (
-            hidden_states.shape[1] != 1
-            or type(head) is not nn.Linear
-            or type(head.weight) not in (torch.Tensor, nn.Parameter)
-            or is_tracing()
-        ):
+        if hidden_states.shape[1] != 1:
             return head(hidden_states)
         rows = hidden_states[:, 0]
-        kernel = step_kernel(rows, head.weight, transposed)
-        if kernel is F.linear:
+        kernel = self._output_kernel(rows, transposed)
+        if kernel is None or kernel is F.linear:
             return head(hidden_states)
         weight = linear_weight(kernel, head.weight, transposed)
         if weight is not None:
