@@ -211,23 +211,33 @@ class TransposedWeights:
     at 16-20 (benchmarks/README.md). The copies live no longer than a cache because not every change to a weight is
     seen: a copy is made again when the weight's version counter moves (in-place writes, `load_state_dict`), but fused
     optimizers and writes through `.data` (PEFT's `merge_and_unload`) leave it as it was.
+
+    A copy is kept by the weight's storage, weakly, and goes with it: a new storage (a replaced parameter, `.half()`
+    then `.float()`) gets a new copy even at the old one's address, and the weight itself has no weak reference,
+    which `torch.utils.swap_tensors` refuses (`.to()` under `torch.__future__.set_swap_module_params_on_conversion`).
     """
 
     def __init__(self) -> None:
-        self.copies = WeakIdKeyDictionary()  # weight -> ((data_ptr, version), its transpose, row-major)
+        # storage -> {(dtype, storage offset, shape, strides) of a weight: ((data_ptr, version), its transpose)}
+        self.copies = WeakIdKeyDictionary()
+
+    def __len__(self) -> int:
+        return sum(map(len, self.copies.values()))
 
     def __deepcopy__(self, memo: dict) -> TransposedWeights:
         return TransposedWeights()  # derived from the weights: made again where needed
 
     def of(self, weight: torch.Tensor) -> torch.Tensor:
         """The row-major copy of `weight.T`."""
-        version = (weight.data_ptr(), weight._version)
-        kept = self.copies.get(weight)
+        views = self.copies.setdefault(weight.untyped_storage(), {})
+        view = (weight.dtype, weight.storage_offset(), weight.shape, weight.stride())
+        version = (weight.data_ptr(), weight._version)  # the address moves when the storage is resized in place
+        kept = views.get(view)
         if kept is None or kept[0] != version:
             copy = weight.new_empty(weight.shape[1], weight.shape[0])
             for start in range(0, weight.shape[0], 256):  # in blocks: 3.6x `.t().contiguous()` for 10,000 x 650
                 copy[:, start : start + 256].copy_(weight[start : start + 256].detach().t())
-            kept = self.copies[weight] = (version, copy)
+            kept = views[view] = (version, copy)
         return kept[1]
 
     def matmul(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -236,8 +246,9 @@ class TransposedWeights:
 
     def forget(self, weight_shape: tuple[int, ...]) -> None:
         """Drops the copies of the weights of this shape."""
-        for weight in [weight for weight in self.copies if tuple(weight.shape) == weight_shape]:
-            del self.copies[weight]
+        for views in self.copies.values():
+            for view in [view for view in views if tuple(view[2]) == weight_shape]:
+                del views[view]
 
 
 class DecodingPlan:

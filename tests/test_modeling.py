@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -131,7 +132,7 @@ def test_step_kernel_times_each_in_use_then_keeps_the_fastest(fastest, monkeypat
         assert list(ranking) == [(1, 64, 16)] and ranking[(1, 64, 16)][0] == fastest
         assert step_kernel(rows, weight, transposed) == modeling_lstm.step_kernel_named(fastest, transposed)
         assert isinstance(step_kernel(rows, other_weight, transposed), functools.partial)  # kept for that shape only
-        assert len(transposed.copies) == (fastest == "transposed_matmul")  # the copy stays only where chosen
+        assert len(transposed) == (fastest == "transposed_matmul")  # the copy stays only where chosen
     with_autograd = step_kernel(rows.requires_grad_(), weight, transposed)
     assert with_autograd is modeling_lstm.step_kernel_named([n for n in ranking[(1, 64, 16)] if n != "transposed_matmul"][0])
 
@@ -163,12 +164,62 @@ def test_transposed_copies_follow_the_weights_they_see_change_and_live_with_the_
         transposed.matmul(rows, weight)
         weight.mul_(-2)  # in place, as `load_state_dict`: the version counter moves
         torch.testing.assert_close(transposed.matmul(rows, weight), F.linear(rows, weight))
-        assert len(transposed.copies) == 1 and len(copy.deepcopy(transposed).copies) == 0
+        assert len(transposed) == 1 and len(copy.deepcopy(transposed)) == 0
     del weight
-    assert len(transposed.copies) == 0  # gone with the weight
+    assert len(transposed) == 0  # gone with the weight's storage
     cache = DynamicCache()
     assert transposed_weights(cache) is transposed_weights(cache) and transposed_weights(None) is None
     assert transposed_weights(copy.deepcopy(cache)) is not transposed_weights(cache)
+
+
+def step_after(model: LSTMForCausalLM, change: Callable[[DynamicCache], object]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of a one-token step after `change(cache)`, continuing a cache whose steps made transposed copies
+    (`STEP_KERNEL` "transposed_matmul"), and those of the same step from a copy of that cache, which makes its own."""
+    ids, cache = random_ids(1, 6), DynamicCache(config=model.config)
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        assert len(cache.transposed_weights) == 5  # two layers' two weights, and the output layer's
+        change(cache)
+        expected = model(ids[:, -1:], cache=copy.deepcopy(cache), use_cache=True).logits
+        return model(ids[:, -1:], cache=cache, use_cache=True).logits, expected
+
+
+def copied_storages(model: LSTMForCausalLM, cache: DynamicCache) -> bool:
+    """Whether the transposed copies `cache` keeps are one for each of `model`'s LSTM and output weights, now."""
+    weights = [model.lm_head.weight] + [weight for layer in model.model.layers for weight in layer.rnn.all_weights[0][:2]]
+    storages = {id(weight.untyped_storage()) for weight in weights}
+    return len(cache.transposed_weights) == 5 and set(map(id, cache.transposed_weights.copies)) == storages
+
+
+@pytest.mark.parametrize("replaced_by", ["half then float", "load_state_dict(assign=True)"])
+def test_transposed_copies_go_with_the_storage_they_were_made_from(replaced_by, monkeypatch):
+    """A weight's new storage gets a new copy, even at the old one's address (which `.half()` then `.float()` can
+    give), and the copies of storages no longer used go: a cache keeps one per weight, however often replaced."""
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "transposed_matmul")
+    model = tiny_model(vocab_size=50).eval()
+
+    def replace_the_weights_five_times(cache: DynamicCache) -> None:
+        for _ in range(5):
+            if replaced_by == "half then float":
+                model.half().float()
+            else:
+                model.load_state_dict({name: value * 1.01 for name, value in model.state_dict().items()}, assign=True)
+            model(random_ids(1, 1), cache=cache, use_cache=True)
+            assert copied_storages(model, cache)
+
+    logits, expected = step_after(model, replace_the_weights_five_times)
+    assert torch.equal(logits, expected)
+
+
+def test_a_cache_with_transposed_copies_lets_modules_swap_their_parameters(monkeypatch):
+    """`.to()` under `set_swap_module_params_on_conversion(True)` swaps each parameter's tensor
+    (`torch.utils.swap_tensors`), which refuses a tensor with weak references."""
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "transposed_matmul")
+    monkeypatch.setattr(torch.__future__, "_swap_module_params_on_conversion", True)
+    model = tiny_model(vocab_size=50).eval()
+    logits, expected = step_after(model, lambda cache: model.half().float())
+    assert torch.equal(logits, expected)
 
 
 def test_generation_after_unseen_weight_changes_uses_the_new_weights(monkeypatch):
