@@ -7,6 +7,7 @@ This file is shipped with saved models as remote code: besides torch and transfo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import glob
 import inspect
@@ -15,6 +16,7 @@ import stat
 import statistics
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import torch
@@ -309,6 +311,20 @@ def is_changed_by_a_call(module: nn.Module) -> bool:
     """Whether calling `module` does more than its class's `forward` in evaluation: it is in training mode, or has
     forward hooks or a `forward` of its own (accelerate's device hooks)."""
     return module.training or bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in module.__dict__
+
+
+CAUSAL_LM_OUTPUT_FIELDS = tuple(field.name for field in dataclasses.fields(CausalLMOutputWithPast))
+
+
+def decoding_step_output(logits: torch.Tensor, cache: Cache) -> CausalLMOutputWithPast:
+    """`CausalLMOutputWithPast(logits=logits, cache=cache)`, made as its dataclass `__init__` and
+    `ModelOutput.__post_init__` leave it (every field an attribute, the ones set also items, in field order) without
+    their per-field checks: 1 us instead of 15 on an AVX2-only EPYC, against a small model's step of 100-200 us."""
+    output = CausalLMOutputWithPast.__new__(CausalLMOutputWithPast)
+    output.__dict__.update(dict.fromkeys(CAUSAL_LM_OUTPUT_FIELDS), logits=logits, cache=cache)
+    OrderedDict.__setitem__(output, "logits", logits)
+    OrderedDict.__setitem__(output, "cache", cache)
+    return output
 
 
 def transposed_weights(cache: Cache | None) -> TransposedWeights | None:
@@ -1308,21 +1324,20 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         the preparation for padding, dropout, targets and hidden states and the layer modules' calls, which cost more
         than a small model's step (benchmarks/README.md)."""
         model = self.model
-        hidden_states = model.embed(input_ids)
-        transposed = transposed_weights(cache)
+        rows = model.embed(input_ids)[:, 0]
         states = model._initial_states(cache, input_ids.shape[0])
         for layer, (hidden, cell), cell_arguments in zip(model.layers, states, plan.layers):
             if cell_arguments is None or hidden is None:
-                hidden_states, hidden, cell = layer._step(hidden_states, hidden, cell, transposed)
+                _, hidden, cell = layer._step(rows[:, None], hidden, cell, transposed_weights(cache))
             else:
-                hidden, cell = torch.lstm_cell(hidden_states[:, 0], (hidden, cell), *cell_arguments)
-                hidden_states = hidden[:, None]
+                hidden, cell = torch.lstm_cell(rows, (hidden, cell), *cell_arguments)
             store_state(cache, layer.layer_idx, hidden, cell, 1)
+            rows = hidden
         if plan.head is None:
-            logits = self._output_logits(hidden_states, transposed)
+            logits = self._output_logits(rows[:, None], transposed_weights(cache))
         else:
-            logits = F.linear(hidden_states, *plan.head)
-        return CausalLMOutputWithPast(logits=logits, cache=cache)
+            logits = F.linear(rows[:, None], *plan.head)
+        return decoding_step_output(logits, cache)
 
     def _output_kernel(
         self, rows: torch.Tensor, transposed: TransposedWeights | None

@@ -13,6 +13,7 @@ from conftest import random_ids, tiny_model
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TextIteratorStreamer, TextStreamer, pipeline
 from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import lm_lstm
 from lm_lstm import LSTMForCausalLM, modeling_lstm
@@ -329,6 +330,37 @@ def test_a_step_after_the_model_changed_gives_what_the_general_path_gives(change
         assert planned == general and "holds states for a batch of 3" in general
     else:
         assert torch.equal(planned, general)
+
+
+def test_a_decoding_step_output_is_the_output_class_as_its_constructor_makes_it():
+    logits, cache = torch.randn(2, 1, 5), DynamicCache()
+    made = modeling_lstm.decoding_step_output(logits, cache)
+    expected = CausalLMOutputWithPast(logits=logits, cache=cache)
+    assert type(made) is CausalLMOutputWithPast and vars(made) == vars(expected)
+    assert list(made.items()) == list(expected.items()) and made.to_tuple() == expected.to_tuple()
+    assert made[0] is made["logits"] is made.logits is logits and made[1] is made["cache"] is cache
+
+
+@pytest.mark.parametrize("token, embedding_rows", [(-1, 40), (40, 40), (10**6, 40), (45, 50)])
+def test_a_step_by_the_plan_refuses_ids_out_of_range_as_the_general_path_does_and_keeps_the_state(
+    token, embedding_rows
+):
+    """Out of the vocabulary of the config, even where the embedding has more rows (then `F.embedding` would look
+    the id up)."""
+    model, ids = tiny_model(), random_ids(2, 6)
+    model.set_input_embeddings(nn.Embedding(embedding_rows, 6))
+    with torch.no_grad():
+        cache = model(ids[:, :3], use_cache=True).cache
+        model(ids[:, 3:4], cache=cache, use_cache=True)
+        plan, state = cache.decoding_plan, [t.clone() for t in cache.layers[-1].recurrent_states.values()]
+        bad = ids[:, 4:5].clone()
+        bad[1] = token
+        with pytest.raises(ValueError, match=r"`input_ids` must be in \[0, 40\) \(the vocabulary size\)") as error:
+            model(bad, cache=cache, use_cache=True)
+        assert f" {token}" in str(error.value)
+        assert cache.decoding_plan is plan and all(map(torch.equal, cache.layers[-1].recurrent_states.values(), state))
+        torch.testing.assert_close(model(ids[:, 4:5], cache=cache, use_cache=True).logits,
+                                   model(ids[:, :5]).logits[:, -1:], atol=1e-5, rtol=0)
 
 
 def test_a_negative_logits_to_keep_keeps_no_position_of_a_step():
