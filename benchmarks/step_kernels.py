@@ -10,6 +10,9 @@ chooses among them.
    `generate()` with the kernel choice it makes on this machine (`step_kernel`), against the plain stepping
    loops a user would write over the same weights: `nn.LSTM` called a token at a time, and `torch.lstm_cell` with
    `F.linear` and oneDNN off (`step_kernels_generate.*`).
+4. Short generations at the same sizes (4, 16 and 64 new tokens): `generate()` as it chooses, passing over the
+   transposed copies where the steps a call may take do not pay for making them (`TransposedWeights.pays`), against
+   `generate()` making them whenever the copy ranks first, as before that rule (`step_kernels_short_generate.*`).
 
 The methods alternate round after round in this one process; the tables hold medians. Run it natively and kept to
 AVX2 as on an AVX2-only CPU (`ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2`: oneDNN,
@@ -46,6 +49,7 @@ GENERATE = [  # issue #15's sizes, then the main job's model
     {"vocab": 259, "embedding": 128, "width": 512, "layers": 2, "tied": False, "new tokens": 128, "rounds": 9},
 ]
 GENERATE_QUICK = [{"vocab": 500, "embedding": 32, "width": 32, "layers": 2, "tied": True, "new tokens": 8, "rounds": 1}]
+SHORT_NEW_TOKENS, SHORT_NEW_TOKENS_QUICK = (4, 16, 64), (2,)
 
 
 def alternate(methods: dict[str, Callable[[], object]], repeats: int, rounds: int) -> dict[str, float]:
@@ -136,10 +140,7 @@ def lstm_cell_loop(model: LSTMForCausalLM, prompt: torch.Tensor, new_tokens: int
 
 def generate_row(sizes: dict) -> dict:
     """Tokens/s of greedy decoding at batch 1 by `generate()` and by the two plain loops, which must agree."""
-    torch.manual_seed(0)
-    config = LSTMConfig(vocab_size=sizes["vocab"], embedding_size=sizes["embedding"], hidden_size=sizes["width"],
-                        num_hidden_layers=sizes["layers"], tie_word_embeddings=sizes["tied"])
-    model = LSTMForCausalLM(config).eval()
+    model = lstm_model(sizes)
     prompt = torch.randint(0, sizes["vocab"], (1, 8), generator=torch.Generator().manual_seed(1))
     count = sizes["new tokens"]
 
@@ -165,6 +166,39 @@ def generate_row(sizes: dict) -> dict:
     return row
 
 
+def lstm_model(sizes: dict) -> LSTMForCausalLM:
+    torch.manual_seed(0)
+    config = LSTMConfig(vocab_size=sizes["vocab"], embedding_size=sizes["embedding"], hidden_size=sizes["width"],
+                        num_hidden_layers=sizes["layers"], tie_word_embeddings=sizes["tied"])
+    return LSTMForCausalLM(config).eval()
+
+
+def short_generation_rows(sizes: dict, new_tokens: tuple[int, ...]) -> list[dict]:
+    """Milliseconds a greedy `generate()` call takes at batch 1 for each count of `new_tokens`, with the transposed
+    copies made only where they pay, and whenever they rank first; after the kernels are ranked in this process."""
+    model = lstm_model(sizes)
+    prompt = torch.randint(0, sizes["vocab"], (1, 8), generator=torch.Generator().manual_seed(1))
+    always = {"copies where they pay ms": modeling_lstm.TransposedWeights.pays,
+              "copies whenever ranked first ms": lambda *args: True}
+
+    @torch.no_grad()
+    def generate(count: int, pays: Callable[..., bool]) -> None:
+        with mock.patch.object(modeling_lstm.TransposedWeights, "pays", pays):
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count,
+                           min_new_tokens=count, do_sample=False, pad_token_id=0)
+
+    generate(64, always["copies where they pay ms"])  # the kernels ranked, the copies' cost measured
+    rows = []
+    for count in new_tokens:
+        ms = alternate({column: functools.partial(generate, count, pays) for column, pays in always.items()},
+                       repeats=1, rounds=sizes["rounds"])
+        rows.append({"measure": f"greedy generate(), batch 1, {sizes['vocab']} x {sizes['width']} x {sizes['layers']}",
+                     "new tokens": count, **ms,
+                     "speed-up": ms["copies whenever ranked first ms"] / ms["copies where they pay ms"]})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     args = argument_parser(__doc__).parse_args()
     sizes = QUICK if args.quick else FULL
@@ -181,6 +215,10 @@ def main() -> None:
     rows = [generate_row(sizes) for sizes in generate_sizes]
     write_results(args, "step_kernels_generate" + suffix, rows, list(rows[0]),
                   extra={"rounds": generate_sizes[0]["rounds"], **conditions, "load average after": load_average()})
+    new_tokens = SHORT_NEW_TOKENS_QUICK if args.quick else SHORT_NEW_TOKENS
+    rows = [row for sizes in generate_sizes for row in short_generation_rows(sizes, new_tokens)]
+    write_results(args, "step_kernels_short_generate" + suffix, rows, list(rows[0]),
+                  extra={"rounds": generate_sizes[0]["rounds"], "load average after": load_average()})
 
 
 if __name__ == "__main__":

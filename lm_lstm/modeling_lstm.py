@@ -56,6 +56,9 @@ STEP_KERNEL: str | None = None
 STEP_KERNELS = ("step_matmul", "linear", "transposed_matmul")
 _step_kernel_ranking: dict[tuple[int, ...], tuple[str, ...]] = {}  # by (rows, *weight.shape): names, fastest first
 _step_kernel_seconds: dict[tuple[int, ...], dict[str, list[float]]] = {}  # the trials under way
+# By (rows, *weight.shape) where the transposed copy ranks first: the median seconds a call saves with it
+_step_kernel_saving: dict[tuple[int, ...], float] = {}
+_transposed_copy_seconds: dict[tuple[int, ...], float] = {}  # by weight shape: what the last copy took to make
 
 
 @contextlib.contextmanager
@@ -93,7 +96,8 @@ def step_kernel(
 
     The choice is measured in use, once per shape and process: the first `STEP_KERNEL_TRIALS` calls of each kernel
     take turns, each timed where it runs, then the kernels are ranked by their median times (`rank_step_kernels`;
-    `STEP_KERNEL` forces one). In use, a kernel reads the weight from memory, as decoding does (a model's weights
+    `STEP_KERNEL` forces one). The transposed copy, ranked first, is passed over where it would not pay for itself
+    over the steps its cache expects (`TransposedWeights.pays`). In use, a kernel reads the weight from memory, as decoding does (a model's weights
     follow one another through the caches): timed on a weight it had just read, `F.linear` looked the faster on an
     AVX2-only EPYC, where in decoding it is the slowest (`benchmarks/README.md`).
     """
@@ -112,6 +116,8 @@ def step_kernel(
     shape = (rows.shape[0], *weight.shape)
     ranking = _step_kernel_ranking.get(shape)
     if ranking is not None:  # only the transposed copy can be unusable here: then the next kernel
+        if ranking[0] == "transposed_matmul" and ranking[0] in usable and not transposed.pays(weight, shape):
+            return step_kernel_named(ranking[1])  # a short generation: not worth the copy
         return step_kernel_named(ranking[0] if ranking[0] in usable else ranking[1], transposed)
     seconds = _step_kernel_seconds.setdefault(shape, {name: [] for name in usable})
     trial = min((name for name in seconds if name in usable), key=lambda name: len(seconds[name]))  # in turn
@@ -156,8 +162,10 @@ def _timed_step_kernel(
     if seconds is not None:  # None: the shape was decided meanwhile (another trial of the same step)
         seconds[trial].append(elapsed)
         if min(map(len, seconds.values())) >= STEP_KERNEL_TRIALS:
-            _step_kernel_ranking[shape] = rank_step_kernels(seconds)
+            fastest, second, *_ = _step_kernel_ranking[shape] = rank_step_kernels(seconds)
             del _step_kernel_seconds[shape]
+            if fastest == "transposed_matmul":
+                _step_kernel_saving[shape] = statistics.median(seconds[second]) - statistics.median(seconds[fastest])
             if transposed is not None and not any(
                 kept[1:] == shape[1:] and ranking[0] == "transposed_matmul"
                 for kept, ranking in _step_kernel_ranking.items()
@@ -217,11 +225,15 @@ class TransposedWeights:
     A copy is kept by the weight's storage, weakly, and goes with it: a new storage (a replaced parameter, `.half()`
     then `.float()`) gets a new copy even at the old one's address, and the weight itself has no weak reference,
     which `torch.utils.swap_tensors` refuses (`.to()` under `torch.__future__.set_swap_module_params_on_conversion`).
+
+    `steps`, the one-token steps the cache is expected to take (`generate()` sets it from `max_length`; None: many),
+    decides whether a copy pays for itself (`pays`): a short generation is faster without.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, steps: int | None = None) -> None:
         # storage -> {(dtype, storage offset, shape, strides) of a weight: ((data_ptr, version), its transpose)}
         self.copies = WeakIdKeyDictionary()
+        self.steps = steps
 
     def __len__(self) -> int:
         return sum(map(len, self.copies.values()))
@@ -229,18 +241,37 @@ class TransposedWeights:
     def __deepcopy__(self, memo: dict) -> TransposedWeights:
         return TransposedWeights()  # derived from the weights: made again where needed
 
-    def of(self, weight: torch.Tensor) -> torch.Tensor:
-        """The row-major copy of `weight.T`."""
+    def _kept(self, weight: torch.Tensor) -> tuple[dict, tuple, tuple[int, int]]:
+        """The copies kept of `weight`'s storage, the key of `weight` among them, and what a current copy holds."""
         views = self.copies.setdefault(weight.untyped_storage(), {})
         view = (weight.dtype, weight.storage_offset(), weight.shape, weight.stride())
         version = (weight.data_ptr(), weight._version)  # the address moves when the storage is resized in place
+        return views, view, version
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor:
+        """The row-major copy of `weight.T`."""
+        views, view, version = self._kept(weight)
         kept = views.get(view)
         if kept is None or kept[0] != version:
+            start_time = time.perf_counter()
             copy = weight.new_empty(weight.shape[1], weight.shape[0])
             for start in range(0, weight.shape[0], 256):  # in blocks: 3.6x `.t().contiguous()` for 10,000 x 650
                 copy[:, start : start + 256].copy_(weight[start : start + 256].detach().t())
             kept = views[view] = (version, copy)
+            _transposed_copy_seconds[tuple(weight.shape)] = time.perf_counter() - start_time
         return kept[1]
+
+    def pays(self, weight: torch.Tensor, shape: tuple[int, ...]) -> bool:
+        """Whether `transposed_matmul` should compute the steps of `shape` (rows, *weight.shape) on `weight`: its copy
+        is made, or the `steps` expected save more time with it (`_step_kernel_saving`) than a copy of a weight of
+        this shape took to make (`_transposed_copy_seconds`). Where either is not measured yet, it is taken to pay."""
+        cost = _transposed_copy_seconds.get(shape[1:])
+        saving = _step_kernel_saving.get(shape)
+        if self.steps is None or cost is None or saving is None or self.steps * saving > cost:
+            return True
+        views, view, version = self._kept(weight)
+        kept = views.get(view)
+        return kept is not None and kept[0] == version
 
     def matmul(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`F.linear(rows, weight)` as `rows @ W_T`. Not for autograd: the copy is not the parameter."""
@@ -1065,8 +1096,12 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         # The cache must count positions from the start: `generate` reads its length before the first forward pass
         # when it prefills in chunks (`prefill_chunk_size`).
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if model_kwargs.get("cache") is not None:
-            prepare_cache(model_kwargs["cache"], self.config)
+        cache = model_kwargs.get("cache")
+        if cache is not None:
+            prepare_cache(cache, self.config)
+            # At most this many one-token steps follow: the mask covers the sequence so far, consumed positions included.
+            mask = model_kwargs.get("attention_mask")
+            transposed_weights(cache).steps = generation_config.max_length - (0 if mask is None else mask.shape[-1])
 
     def prepare_inputs_for_generation(
         self,

@@ -76,6 +76,24 @@ def forced_step_kernel(monkeypatch):
     monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "step_matmul")
 
 
+def measuring_step_kernels(monkeypatch, trials: int) -> None:
+    """One-token steps measure their kernels afresh (`STEP_KERNEL` None), `trials` timed calls of each."""
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", None)
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL_TRIALS", trials)
+    for name in ("_step_kernel_ranking", "_step_kernel_seconds", "_step_kernel_saving", "_transposed_copy_seconds"):
+        monkeypatch.setattr(modeling_lstm, name, {})
+
+
+def transposed_copies_ranked_first(monkeypatch, weights: list[torch.Tensor], saving: float, cost: float) -> None:
+    """As if `step_kernel` had ranked the transposed copy first for one-row steps on `weights`, saving `saving`
+    seconds a call against the next (`F.linear`), and a copy of each had taken `cost` seconds to make."""
+    measuring_step_kernels(monkeypatch, trials=1)
+    for weight in weights:
+        modeling_lstm._step_kernel_ranking[(1, *weight.shape)] = ("transposed_matmul", "linear", "step_matmul")
+        modeling_lstm._step_kernel_saving[(1, *weight.shape)] = saving
+        modeling_lstm._transposed_copy_seconds[tuple(weight.shape)] = cost
+
+
 @functools.cache
 def import_noise_lines() -> int:
     """How many lines importing the package prints to stderr here before any command runs: torchao's warnings, where

@@ -29,7 +29,7 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize("name, stem, ratio", [
     ("train_speed", "train_speed", "Trainer / plain"),
     pytest.param("generation", "generation", "lm-lstm / this", marks=SLOW),
-    ("step_kernels", "step_kernels", "speed-up, transposed_matmul"),  # and step_kernels_generate, below
+    ("step_kernels", "step_kernels", "speed-up, transposed_matmul"),  # and the two generate tables, below
     ("inference", "inference", "speed vs fp32"),
     ("bf16_quality", "bf16_quality", "loss vs fp32"),
     ("quality", "quality_0.05min", "vs gpt"),
@@ -52,3 +52,5 @@ def test_benchmark_runs_in_quick_mode(name, stem, ratio, tmp_path):
     if name == "step_kernels":
         generate = json.loads((tmp_path / f"step_kernels_generate{suffix}-quick.json").read_text())
         assert all(row["generate() / lstm_cell loop, oneDNN off"] > 0 for row in generate["rows"])
+        short = json.loads((tmp_path / f"step_kernels_short_generate{suffix}-quick.json").read_text())
+        assert [row["new tokens"] for row in short["rows"]] == [2] and short["rows"][0]["speed-up"] > 0

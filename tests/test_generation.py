@@ -9,7 +9,7 @@ import evaluate
 import pytest
 import torch
 from torch import nn
-from conftest import random_ids, tiny_model
+from conftest import random_ids, tiny_model, transposed_copies_ranked_first
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TextIteratorStreamer, TextStreamer, pipeline
 from transformers.generation import GenerationMixin
@@ -330,6 +330,25 @@ def test_a_step_after_the_model_changed_gives_what_the_general_path_gives(change
         assert planned == general and "holds states for a batch of 3" in general
     else:
         assert torch.equal(planned, general)
+
+
+def test_a_short_generation_makes_no_transposed_copy_that_would_not_pay(monkeypatch):
+    """Each step of a generation of 3 tokens saves 3 x 1e-4 s in all with a copy that took 5e-3 to make: `F.linear`
+    computes them, with the same tokens as when forced; 60 tokens make the copies."""
+    model, ids = tiny_model(), random_ids(1, 4)
+    weights = [model.lm_head.weight] + [w for layer in model.model.layers for w in layer.rnn.all_weights[0][:2]]
+    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "linear")
+    forced = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    transposed_copies_ranked_first(monkeypatch, weights, saving=1e-4, cost=5e-3)
+
+    def generate(new_tokens: int) -> tuple[torch.Tensor, int]:
+        output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
+                                return_dict_in_generate=True)
+        return output.sequences, len(output.cache.transposed_weights)
+
+    sequences, copies = generate(3)
+    assert torch.equal(sequences, forced) and copies == 0
+    assert generate(60)[1] == len(weights) == 5
 
 
 def test_a_decoding_step_output_is_the_output_class_as_its_constructor_makes_it():

@@ -16,7 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from conftest import NO_DROPOUT, left_padded_prompts, random_ids, tiny_config, tiny_model
+from conftest import (
+    NO_DROPOUT,
+    left_padded_prompts,
+    measuring_step_kernels,
+    random_ids,
+    tiny_config,
+    tiny_model,
+    transposed_copies_ranked_first,
+)
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from lm_lstm import LSTMConfig, LSTMForCausalLM, LSTMModel
@@ -100,13 +108,6 @@ def test_step_kernel_is_linear_where_no_other_applies(monkeypatch):
             step_kernel(rows.double() if where_linear_applies else rows, weight.double() if where_linear_applies else weight)
 
 
-def measuring_step_kernels(monkeypatch, trials: int) -> None:
-    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", None)
-    monkeypatch.setattr(modeling_lstm, "STEP_KERNEL_TRIALS", trials)
-    for name in ("_step_kernel_ranking", "_step_kernel_seconds"):
-        monkeypatch.setattr(modeling_lstm, name, {})
-
-
 @pytest.mark.parametrize("fastest", ["step_matmul", "linear", "transposed_matmul"])
 def test_step_kernel_times_each_in_use_then_keeps_the_fastest(fastest, monkeypatch):
     def slow(kernel):
@@ -133,6 +134,11 @@ def test_step_kernel_times_each_in_use_then_keeps_the_fastest(fastest, monkeypat
         assert step_kernel(rows, weight, transposed) == modeling_lstm.step_kernel_named(fastest, transposed)
         assert isinstance(step_kernel(rows, other_weight, transposed), functools.partial)  # kept for that shape only
         assert len(transposed) == (fastest == "transposed_matmul")  # the copy stays only where chosen
+        # What a call saves with the copy against the next kernel (slowed by 0.1 s), and what the copy took to make
+        saving = modeling_lstm._step_kernel_saving
+        assert list(saving) == ([(1, 64, 16)] if fastest == "transposed_matmul" else []) and all(
+            0.09 < seconds < 1 for seconds in saving.values())
+        assert list(modeling_lstm._transposed_copy_seconds) == [(64, 16)]  # its trials made one, whatever won
     with_autograd = step_kernel(rows.requires_grad_(), weight, transposed)
     assert with_autograd is modeling_lstm.step_kernel_named([n for n in ranking[(1, 64, 16)] if n != "transposed_matmul"][0])
 
@@ -156,6 +162,19 @@ def test_the_kernel_after_the_transposed_copy_is_chosen_by_the_same_margin():
     """Where the copy cannot serve (autograd), `step_kernel` takes the next: `F.linear` beside a kernel within 10%."""
     ranking = modeling_lstm.rank_step_kernels({"linear": [1.0], "step_matmul": [0.95], "transposed_matmul": [0.5]})
     assert ranking == ("transposed_matmul", "linear", "step_matmul")
+
+
+def test_the_transposed_copy_is_used_only_where_the_steps_expected_pay_for_it(monkeypatch):
+    weight, rows = nn.Parameter(torch.randn(30, 4)), torch.randn(1, 4)
+    transposed_copies_ranked_first(monkeypatch, [weight], saving=1e-4, cost=5e-3)  # 50 steps pay for a copy
+    with torch.no_grad():
+        for steps, pays in ((None, True), (100, True), (10, False)):
+            transposed = TransposedWeights(steps)
+            assert (step_kernel(rows, weight, transposed) == transposed.matmul) == pays
+            assert len(transposed) == 0  # made by the kernel's first call, not by the choice
+        transposed = TransposedWeights(10)
+        transposed.of(weight)
+        assert step_kernel(rows, weight, transposed) == transposed.matmul  # made already: used
 
 
 def test_transposed_copies_follow_the_weights_they_see_change_and_live_with_the_cache():
