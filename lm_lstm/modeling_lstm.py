@@ -1102,6 +1102,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             # At most this many one-token steps follow: the mask covers the sequence so far, consumed positions included.
             mask = model_kwargs.get("attention_mask")
             transposed_weights(cache).steps = generation_config.max_length - (0 if mask is None else mask.shape[-1])
+            cache.decoding_plan = None  # a cache continued: its kernels are chosen again, for these steps
 
     def prepare_inputs_for_generation(
         self,

@@ -349,6 +349,13 @@ def test_a_short_generation_makes_no_transposed_copy_that_would_not_pay(monkeypa
     sequences, copies = generate(3)
     assert torch.equal(sequences, forced) and copies == 0
     assert generate(60)[1] == len(weights) == 5
+    transposed_copies_ranked_first(monkeypatch, weights, saving=1e-4, cost=5e-3)  # not this tiny model's copies' cost
+    short = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+                           return_dict_in_generate=True)
+    assert len(short.cache.transposed_weights) == 0
+    model.generate(short.sequences, cache=short.cache, max_new_tokens=60, do_sample=False, pad_token_id=0,
+                   eos_token_id=None)  # the same cache, continued for longer: the copies now pay
+    assert len(short.cache.transposed_weights) == 5
 
 
 def test_a_decoding_step_output_is_the_output_class_as_its_constructor_makes_it():
