@@ -56,7 +56,8 @@ STEP_KERNEL: str | None = None
 STEP_KERNELS = ("step_matmul", "linear", "transposed_matmul")
 _step_kernel_ranking: dict[tuple[int, ...], tuple[str, ...]] = {}  # by (rows, *weight.shape): names, fastest first
 _step_kernel_seconds: dict[tuple[int, ...], dict[str, list[float]]] = {}  # the trials under way
-# By (rows, *weight.shape) where the transposed copy ranks first: the median seconds a call saves with it
+# By (rows, *weight.shape) where the transposed copy ranks first: the median seconds a call saves with it against
+# `F.linear`, which computes the steps it would not pay for (as `torch.lstm_cell`'s own product, in a decoding plan)
 _step_kernel_saving: dict[tuple[int, ...], float] = {}
 _transposed_copy_seconds: dict[tuple[int, ...], float] = {}  # by weight shape: what the last copy took to make
 
@@ -96,8 +97,8 @@ def step_kernel(
 
     The choice is measured in use, once per shape and process: the first `STEP_KERNEL_TRIALS` calls of each kernel
     take turns, each timed where it runs, then the kernels are ranked by their median times (`rank_step_kernels`;
-    `STEP_KERNEL` forces one). The transposed copy, ranked first, is passed over where it would not pay for itself
-    over the steps its cache expects (`TransposedWeights.pays`). In use, a kernel reads the weight from memory, as
+    `STEP_KERNEL` forces one). The transposed copy, ranked first, gives way to `F.linear` where it would not pay for
+    itself over the steps its cache expects (`TransposedWeights.pays`). In use, a kernel reads the weight from memory, as
     decoding does (a model's weights follow one another through the caches): timed on a weight it had just read,
     `F.linear` looked the faster on an AVX2-only EPYC, where in decoding it is the slowest (`benchmarks/README.md`).
     """
@@ -117,7 +118,7 @@ def step_kernel(
     ranking = _step_kernel_ranking.get(shape)
     if ranking is not None:  # only the transposed copy can be unusable here: then the next kernel
         if ranking[0] == "transposed_matmul" and ranking[0] in usable and not transposed.pays(weight, shape):
-            return step_kernel_named(ranking[1])  # a short generation: not worth the copy
+            return F.linear  # a short generation: not worth the copy
         return step_kernel_named(ranking[0] if ranking[0] in usable else ranking[1], transposed)
     seconds = _step_kernel_seconds.setdefault(shape, {name: [] for name in usable})
     trial = min((name for name in seconds if name in usable), key=lambda name: len(seconds[name]))  # in turn
@@ -162,13 +163,14 @@ def _timed_step_kernel(
     if seconds is not None:  # None: the shape was decided meanwhile (another trial of the same step)
         seconds[trial].append(elapsed)
         if min(map(len, seconds.values())) >= STEP_KERNEL_TRIALS:
-            fastest, second, *_ = _step_kernel_ranking[shape] = rank_step_kernels(seconds)
+            ranking = _step_kernel_ranking[shape] = rank_step_kernels(seconds)
             del _step_kernel_seconds[shape]
-            if fastest == "transposed_matmul":
-                _step_kernel_saving[shape] = statistics.median(seconds[second]) - statistics.median(seconds[fastest])
+            if ranking[0] == "transposed_matmul":
+                medians = {name: statistics.median(seconds[name]) for name in ("linear", "transposed_matmul")}
+                _step_kernel_saving[shape] = medians["linear"] - medians["transposed_matmul"]
             if transposed is not None and not any(
-                kept[1:] == shape[1:] and ranking[0] == "transposed_matmul"
-                for kept, ranking in _step_kernel_ranking.items()
+                kept[1:] == shape[1:] and kept_ranking[0] == "transposed_matmul"
+                for kept, kept_ranking in _step_kernel_ranking.items()
             ):
                 transposed.forget(shape[1:])  # only the kernel that uses the copies pays their memory
     return outputs
@@ -226,8 +228,10 @@ class TransposedWeights:
     then `.float()`) gets a new copy even at the old one's address, and the weight itself has no weak reference,
     which `torch.utils.swap_tensors` refuses (`.to()` under `torch.__future__.set_swap_module_params_on_conversion`).
 
-    `steps`, the one-token steps the cache is expected to take (`generate()` sets it from `max_length`; None: many),
-    decides whether a copy pays for itself (`pays`): a short generation is faster without.
+    `steps`, the most one-token steps the cache is expected to take, decides whether a copy pays for itself (`pays`):
+    a short generation is faster without. `generate()` sets it to `max_new_tokens` (or `max_length`) for its call;
+    None means many. A cache decoded further by hand after `generate()` keeps that call's expectation: set
+    `cache.transposed_weights.steps = None` for many.
     """
 
     def __init__(self, steps: int | None = None) -> None:
@@ -262,9 +266,9 @@ class TransposedWeights:
         return kept[1]
 
     def pays(self, weight: torch.Tensor, shape: tuple[int, ...]) -> bool:
-        """Whether `transposed_matmul` should compute the steps of `shape` (rows, *weight.shape) on `weight`: its copy
-        is made, or the `steps` expected save more time with it (`_step_kernel_saving`) than a copy of a weight of
-        this shape took to make (`_transposed_copy_seconds`). Where either is not measured yet, it is taken to pay."""
+        """Whether `transposed_matmul` should compute the steps of `shape` (rows, *weight.shape) on `weight`, not
+        `F.linear`: its copy is made, or the `steps` expected save more time with it (`_step_kernel_saving`) than a
+        copy of a weight of this shape took to make (`_transposed_copy_seconds`). Unmeasured, it is taken to pay."""
         cost = _transposed_copy_seconds.get(shape[1:])
         saving = _step_kernel_saving.get(shape)
         if self.steps is None or cost is None or saving is None or self.steps * saving > cost:
@@ -1100,8 +1104,9 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         if cache is not None:
             prepare_cache(cache, self.config)
             # At most this many one-token steps follow: the mask covers the sequence so far, consumed positions included.
-            mask = model_kwargs.get("attention_mask")
-            transposed_weights(cache).steps = generation_config.max_length - (0 if mask is None else mask.shape[-1])
+            # At most this many one-token steps follow (`max_length` counts the prompt too, where it is the limit).
+            steps = generation_config.max_new_tokens
+            transposed_weights(cache).steps = generation_config.max_length if steps is None else steps
             cache.decoding_plan = None  # a cache continued: its kernels are chosen again, for these steps
 
     def prepare_inputs_for_generation(

@@ -85,11 +85,11 @@ def measuring_step_kernels(monkeypatch, trials: int) -> None:
 
 
 def transposed_copies_ranked_first(monkeypatch, weights: list[torch.Tensor], saving: float, cost: float) -> None:
-    """As if `step_kernel` had ranked the transposed copy first for one-row steps on `weights`, saving `saving`
-    seconds a call against the next (`F.linear`), and a copy of each had taken `cost` seconds to make."""
+    """As if `step_kernel` had ranked the transposed copy first for one-row steps on `weights`, then `step_matmul`,
+    saving `saving` seconds a call against `F.linear`, and a copy of each had taken `cost` seconds to make."""
     measuring_step_kernels(monkeypatch, trials=1)
     for weight in weights:
-        modeling_lstm._step_kernel_ranking[(1, *weight.shape)] = ("transposed_matmul", "linear", "step_matmul")
+        modeling_lstm._step_kernel_ranking[(1, *weight.shape)] = ("transposed_matmul", "step_matmul", "linear")
         modeling_lstm._step_kernel_saving[(1, *weight.shape)] = saving
         modeling_lstm._transposed_copy_seconds[tuple(weight.shape)] = cost
 

@@ -334,8 +334,8 @@ def test_a_step_after_the_model_changed_gives_what_the_general_path_gives(change
 
 def test_a_short_generation_makes_no_transposed_copy_that_would_not_pay(monkeypatch):
     """Each step of a generation of 3 tokens saves 3 x 1e-4 s in all with a copy that took 5e-3 to make: `F.linear`
-    computes them, with the same tokens as when forced; 60 tokens make the copies."""
-    model, ids = tiny_model(), random_ids(1, 4)
+    computes them, with the same tokens as when forced, after a prompt of 60; 60 tokens make the copies."""
+    model, ids = tiny_model(), random_ids(1, 60)
     weights = [model.lm_head.weight] + [w for layer in model.model.layers for w in layer.rnn.all_weights[0][:2]]
     monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "linear")
     forced = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
