@@ -98,9 +98,10 @@ def step_kernel(
     The choice is measured in use, once per shape and process: the first `STEP_KERNEL_TRIALS` calls of each kernel
     take turns, each timed where it runs, then the kernels are ranked by their median times (`rank_step_kernels`;
     `STEP_KERNEL` forces one). The transposed copy, ranked first, gives way to `F.linear` where it would not pay for
-    itself over the steps its cache expects (`TransposedWeights.pays`). In use, a kernel reads the weight from memory, as
-    decoding does (a model's weights follow one another through the caches): timed on a weight it had just read,
-    `F.linear` looked the faster on an AVX2-only EPYC, where in decoding it is the slowest (`benchmarks/README.md`).
+    itself over the steps its cache expects (`TransposedWeights.pays`). In use, a kernel reads the weight from
+    memory, as decoding does (a model's weights follow one another through the caches): timed on a weight it had just
+    read, `F.linear` looked the faster on an AVX2-only EPYC, where in decoding it is the slowest
+    (`benchmarks/README.md`).
     """
     if STEP_KERNEL is not None and STEP_KERNEL not in STEP_KERNELS:
         raise ValueError(f"STEP_KERNEL is {STEP_KERNEL!r}; use None or one of {', '.join(STEP_KERNELS)}.")
@@ -1103,7 +1104,6 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         cache = model_kwargs.get("cache")
         if cache is not None:
             prepare_cache(cache, self.config)
-            # At most this many one-token steps follow: the mask covers the sequence so far, consumed positions included.
             # At most this many one-token steps follow (`max_length` counts the prompt too, where it is the limit).
             steps = generation_config.max_new_tokens
             transposed_weights(cache).steps = generation_config.max_length if steps is None else steps
