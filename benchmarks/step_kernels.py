@@ -178,7 +178,7 @@ def short_generation_rows(sizes: dict, new_tokens: tuple[int, ...]) -> list[dict
     copies made only where they pay, and whenever they rank first; after the kernels are ranked in this process."""
     model = lstm_model(sizes)
     prompt = torch.randint(0, sizes["vocab"], (1, 8), generator=torch.Generator().manual_seed(1))
-    always = {"copies where they pay ms": modeling_lstm.TransposedWeights.pays,
+    rules = {"copies where they pay ms": modeling_lstm.TransposedWeights.pays,
               "copies whenever ranked first ms": lambda *args: True}
 
     @torch.no_grad()
@@ -187,10 +187,10 @@ def short_generation_rows(sizes: dict, new_tokens: tuple[int, ...]) -> list[dict
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count,
                            min_new_tokens=count, do_sample=False, pad_token_id=0)
 
-    generate(64, always["copies where they pay ms"])  # the kernels ranked, the copies' cost measured
+    generate(64, rules["copies where they pay ms"])  # the kernels ranked, the copies' cost measured
     rows = []
     for count in new_tokens:
-        ms = alternate({column: functools.partial(generate, count, pays) for column, pays in always.items()},
+        ms = alternate({column: functools.partial(generate, count, pays) for column, pays in rules.items()},
                        repeats=1, rounds=sizes["rounds"])
         rows.append({"measure": f"greedy generate(), batch 1, {sizes['vocab']} x {sizes['width']} x {sizes['layers']}",
                      "new tokens": count, **ms,

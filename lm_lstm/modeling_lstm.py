@@ -246,25 +246,24 @@ class TransposedWeights:
     def __deepcopy__(self, memo: dict) -> TransposedWeights:
         return TransposedWeights()  # derived from the weights: made again where needed
 
-    def _kept(self, weight: torch.Tensor) -> tuple[dict, tuple, tuple[int, int]]:
-        """The copies kept of `weight`'s storage, the key of `weight` among them, and what a current copy holds."""
-        views = self.copies.setdefault(weight.untyped_storage(), {})
+    def _current(self, weight: torch.Tensor) -> tuple[tuple, tuple[int, int], torch.Tensor | None]:
+        """The key of `weight` among its storage's copies, what a current copy holds, and that copy (None: none)."""
         view = (weight.dtype, weight.storage_offset(), weight.shape, weight.stride())
         version = (weight.data_ptr(), weight._version)  # the address moves when the storage is resized in place
-        return views, view, version
+        kept = self.copies.get(weight.untyped_storage(), {}).get(view)
+        return view, version, kept[1] if kept is not None and kept[0] == version else None
 
     def of(self, weight: torch.Tensor) -> torch.Tensor:
         """The row-major copy of `weight.T`."""
-        views, view, version = self._kept(weight)
-        kept = views.get(view)
-        if kept is None or kept[0] != version:
+        view, version, copy = self._current(weight)
+        if copy is None:
             start_time = time.perf_counter()
             copy = weight.new_empty(weight.shape[1], weight.shape[0])
             for start in range(0, weight.shape[0], 256):  # in blocks: 3.6x `.t().contiguous()` for 10,000 x 650
                 copy[:, start : start + 256].copy_(weight[start : start + 256].detach().t())
-            kept = views[view] = (version, copy)
+            self.copies.setdefault(weight.untyped_storage(), {})[view] = (version, copy)
             _transposed_copy_seconds[tuple(weight.shape)] = time.perf_counter() - start_time
-        return kept[1]
+        return copy
 
     def pays(self, weight: torch.Tensor, shape: tuple[int, ...]) -> bool:
         """Whether `transposed_matmul` should compute the steps of `shape` (rows, *weight.shape) on `weight`, not
@@ -274,9 +273,7 @@ class TransposedWeights:
         saving = _step_kernel_saving.get(shape)
         if self.steps is None or cost is None or saving is None or self.steps * saving > cost:
             return True
-        views, view, version = self._kept(weight)
-        kept = views.get(view)
-        return kept is not None and kept[0] == version
+        return self._current(weight)[2] is not None
 
     def matmul(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`F.linear(rows, weight)` as `rows @ W_T`. Not for autograd: the copy is not the parameter."""

@@ -84,6 +84,11 @@ def measuring_step_kernels(monkeypatch, trials: int) -> None:
         monkeypatch.setattr(modeling_lstm, name, {})
 
 
+def step_weights(model: LSTMForCausalLM) -> list[torch.Tensor]:
+    """The weights a one-token step multiplies by: the output layer's, then each layer's input and recurrent ones."""
+    return [model.lm_head.weight] + [w for layer in model.model.layers for w in layer.rnn.all_weights[0][:2]]
+
+
 def transposed_copies_ranked_first(monkeypatch, weights: list[torch.Tensor], saving: float, cost: float) -> None:
     """As if `step_kernel` had ranked the transposed copy first for one-row steps on `weights`, then `step_matmul`,
     saving `saving` seconds a call against `F.linear`, and a copy of each had taken `cost` seconds to make."""

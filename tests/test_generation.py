@@ -9,7 +9,7 @@ import evaluate
 import pytest
 import torch
 from torch import nn
-from conftest import random_ids, tiny_model, transposed_copies_ranked_first
+from conftest import random_ids, step_weights, tiny_model, transposed_copies_ranked_first
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TextIteratorStreamer, TextStreamer, pipeline
 from transformers.generation import GenerationMixin
@@ -336,7 +336,7 @@ def test_a_short_generation_makes_no_transposed_copy_that_would_not_pay(monkeypa
     """Each step of a generation of 3 tokens saves 3 x 1e-4 s in all with a copy that took 5e-3 to make: `F.linear`
     computes them, with the same tokens as when forced, after a prompt of 60; 60 tokens make the copies."""
     model, ids = tiny_model(), random_ids(1, 60)
-    weights = [model.lm_head.weight] + [w for layer in model.model.layers for w in layer.rnn.all_weights[0][:2]]
+    weights = step_weights(model)
     monkeypatch.setattr(modeling_lstm, "STEP_KERNEL", "linear")
     forced = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
     transposed_copies_ranked_first(monkeypatch, weights, saving=1e-4, cost=5e-3)

@@ -21,6 +21,7 @@ from conftest import (
     left_padded_prompts,
     measuring_step_kernels,
     random_ids,
+    step_weights,
     tiny_config,
     tiny_model,
     transposed_copies_ranked_first,
@@ -208,9 +209,7 @@ def step_after(model: LSTMForCausalLM, change: Callable[[DynamicCache], object])
 
 def copied_storages(model: LSTMForCausalLM, cache: DynamicCache) -> bool:
     """Whether the transposed copies `cache` keeps are one for each of `model`'s LSTM and output weights, now."""
-    weights = [model.lm_head.weight]
-    weights += [weight for layer in model.model.layers for weight in layer.rnn.all_weights[0][:2]]
-    storages = {id(weight.untyped_storage()) for weight in weights}
+    storages = {id(weight.untyped_storage()) for weight in step_weights(model)}
     return len(cache.transposed_weights) == 5 and set(map(id, cache.transposed_weights.copies)) == storages
 
 
